@@ -1,0 +1,813 @@
+//! The `alliance` command line.
+
+use std::path::{Path, PathBuf};
+
+use alliance_kernels::gpu;
+use alliance_protocol::armor::Label;
+use alliance_protocol::cert::{
+    Chain, Charter, CharterDefaults, InstitutionCert, NodeCert, RevocationSet, Revocations,
+    Revoked, Roles, TrustedCharter,
+};
+use alliance_protocol::keys::Identity;
+use alliance_protocol::{PeerId, PublicKey, Signed, Timestamp};
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::{self, Config};
+use crate::trust::{self, Bundle, Verified};
+
+/// Alliance: pool idle GPUs across universities.
+///
+/// An alliance operator creates a charter and admits institutions; a lab
+/// admin creates an institution key, issues certificates to the lab's nodes
+/// and runs them; researchers submit jobs to their node.
+#[derive(Debug, Parser)]
+#[command(name = "alliance", version, propagate_version = true)]
+pub struct Cli {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Set up a node: create its key and a documented config file.
+    Init(InitArgs),
+    /// Alliance operator: create the charter, admit institutions, revoke.
+    #[command(subcommand)]
+    Charter(CharterCommand),
+    /// Lab admin: create the institution key, issue and revoke node certificates.
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Check certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Run or check this node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// List the GPUs this machine has, as a worker would report them.
+    Gpus(GpusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Data directory for the key, config and database
+    /// [default: $ALLIANCE_DATA_DIR, else ~/.local/share/alliance].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CharterCommand {
+    /// Create a new alliance: its root key (root.key) and signed charter (charter.alliance).
+    New(CharterNewArgs),
+    /// Show a charter and check its signature.
+    Show {
+        /// The charter file.
+        #[arg(long, default_value = "charter.alliance")]
+        charter: PathBuf,
+    },
+    /// Admit an institution: sign its certificate with the root key.
+    Admit(AdmitArgs),
+    /// Revoke an institution or a node network-wide (root-signed list).
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CharterNewArgs {
+    /// The alliance's name, e.g. "Alliance of Northern Universities".
+    #[arg(long)]
+    pub name: String,
+    /// Multiaddress of a bootstrap node (repeat for several), e.g.
+    /// /dns4/boot.example.edu/tcp/4001/p2p/12D3Koo…
+    #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+    pub bootstrap: Vec<String>,
+    /// Directory to write root.key and charter.alliance into.
+    #[arg(long, default_value = ".")]
+    pub out_dir: PathBuf,
+    /// Seconds a GPU advert stays valid.
+    #[arg(long, default_value_t = CharterDefaults::default().advert_ttl_secs)]
+    pub advert_ttl: u32,
+    /// Replicas per task when a job does not say.
+    #[arg(long, default_value_t = CharterDefaults::default().default_redundancy)]
+    pub redundancy: u8,
+    /// Longest validity, in days, of a node certificate.
+    #[arg(long, default_value_t = CharterDefaults::default().max_node_cert_days)]
+    pub max_node_cert_days: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct AdmitArgs {
+    /// The institution's name, e.g. "University of Example".
+    #[arg(long)]
+    pub institution: String,
+    /// The institution's public key (64 hex digits), as `alliance member new` printed it.
+    #[arg(long)]
+    pub key: String,
+    /// Roles its nodes may hold: work, submit, bootstrap (comma-separated).
+    #[arg(long, default_value = "work,submit")]
+    pub roles: String,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = 365)]
+    pub days: u64,
+    #[command(flatten)]
+    pub root: RootFiles,
+    /// Where to write the certificate [default: <institution>.institution.cert].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RootFiles {
+    /// The alliance root key.
+    #[arg(long, default_value = "root.key")]
+    pub root_key: PathBuf,
+    /// The charter file.
+    #[arg(long, default_value = "charter.alliance")]
+    pub charter: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The institution key or node PeerId to revoke.
+    #[arg(long)]
+    pub key: String,
+    /// Why, recorded in the list and shown to peers.
+    #[arg(long)]
+    pub reason: String,
+    /// The signer's key file [default: root.key for `charter revoke`,
+    /// institution.key for `member revoke`].
+    #[arg(long)]
+    pub signing_key: Option<PathBuf>,
+    /// The charter file.
+    #[arg(long, default_value = "charter.alliance")]
+    pub charter: PathBuf,
+    /// The revocation list to extend; created when missing.
+    #[arg(long, default_value = "revocations.alliance")]
+    pub list: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// Create the institution key (institution.key) and print its public key
+    /// for the alliance operator.
+    New {
+        /// Directory to write institution.key into.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
+    /// Issue a node certificate and write the node's chain file.
+    Issue(IssueArgs),
+    /// Revoke one of this institution's nodes (institution-signed list).
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// The node's PeerId, as `alliance init` printed it.
+    #[arg(long)]
+    pub node: String,
+    /// Roles of the node, within the institution's: work, submit, bootstrap.
+    #[arg(long, default_value = "work,submit")]
+    pub roles: String,
+    /// Days the certificate is valid (at most the charter's limit).
+    #[arg(long, default_value_t = 30)]
+    pub days: u64,
+    /// The institution key.
+    #[arg(long, default_value = "institution.key")]
+    pub institution_key: PathBuf,
+    /// The institution certificate the alliance operator sent.
+    #[arg(long, default_value = "institution.cert")]
+    pub institution_cert: PathBuf,
+    /// The charter file.
+    #[arg(long, default_value = "charter.alliance")]
+    pub charter: PathBuf,
+    /// Where to write the chain [default: node-<end of peer id>.chain].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Verify certificates against a charter: prints who, what roles and
+    /// until when; exits non-zero with the reason when any fails.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Certificate, chain and revocation files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// The charter to verify against.
+    #[arg(long)]
+    pub charter: PathBuf,
+    /// Require these roles (e.g. `work`).
+    #[arg(long, default_value = "")]
+    pub role: String,
+    /// Verify as of this time instead of now (2027-01-31, …T12:00:00Z, or Unix seconds).
+    #[arg(long)]
+    pub at: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Check that this node is ready to join: config, key, charter and chain.
+    Check(NodeCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeCheckArgs {
+    /// Data directory [default: $ALLIANCE_DATA_DIR, else ~/.local/share/alliance].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Config file [default: <data dir>/alliance.toml].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GpusArgs {
+    /// Show each GPU once per backend (Vulkan and GL) instead of once.
+    #[arg(long)]
+    pub all_backends: bool,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Command::Init(a) => init(a, json),
+        Command::Charter(CharterCommand::New(a)) => charter_new(a, json),
+        Command::Charter(CharterCommand::Show { charter }) => charter_show(&charter, json),
+        Command::Charter(CharterCommand::Admit(a)) => admit(a, json),
+        Command::Charter(CharterCommand::Revoke(a)) => revoke(a, "root.key", json),
+        Command::Member(MemberCommand::New { out_dir }) => member_new(&out_dir, json),
+        Command::Member(MemberCommand::Issue(a)) => issue(a, json),
+        Command::Member(MemberCommand::Revoke(a)) => revoke(a, "institution.key", json),
+        Command::Cert(CertCommand::Verify(a)) => verify(a, json),
+        Command::Node(NodeCommand::Check(a)) => node_check(a, json),
+        Command::Gpus(a) => gpus(a, json),
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+fn parse_roles(text: &str) -> Result<Roles> {
+    text.parse::<Roles>().map_err(|e| anyhow!("--roles: {e}"))
+}
+
+fn parse_key(flag: &str, text: &str) -> Result<PublicKey> {
+    let key: PublicKey = text.parse().map_err(|e| anyhow!("{flag}: {e}"))?;
+    key.verifying_key().map_err(|e| anyhow!("{flag}: {e}"))?;
+    Ok(key)
+}
+
+fn check_days(days: u64, max: u64) -> Result<()> {
+    if days == 0 || days > max {
+        bail!("--days {days}: give a number of days from 1 to {max}");
+    }
+    Ok(())
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create directory {}", dir.display()))
+}
+
+fn load_key(path: &Path, what: &str) -> Result<Identity> {
+    Identity::load(path).with_context(|| format!("cannot use the {what} key"))
+}
+
+fn init(a: InitArgs, json: bool) -> Result<()> {
+    let dir = config::data_dir(a.data_dir.as_deref())
+        .ok_or_else(|| anyhow!("no data directory: pass --data-dir or set $ALLIANCE_DATA_DIR"))?;
+    create_dir(&dir)?;
+    let key_path = dir.join("node.key");
+    let config_path = dir.join(config::FILE_NAME);
+    if config_path.exists() {
+        bail!(
+            "{} already exists: this directory holds a node already (use another --data-dir for a second node)",
+            config_path.display()
+        );
+    }
+    let id = Identity::generate();
+    id.save(&key_path)?;
+    trust::write_new(&config_path, config::EXAMPLE)?;
+    let peer = id.peer_id();
+    if json {
+        print_json(&json!({
+            "peer_id": peer.to_string(),
+            "public_key": id.public().to_string(),
+            "data_dir": dir,
+            "key_file": key_path,
+            "config": config_path,
+        }));
+    } else {
+        println!("PeerId: {peer}");
+        println!("key:    {} (mode 0600)", key_path.display());
+        println!("config: {}", config_path.display());
+        println!();
+        println!("Next: send the PeerId to your institution's admin, who runs");
+        println!("  alliance member issue --node {peer} --roles work,submit");
+        println!(
+            "and sends back a chain file; put it at {}",
+            dir.join("node.chain").display()
+        );
+        println!(
+            "with the alliance's charter at {}.",
+            dir.join("charter.alliance").display()
+        );
+    }
+    Ok(())
+}
+
+fn charter_new(a: CharterNewArgs, json: bool) -> Result<()> {
+    for addr in &a.bootstrap {
+        config::check_multiaddr(addr)
+            .map_err(|why| anyhow!("--bootstrap {addr:?} is not a multiaddress: {why}"))?;
+    }
+    if a.redundancy == 0 {
+        bail!("--redundancy 0: a task needs at least one replica");
+    }
+    create_dir(&a.out_dir)?;
+    let key_path = a.out_dir.join("root.key");
+    let charter_path = a.out_dir.join("charter.alliance");
+    if charter_path.exists() {
+        bail!(
+            "{} already exists; choose another --out-dir",
+            charter_path.display()
+        );
+    }
+    let root = Identity::generate();
+    let defaults = CharterDefaults {
+        advert_ttl_secs: a.advert_ttl,
+        default_redundancy: a.redundancy,
+        max_node_cert_days: a.max_node_cert_days,
+    };
+    let charter = Charter::new(
+        a.name,
+        root.public(),
+        a.bootstrap,
+        defaults,
+        Timestamp::now(),
+    );
+    let signed = Signed::sign(charter, &root)?;
+    let trusted = signed.verify_charter()?;
+    root.save(&key_path)?;
+    trust::write_new(&charter_path, &trust::armored(Label::Charter, &signed))?;
+    if json {
+        charter_show(&charter_path, true)?;
+    } else {
+        println!("alliance {:?} created", trusted.charter.name);
+        println!("charter id: {}", trusted.id);
+        println!(
+            "root key:   {} (secret in {}, mode 0600: keep it offline)",
+            root.public(),
+            key_path.display()
+        );
+        println!(
+            "charter:    {} (publish this to every member)",
+            charter_path.display()
+        );
+    }
+    Ok(())
+}
+
+fn charter_json(t: &TrustedCharter) -> serde_json::Value {
+    json!({
+        "id": t.id.to_string(),
+        "name": t.charter.name,
+        "root": t.charter.root.to_string(),
+        "bootstrap": t.charter.bootstrap,
+        "created_at": t.charter.created_at.to_string(),
+        "defaults": {
+            "advert_ttl_secs": t.charter.defaults.advert_ttl_secs,
+            "default_redundancy": t.charter.defaults.default_redundancy,
+            "max_node_cert_days": t.charter.defaults.max_node_cert_days,
+        },
+    })
+}
+
+fn charter_show(path: &Path, json: bool) -> Result<()> {
+    let t = trust::read_charter(path)?;
+    if json {
+        print_json(&charter_json(&t));
+    } else {
+        let c = &t.charter;
+        println!("alliance   {}", c.name);
+        println!("id         {}", t.id);
+        println!("root key   {}", c.root);
+        println!("created    {}", c.created_at);
+        println!(
+            "bootstrap  {}",
+            if c.bootstrap.is_empty() {
+                "(none)".into()
+            } else {
+                c.bootstrap.join(", ")
+            }
+        );
+        println!(
+            "defaults   advert ttl {}s, redundancy {}, node certificates up to {} days",
+            c.defaults.advert_ttl_secs,
+            c.defaults.default_redundancy,
+            c.defaults.max_node_cert_days
+        );
+        println!("signature  valid (self-signed by the root key)");
+    }
+    Ok(())
+}
+
+fn slug(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let s = s
+        .split('-')
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    if s.is_empty() {
+        "institution".into()
+    } else {
+        s
+    }
+}
+
+fn admit(a: AdmitArgs, json: bool) -> Result<()> {
+    let charter = trust::read_charter(&a.root.charter)?;
+    let root = load_key(&a.root.root_key, "root")?;
+    if root.public() != charter.charter.root {
+        bail!(
+            "{} is not the root key of the charter {} (root {}); pass the matching --root-key",
+            a.root.root_key.display(),
+            a.root.charter.display(),
+            charter.charter.root
+        );
+    }
+    let key = parse_key("--key", &a.key)?;
+    let roles = parse_roles(&a.roles)?;
+    if roles.is_empty() {
+        bail!("--roles: give at least one of work, submit, bootstrap");
+    }
+    check_days(a.days, 3650)?;
+    let now = Timestamp::now();
+    let cert = InstitutionCert::new(&charter, a.institution.clone(), key, roles, now, a.days);
+    let signed = Signed::sign(cert, &root)?;
+    let inst = signed
+        .verify_institution(&charter, &RevocationSet::new(&charter), now)
+        .context("the new certificate does not verify")?;
+    let out = a
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("{}.institution.cert", slug(&a.institution))));
+    trust::write_new(
+        &out,
+        &trust::armored(Label::InstitutionCertificate, &signed),
+    )?;
+    if json {
+        print_json(&json!({
+            "file": out, "institution": inst.cert.name, "key": key.to_string(),
+            "roles": roles.to_string(), "valid_until": inst.cert.not_after.to_string(),
+        }));
+    } else {
+        println!(
+            "admitted {:?} with roles {roles} until {}",
+            inst.cert.name, inst.cert.not_after
+        );
+        println!(
+            "certificate: {} (send it to the institution's admin)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn member_new(out_dir: &Path, json: bool) -> Result<()> {
+    create_dir(out_dir)?;
+    let path = out_dir.join("institution.key");
+    let id = Identity::generate();
+    id.save(&path)?;
+    if json {
+        print_json(&json!({ "public_key": id.public().to_string(), "key_file": path }));
+    } else {
+        println!("institution key: {}", id.public());
+        println!(
+            "secret in {} (mode 0600: keep it safe, it admits your nodes)",
+            path.display()
+        );
+        println!();
+        println!("Send the key above to the alliance operator, who runs");
+        println!(
+            "  alliance charter admit --institution \"Your University\" --key {}",
+            id.public()
+        );
+    }
+    Ok(())
+}
+
+fn single<T>(file: &Path, items: Vec<(PathBuf, T)>, what: &str) -> Result<T> {
+    let mut it = items.into_iter();
+    let (_, item) = it
+        .next()
+        .ok_or_else(|| anyhow!("{}: holds no {what}", file.display()))?;
+    if it.next().is_some() {
+        bail!("{}: holds more than one {what}", file.display());
+    }
+    Ok(item)
+}
+
+fn issue(a: IssueArgs, json: bool) -> Result<()> {
+    let charter = trust::read_charter(&a.charter)?;
+    let key = load_key(&a.institution_key, "institution")?;
+    let inst_signed = single(
+        &a.institution_cert,
+        Bundle::read(std::slice::from_ref(&a.institution_cert))?.institutions,
+        "institution certificate",
+    )?;
+    let now = Timestamp::now();
+    let inst = inst_signed
+        .verify_institution(&charter, &RevocationSet::new(&charter), now)
+        .with_context(|| {
+            format!(
+                "{}: institution certificate refused",
+                a.institution_cert.display()
+            )
+        })?;
+    if inst.cert.key != key.public() {
+        bail!(
+            "{} is for key {}, but {} holds key {}; pass the matching --institution-key",
+            a.institution_cert.display(),
+            inst.cert.key,
+            a.institution_key.display(),
+            key.public()
+        );
+    }
+    let peer: PeerId = a.node.parse().map_err(|e| {
+        anyhow!(
+            "--node {:?} is not a PeerId ({e}); copy it from `alliance init`",
+            a.node
+        )
+    })?;
+    let node_key = PublicKey::from_peer_id(&peer).map_err(|e| anyhow!("--node: {e}"))?;
+    let roles = parse_roles(&a.roles)?;
+    let beyond = inst.cert.roles.missing(roles);
+    if !beyond.is_empty() {
+        bail!(
+            "--roles: {} was admitted for {} only, not {beyond}",
+            inst.cert.name,
+            inst.cert.roles
+        );
+    }
+    check_days(
+        a.days,
+        u64::from(charter.charter.defaults.max_node_cert_days),
+    )?;
+    let mut cert = NodeCert::new(&charter, key.public(), node_key, roles, now, a.days);
+    let clipped = cert.not_after > inst.cert.not_after;
+    cert.not_after = cert.not_after.min(inst.cert.not_after);
+    let node_signed = Signed::sign(cert, &key)?;
+    let member = Chain::new(inst_signed.clone(), node_signed.clone())
+        .verify(&charter, &RevocationSet::new(&charter), now, Roles::NONE)
+        .context("the new chain does not verify")?;
+    let text = trust::armored(Label::InstitutionCertificate, &inst_signed)
+        + &trust::armored(Label::NodeCertificate, &node_signed);
+    let peer_text = peer.to_string();
+    let out = a.out.unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "node-{}.chain",
+            &peer_text[peer_text.len().saturating_sub(8)..]
+        ))
+    });
+    trust::write_new(&out, &text)?;
+    if json {
+        print_json(&json!({
+            "file": out, "peer_id": peer_text, "institution": member.institution_name,
+            "roles": roles.to_string(), "valid_until": member.valid_until.to_string(),
+        }));
+    } else {
+        println!(
+            "issued {peer_text} roles {roles} until {}",
+            member.valid_until
+        );
+        if clipped {
+            println!("(shortened to the institution certificate's expiry)");
+        }
+        println!(
+            "chain: {} (copy it to the node's data directory as node.chain)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn revoke(a: RevokeArgs, default_key: &str, json: bool) -> Result<()> {
+    let charter = trust::read_charter(&a.charter)?;
+    let key_path = a
+        .signing_key
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(default_key));
+    let signer = load_key(&key_path, "signing")?;
+    let target = parse_key("--key", &a.key)?;
+    let mut list = Revocations {
+        alliance: charter.id,
+        sequence: 1,
+        issued_at: Timestamp::now(),
+        revoked: Vec::new(),
+    };
+    if a.list.exists() {
+        let old = single(
+            &a.list,
+            Bundle::read(std::slice::from_ref(&a.list))?.revocations,
+            "revocation list",
+        )?;
+        if old.signer() != signer.public() {
+            bail!(
+                "{} was signed by {}, not by {}; pass another --list",
+                a.list.display(),
+                old.signer(),
+                key_path.display()
+            );
+        }
+        let old = old
+            .verify()
+            .with_context(|| format!("{}: revocation list refused", a.list.display()))?;
+        list.sequence = old.sequence.saturating_add(1);
+        list.revoked = old.revoked;
+    }
+    if !list.revoked.iter().any(|r| r.key == target) {
+        list.revoked.push(Revoked {
+            key: target,
+            reason: a.reason.clone(),
+            at: list.issued_at,
+        });
+    }
+    let signed = Signed::sign(list, &signer)?;
+    let text = trust::armored(Label::Revocations, &signed);
+    let tmp = a.list.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    trust::write_new(&tmp, &text)?;
+    std::fs::rename(&tmp, &a.list)
+        .with_context(|| format!("cannot replace {}", a.list.display()))?;
+    let seq = signed.verify()?.sequence;
+    if json {
+        print_json(&json!({ "file": a.list, "revoked": target.to_string(), "sequence": seq }));
+    } else {
+        println!(
+            "revoked {target} in {} (list {seq}); publish it to the alliance",
+            a.list.display()
+        );
+    }
+    Ok(())
+}
+
+fn verify(a: VerifyArgs, json: bool) -> Result<()> {
+    let charter = trust::read_charter(&a.charter)?;
+    let bundle = Bundle::read(&a.files)?;
+    let now = match &a.at {
+        Some(t) => trust::parse_time(t)?,
+        None => Timestamp::now(),
+    };
+    let required = parse_roles(&a.role).map_err(|e| anyhow!("--role: {e}"))?;
+    let verified = trust::verify_bundle(&charter, &bundle, now, required)?;
+    if json {
+        print_json(&serde_json::to_value(&verified)?);
+        return Ok(());
+    }
+    println!(
+        "charter {:?} ({})",
+        charter.charter.name,
+        charter.id.short()
+    );
+    for v in &verified {
+        match v {
+            Verified::Institution {
+                file,
+                name,
+                key,
+                roles,
+                valid_until,
+            } => {
+                println!(
+                    "OK  institution {name:?} key {key}\n    roles {roles}, valid until {valid_until}  [{}]",
+                    file.display()
+                );
+            }
+            Verified::Node {
+                file,
+                peer_id,
+                institution,
+                roles,
+                valid_until,
+                ..
+            } => {
+                println!(
+                    "OK  node {peer_id} of {institution:?}\n    roles {roles}, valid until {valid_until}  [{}]",
+                    file.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn node_check(a: NodeCheckArgs, json: bool) -> Result<()> {
+    let dir = config::data_dir(a.data_dir.as_deref())
+        .ok_or_else(|| anyhow!("no data directory: pass --data-dir or set $ALLIANCE_DATA_DIR"))?;
+    let config_path = a.config.unwrap_or_else(|| dir.join(config::FILE_NAME));
+    let cfg = Config::load(&config_path)
+        .with_context(|| "run `alliance init` first if this node is new")?;
+    let dir = cfg.data_dir.clone().unwrap_or(dir);
+    let key = load_key(&cfg.resolve(&dir, &cfg.key_file), "node")?;
+    let charter = trust::read_charter(&cfg.resolve(&dir, &cfg.charter))?;
+    let chain_path = cfg.resolve(&dir, &cfg.chain);
+    let mut files = vec![chain_path.clone()];
+    files.extend(cfg.revocations.iter().map(|p| cfg.resolve(&dir, p)));
+    let bundle = Bundle::read(&files)?;
+    let now = Timestamp::now();
+    let verified = trust::verify_bundle(&charter, &bundle, now, Roles::NONE)?;
+    let node = verified
+        .iter()
+        .find_map(|v| match v {
+            Verified::Node {
+                peer_id,
+                institution,
+                roles,
+                valid_until,
+                ..
+            } => Some((peer_id, institution, roles, valid_until)),
+            Verified::Institution { .. } => None,
+        })
+        .ok_or_else(|| anyhow!("{}: holds no node certificate", chain_path.display()))?;
+    let own = key.peer_id().to_string();
+    if *node.0 != own {
+        bail!(
+            "{} certifies node {}, but this node's key is {}; ask your admin for a certificate for {own}",
+            chain_path.display(),
+            node.0,
+            own
+        );
+    }
+    if json {
+        print_json(&json!({
+            "ready": true, "peer_id": own, "alliance": charter.charter.name,
+            "institution": node.1, "roles": node.2, "valid_until": node.3,
+        }));
+    } else {
+        println!("ready: node {own}");
+        println!(
+            "  alliance    {} ({})",
+            charter.charter.name,
+            charter.id.short()
+        );
+        println!("  institution {}", node.1);
+        println!("  roles       {}, valid until {}", node.2, node.3);
+    }
+    Ok(())
+}
+
+fn gpus(a: GpusArgs, json: bool) -> Result<()> {
+    let found = gpu::select(
+        gpu::list(&gpu::instance(), a.all_backends),
+        &gpu::Selection::All,
+    )?;
+    if json {
+        let reports: Vec<_> = found.iter().map(|g| &g.report).collect();
+        print_json(&serde_json::to_value(reports)?);
+        return Ok(());
+    }
+    println!(
+        "{:<3} {:<40} {:<8} {:<16} {:>10} {:>8}",
+        "#", "name", "backend", "type", "max buffer", "wg size"
+    );
+    for g in &found {
+        let r = &g.report;
+        println!(
+            "{:<3} {:<40} {:<8} {:<16} {:>7} MiB {:>8}",
+            r.index,
+            r.name.chars().take(40).collect::<String>(),
+            r.backend.to_string(),
+            r.device_type.to_string(),
+            r.limits.max_buffer_size >> 20,
+            r.limits.max_compute_invocations_per_workgroup
+        );
+    }
+    if found.iter().all(|g| g.report.software) {
+        println!("(software adapters only: they work, slowly; no hardware GPU driver was found)");
+    }
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! The node's configuration file.
+//!
+//! One [`Config`] with a doc comment and a default for every field; the
+//! committed `alliance.example.toml` is the documented form and is what
+//! `alliance init` writes. Relative paths resolve against the data
+//! directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The documented example configuration, written by `alliance init`.
+pub const EXAMPLE: &str = include_str!("../alliance.example.toml");
+
+/// Name of the configuration file in the data directory.
+pub const FILE_NAME: &str = "alliance.toml";
+
+/// Environment variable naming the data directory.
+pub const DATA_DIR_ENV: &str = "ALLIANCE_DATA_DIR";
+
+/// A node's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the node keeps its key, certificates, database and caches.
+    pub data_dir: Option<PathBuf>,
+    /// The node's key file.
+    pub key_file: PathBuf,
+    /// The alliance charter file.
+    pub charter: PathBuf,
+    /// This node's certificate chain file.
+    pub chain: PathBuf,
+    /// Revocation list files loaded at start.
+    pub revocations: Vec<PathBuf>,
+    /// Peer-to-peer settings.
+    pub network: NetworkConfig,
+    /// Local HTTP API settings.
+    pub api: ApiConfig,
+}
+
+/// Peer-to-peer settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Multiaddresses to listen on.
+    pub listen: Vec<String>,
+    /// Bootstrap nodes to dial besides the charter's.
+    pub bootstrap: Vec<String>,
+    /// Discover alliance nodes on the local network.
+    pub mdns: bool,
+}
+
+/// Local HTTP API settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address of the API and dashboard.
+    pub listen: SocketAddr,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            key_file: "node.key".into(),
+            charter: "charter.alliance".into(),
+            chain: "node.chain".into(),
+            revocations: Vec::new(),
+            network: NetworkConfig::default(),
+            api: ApiConfig::default(),
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4001".into(),
+                "/ip4/0.0.0.0/udp/4001/quic-v1".into(),
+            ],
+            bootstrap: Vec::new(),
+            mdns: true,
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "config file {path}: {field} = {value:?} is not a multiaddress ({why}); write it like \"/ip4/0.0.0.0/tcp/4001\""
+    )]
+    BadAddress {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks configuration text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        for (field, list) in [
+            ("network.listen", &config.network.listen),
+            ("network.bootstrap", &config.network.bootstrap),
+        ] {
+            for value in list {
+                check_multiaddr(value).map_err(|why| ConfigError::BadAddress {
+                    path: path.to_owned(),
+                    field,
+                    value: value.clone(),
+                    why,
+                })?;
+            }
+        }
+        Ok(config)
+    }
+
+    /// `path` resolved against the data directory.
+    pub fn resolve(&self, data_dir: &Path, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            data_dir.join(path)
+        }
+    }
+}
+
+/// Checks that `text` is a multiaddress.
+pub fn check_multiaddr(text: &str) -> Result<(), String> {
+    text.parse::<multiaddr::Multiaddr>()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The data directory: the explicit choice, else `$ALLIANCE_DATA_DIR`, else
+/// `$XDG_DATA_HOME/alliance`, else `~/.local/share/alliance`.
+pub fn data_dir(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(dir) = explicit {
+        return Some(dir.to_owned());
+    }
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env(DATA_DIR_ENV)
+        .or_else(|| env("XDG_DATA_HOME").map(|d| d.join("alliance")))
+        .or_else(|| env("HOME").map(|h| h.join(".local/share/alliance")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_is_the_default() {
+        let parsed = Config::parse(EXAMPLE, Path::new("alliance.example.toml")).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(
+            Config::parse("", Path::new("x")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = Config::parse("[network]\nmdsn = false\n", Path::new("a.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("mdsn") && msg.contains("a.toml"), "{msg}");
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let err = Config::parse(
+            "[network]\nlisten = [\"0.0.0.0:4001\"]\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("network.listen") && msg.contains("/ip4/"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_under_data_dir() {
+        let c = Config::default();
+        assert_eq!(
+            c.resolve(Path::new("/d"), &c.key_file),
+            PathBuf::from("/d/node.key")
+        );
+        assert_eq!(
+            c.resolve(Path::new("/d"), Path::new("/etc/k")),
+            PathBuf::from("/etc/k")
+        );
+    }
+}

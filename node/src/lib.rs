@@ -1,0 +1,20 @@
+//! The Alliance node: the daemon and the `alliance` command line.
+//!
+//! # Layout
+//!
+//! - [`config`]: the node's documented configuration file.
+//! - [`trust`]: membership files (charters, certificates, revocation lists)
+//!   and checking them as a node does.
+//! - [`cli`]: the `alliance` commands.
+//!
+//! The node joins the two lower crates: records and signatures come from
+//! `alliance-protocol`, everything that touches a GPU from
+//! `alliance-kernels`.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod cli;
+pub mod config;
+pub mod trust;

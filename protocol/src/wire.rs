@@ -1,0 +1,248 @@
+//! Messages of the node protocols, each with a size cap.
+//!
+//! | protocol | request | response | cap (request / response) |
+//! |---|---|---|---|
+//! | `/alliance/membership/1` | [`Hello`] | [`Hello`] | 16 KiB / 16 KiB |
+//! | `/alliance/task/1` | [`OfferRequest`] | [`OfferAnswer`] | 3 MiB / 4 KiB |
+//! | `/alliance/result/1` | [`TaskResult`] | [`Ack`] | 5 MiB / 1 KiB |
+//! | `/alliance/blob/1` | [`BlobRequest`] | [`BlobResponse`] | 1 KiB / 1 MiB + 1 KiB |
+//! | `/alliance/progress/1` | [`Progress`] | [`Ack`] | 1 MiB + 64 KiB / 1 KiB |
+//!
+//! On a stream each message is a frame: a 4-byte big-endian length, then the
+//! message's canonical bytes. [`frame_len`] checks the length against the
+//! message's cap *before* the reader allocates, and [`Message::decode`]
+//! checks it again, so no peer can make a node allocate more than the cap.
+//! Decoders return errors on bad bytes; none panics.
+
+use std::io::Read;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::cert::{Chain, Revocations};
+use crate::encoding::{self, DecodeError, EncodeError};
+use crate::hash::Hash;
+use crate::signed::Signed;
+use crate::task::{CheckpointRecord, Data, JobId, Receipt, TaskOffer};
+use crate::time::Timestamp;
+
+/// Largest blob chunk, in bytes.
+pub const MAX_CHUNK: usize = 1024 * 1024;
+
+/// A message type with a protocol and a size cap.
+pub trait Message: Serialize + DeserializeOwned {
+    /// Name for errors and logs.
+    const NAME: &'static str;
+    /// Largest encoded message, in bytes.
+    const MAX_SIZE: usize;
+
+    /// Canonical bytes, refused above the cap.
+    fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        encoding::encode(Self::NAME, self, Self::MAX_SIZE)
+    }
+
+    /// Decodes canonical bytes, checking the cap before decoding.
+    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        encoding::decode(Self::NAME, bytes, Self::MAX_SIZE)
+    }
+}
+
+/// The length of a frame from its 4-byte prefix, refused above `M`'s cap.
+pub fn frame_len<M: Message>(prefix: [u8; 4]) -> Result<usize, DecodeError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > M::MAX_SIZE {
+        return Err(DecodeError::TooLarge {
+            what: M::NAME,
+            size: len,
+            max: M::MAX_SIZE,
+        });
+    }
+    Ok(len)
+}
+
+/// `msg` as a frame: length prefix and canonical bytes.
+pub fn encode_frame<M: Message>(msg: &M) -> Result<Vec<u8>, EncodeError> {
+    let body = msg.encode()?;
+    let len = u32::try_from(body.len()).map_err(|_| EncodeError::TooLarge {
+        what: M::NAME,
+        size: body.len(),
+        max: u32::MAX as usize,
+    })?;
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error("reading a frame: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// Reads one frame of `M` from a blocking reader.
+pub fn read_frame<M: Message, R: Read>(reader: &mut R) -> Result<M, FrameError> {
+    let mut prefix = [0u8; 4];
+    reader.read_exact(&mut prefix)?;
+    let len = frame_len::<M>(prefix)?;
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body)?;
+    Ok(M::decode(&body)?)
+}
+
+/// Membership exchange: each side presents its chain and the newest
+/// revocation lists it holds, for the charter both must share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Id of the charter the sender belongs to.
+    pub alliance: Hash,
+    pub chain: Chain,
+    /// Sequence numbers of the revocation lists the sender holds, so the
+    /// other side can ask for newer ones.
+    pub revocations: Vec<(crate::keys::PublicKey, u64)>,
+}
+
+impl Message for Hello {
+    const NAME: &'static str = "membership hello";
+    const MAX_SIZE: usize = 16 * 1024;
+}
+
+/// A task offer, with the kernel source when the worker may lack it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferRequest {
+    pub offer: Signed<TaskOffer>,
+    /// The WGSL source; its blake3 hash must equal the spec's kernel hash.
+    pub kernel_source: Option<String>,
+}
+
+impl Message for OfferRequest {
+    const NAME: &'static str = "task offer request";
+    const MAX_SIZE: usize = 3 * 1024 * 1024;
+}
+
+/// Why a worker declines an offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeclineReason {
+    /// No free slot.
+    Busy,
+    /// The owner paused sharing or the sharing window is closed.
+    Paused,
+    /// The owner's policy refuses this submitter's institution.
+    PolicyRefuses,
+    /// The kernel or task breaks the worker's limits.
+    Limits(String),
+    /// The offer is malformed, expired or not for this worker.
+    BadOffer(String),
+}
+
+/// A worker's answer to an offer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OfferAnswer {
+    /// Accepted; the lease lapses at `lease_until` without progress.
+    Accept {
+        lease_until: Timestamp,
+    },
+    Decline(DeclineReason),
+}
+
+impl Message for OfferAnswer {
+    const NAME: &'static str = "task offer answer";
+    const MAX_SIZE: usize = 4 * 1024;
+}
+
+/// A finished task: the signed receipt and the outputs, inline when small.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub receipt: Signed<Receipt>,
+    /// Output bytes by binding; large ones as blobs to fetch.
+    pub outputs: Vec<(u32, Data)>,
+}
+
+impl Message for TaskResult {
+    const NAME: &'static str = "task result";
+    const MAX_SIZE: usize = 5 * 1024 * 1024;
+}
+
+/// Acknowledges a result or progress message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ack {
+    Ok,
+    /// Refused, with the reason.
+    Refused(String),
+}
+
+impl Message for Ack {
+    const NAME: &'static str = "acknowledgement";
+    const MAX_SIZE: usize = 1024;
+}
+
+/// A request for part of a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRequest {
+    pub hash: Hash,
+    pub offset: u64,
+    /// At most [`MAX_CHUNK`].
+    pub len: u32,
+}
+
+impl Message for BlobRequest {
+    const NAME: &'static str = "blob request";
+    const MAX_SIZE: usize = 1024;
+}
+
+/// A part of a blob, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobResponse {
+    Chunk {
+        hash: Hash,
+        offset: u64,
+        /// Length of the whole blob.
+        total_len: u64,
+        data: Vec<u8>,
+    },
+    NotFound,
+    Refused(String),
+}
+
+impl Message for BlobResponse {
+    const NAME: &'static str = "blob response";
+    const MAX_SIZE: usize = MAX_CHUNK + 1024;
+}
+
+/// Progress of a running task, optionally with a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Progress {
+    /// Still running: `step` of `steps` done. Renews the lease.
+    Running {
+        job: JobId,
+        task: u32,
+        attempt: u32,
+        step: u32,
+        steps: u32,
+    },
+    /// A checkpoint: the signed record and the state buffers.
+    Checkpoint {
+        record: Signed<CheckpointRecord>,
+        state: Vec<(u32, Data)>,
+    },
+}
+
+impl Message for Progress {
+    const NAME: &'static str = "progress";
+    const MAX_SIZE: usize = MAX_CHUNK + 64 * 1024;
+}
+
+/// A revocation list passed on by gossip.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationGossip {
+    pub list: Signed<Revocations>,
+}
+
+impl Message for RevocationGossip {
+    const NAME: &'static str = "revocation gossip";
+    const MAX_SIZE: usize = 256 * 1024 + 1024;
+}

@@ -360,7 +360,7 @@ fn charter_new(a: CharterNewArgs, json: bool) -> Result<()> {
         defaults,
         Timestamp::now(),
     );
-    let signed = Signed::sign(charter, &root)?;
+    let signed = Signed::sign(&charter, &root)?;
     let trusted = signed.verify_charter()?;
     root.save(&key_path)?;
     trust::write_new(&charter_path, &trust::armored(Label::Charter, &signed))?;
@@ -468,7 +468,7 @@ fn admit(a: AdmitArgs, json: bool) -> Result<()> {
     check_days(a.days, 3650)?;
     let now = Timestamp::now();
     let cert = InstitutionCert::new(&charter, a.institution.clone(), key, roles, now, a.days);
-    let signed = Signed::sign(cert, &root)?;
+    let signed = Signed::sign(&cert, &root)?;
     let inst = signed
         .verify_institution(&charter, &RevocationSet::new(&charter), now)
         .context("the new certificate does not verify")?;
@@ -580,7 +580,7 @@ fn issue(a: IssueArgs, json: bool) -> Result<()> {
     let mut cert = NodeCert::new(&charter, key.public(), node_key, roles, now, a.days);
     let clipped = cert.not_after > inst.cert.not_after;
     cert.not_after = cert.not_after.min(inst.cert.not_after);
-    let node_signed = Signed::sign(cert, &key)?;
+    let node_signed = Signed::sign(&cert, &key)?;
     let member = Chain::new(inst_signed.clone(), node_signed.clone())
         .verify(&charter, &RevocationSet::new(&charter), now, Roles::NONE)
         .context("the new chain does not verify")?;
@@ -656,7 +656,7 @@ fn revoke(a: RevokeArgs, default_key: &str, json: bool) -> Result<()> {
             at: list.issued_at,
         });
     }
-    let signed = Signed::sign(list, &signer)?;
+    let signed = Signed::sign(&list, &signer)?;
     let text = trust::armored(Label::Revocations, &signed);
     let tmp = a.list.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);

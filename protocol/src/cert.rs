@@ -406,11 +406,13 @@ pub enum ChainError {
         not_after: Timestamp,
         now: Timestamp,
     },
-    #[error("{what} for {key} was revoked at {at} by {by}: {reason}")]
+    #[error("{what} of {subject} was revoked at {at} by {by}: {reason}")]
     Revoked {
         what: &'static str,
-        key: PublicKey,
-        by: PublicKey,
+        /// Who was revoked: the node's PeerId, or the institution's name and key.
+        subject: String,
+        /// Who revoked: the alliance root or the institution.
+        by: String,
         at: Timestamp,
         reason: String,
     },
@@ -518,11 +520,11 @@ impl Signed<InstitutionCert> {
         check_alliance(WHAT, charter, cert.alliance)?;
         check_name(WHAT, &cert.name)?;
         check_window(WHAT, cert.not_before, cert.not_after, now)?;
-        if let Some((by, r)) = revocations.revoked(&cert.key, None) {
+        if let Some((_, r)) = revocations.revoked(&cert.key, None) {
             return Err(ChainError::Revoked {
                 what: WHAT,
-                key: cert.key,
-                by,
+                subject: format!("{:?} ({})", cert.name, cert.key),
+                by: "the alliance root".into(),
                 at: r.at,
                 reason: r.reason.clone(),
             });
@@ -590,8 +592,15 @@ impl Chain {
         if let Some((by, r)) = revocations.revoked(&node.node, Some(&inst.key)) {
             return Err(ChainError::Revoked {
                 what: WHAT,
-                key: node.node,
-                by,
+                subject: node
+                    .node
+                    .peer_id()
+                    .map_or_else(|_| node.node.to_string(), |p| format!("node {p}")),
+                by: if by == charter.charter.root {
+                    "the alliance root".into()
+                } else {
+                    format!("institution {:?}", inst.name)
+                },
                 at: r.at,
                 reason: r.reason.clone(),
             });

@@ -33,16 +33,16 @@
 //! let root = Identity::generate();
 //! let now = Timestamp::from_secs(1_800_000_000);
 //! let charter = Charter::new("Example Alliance", root.public(), vec![], CharterDefaults::default(), now);
-//! let charter = Signed::sign(charter, &root).unwrap();
+//! let charter = Signed::sign(&charter, &root).unwrap();
 //! let trusted = charter.verify_charter().unwrap();
 //!
 //! let university = Identity::generate();
 //! let inst = InstitutionCert::new(&trusted, "University A", university.public(), Roles::WORK | Roles::SUBMIT, now, 365);
-//! let inst = Signed::sign(inst, &root).unwrap();
+//! let inst = Signed::sign(&inst, &root).unwrap();
 //!
 //! let node = Identity::generate();
 //! let cert = NodeCert::new(&trusted, university.public(), node.public(), Roles::WORK, now, 30);
-//! let cert = Signed::sign(cert, &university).unwrap();
+//! let cert = Signed::sign(&cert, &university).unwrap();
 //!
 //! let member = Chain::new(inst, cert)
 //!     .verify(&trusted, &RevocationSet::new(&trusted), now, Roles::WORK)

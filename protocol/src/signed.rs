@@ -112,14 +112,17 @@ impl fmt::Debug for SignatureBytes {
 ///
 /// The record inside is only reachable through [`Signed::verify`], so no
 /// code can act on a record whose signature it has not checked.
-#[derive(Serialize, Deserialize)]
-#[serde(bound = "")]
+///
+/// On the wire it is the envelope `version: u16, payload: bytes, signer:
+/// [u8; 32], signature: [u8; 64]`. In memory it keeps the whole signed
+/// message (domain, context, payload) in one buffer, so neither signing nor
+/// verifying copies the payload again.
 pub struct Signed<T> {
     version: u16,
-    payload: Vec<u8>,
+    /// `SIGNING_DOMAIN 0x00 T::CONTEXT 0x00 payload`.
+    message: Vec<u8>,
     signer: PublicKey,
     signature: SignatureBytes,
-    #[serde(skip)]
     _record: PhantomData<fn() -> T>,
 }
 
@@ -127,7 +130,7 @@ impl<T> Clone for Signed<T> {
     fn clone(&self) -> Self {
         Self {
             version: self.version,
-            payload: self.payload.clone(),
+            message: self.message.clone(),
             signer: self.signer,
             signature: self.signature,
             _record: PhantomData,
@@ -138,7 +141,7 @@ impl<T> Clone for Signed<T> {
 impl<T> PartialEq for Signed<T> {
     fn eq(&self, other: &Self) -> bool {
         self.version == other.version
-            && self.payload == other.payload
+            && self.message == other.message
             && self.signer == other.signer
             && self.signature == other.signature
     }
@@ -150,31 +153,46 @@ impl<T: Record> fmt::Debug for Signed<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Signed")
             .field("record", &T::NAME)
-            .field("payload_bytes", &self.payload.len())
+            .field("payload_bytes", &self.payload().len())
             .field("signer", &self.signer)
             .finish()
     }
 }
 
-/// The message the signature covers: domain, context, payload.
-fn signing_message(context: &str, payload: &[u8]) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(SIGNING_DOMAIN.len() + context.len() + 2 + payload.len());
+/// The start of the signed message of a `T`: domain and context.
+fn message_prefix<T: Record>(capacity: usize) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(SIGNING_DOMAIN.len() + T::CONTEXT.len() + 2 + capacity);
     msg.extend_from_slice(SIGNING_DOMAIN);
     msg.push(0);
-    msg.extend_from_slice(context.as_bytes());
+    msg.extend_from_slice(T::CONTEXT.as_bytes());
     msg.push(0);
-    msg.extend_from_slice(payload);
     msg
+}
+
+const fn prefix_len<T: Record>() -> usize {
+    SIGNING_DOMAIN.len() + T::CONTEXT.len() + 2
 }
 
 impl<T: Record> Signed<T> {
     /// Encodes `record` canonically and signs it with `key`.
-    pub fn sign(record: T, key: &Identity) -> Result<Self, EncodeError> {
-        let payload = encoding::encode(T::NAME, &record, T::MAX_SIZE)?;
-        let signature = key.sign_raw(&signing_message(T::CONTEXT, &payload));
+    pub fn sign(record: &T, key: &Identity) -> Result<Self, EncodeError> {
+        let serialize = |e: postcard::Error| EncodeError::Serialize {
+            what: T::NAME,
+            detail: e.to_string(),
+        };
+        let message = postcard::to_extend(record, message_prefix::<T>(256)).map_err(serialize)?;
+        let size = message.len() - prefix_len::<T>();
+        if size > T::MAX_SIZE {
+            return Err(EncodeError::TooLarge {
+                what: T::NAME,
+                size,
+                max: T::MAX_SIZE,
+            });
+        }
+        let signature = key.sign_raw(&message);
         Ok(Self {
             version: T::VERSION,
-            payload,
+            message,
             signer: key.public(),
             signature: SignatureBytes(signature.to_bytes()),
             _record: PhantomData,
@@ -188,7 +206,7 @@ impl<T: Record> Signed<T> {
     /// [`crate::cert`]).
     pub fn verify(&self) -> Result<T, RecordError> {
         self.check_signature()?;
-        Ok(encoding::decode(T::NAME, &self.payload, T::MAX_SIZE)?)
+        Ok(encoding::decode(T::NAME, self.payload(), T::MAX_SIZE)?)
     }
 
     /// Checks the envelope version, the signer key and the signature.
@@ -209,7 +227,7 @@ impl<T: Record> Signed<T> {
                 source,
             })?;
         let signature = ed25519_dalek::Signature::from_bytes(&self.signature.0);
-        key.verify_strict(&signing_message(T::CONTEXT, &self.payload), &signature)
+        key.verify_strict(&self.message, &signature)
             .map_err(|_| RecordError::BadSignature {
                 what: T::NAME,
                 signer: self.signer,
@@ -223,18 +241,17 @@ impl<T: Record> Signed<T> {
 
     /// The canonical record bytes the signature covers.
     pub fn payload(&self) -> &[u8] {
-        &self.payload
+        self.message.get(prefix_len::<T>()..).unwrap_or_default()
     }
 
     /// The content hash of the record bytes: names this record.
     pub fn payload_hash(&self) -> Hash {
-        Hash::of(&self.payload)
+        Hash::of(self.payload())
     }
 
     /// The envelope's canonical bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        // Encoding a Vec-backed struct cannot fail and the payload was capped
-        // when it was signed or decoded.
+        // Serializing into a Vec cannot fail.
         postcard::to_stdvec(self).unwrap_or_default()
     }
 
@@ -247,6 +264,85 @@ impl<T: Record> Signed<T> {
     /// inside is decoded by [`Signed::verify`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
         encoding::decode(T::NAME, bytes, Self::max_envelope_size())
+    }
+}
+
+/// The envelope as serialized, borrowing the payload.
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    version: u16,
+    #[serde(with = "crate::encoding::bytes")]
+    payload: &'a [u8],
+    signer: PublicKey,
+    signature: SignatureBytes,
+}
+
+impl<T: Record> Serialize for Signed<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        EnvelopeRef {
+            version: self.version,
+            payload: self.payload(),
+            signer: self.signer,
+            signature: self.signature,
+        }
+        .serialize(s)
+    }
+}
+
+/// A payload read straight into a buffer that starts with `T`'s signing prefix.
+struct Message<T>(Vec<u8>, PhantomData<fn() -> T>);
+
+impl<'de, T: Record> Deserialize<'de> for Message<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<fn() -> T>);
+        impl<'de, T: Record> de::Visitor<'de> for V<T> {
+            type Value = Message<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "the bytes of a {}", T::NAME)
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                if v.len() > T::MAX_SIZE {
+                    return Err(E::invalid_length(v.len(), &self));
+                }
+                let mut msg = message_prefix::<T>(v.len());
+                msg.extend_from_slice(v);
+                Ok(Message(msg, PhantomData))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut msg = message_prefix::<T>(0);
+                while let Some(b) = seq.next_element()? {
+                    if msg.len() - prefix_len::<T>() >= T::MAX_SIZE {
+                        return Err(de::Error::invalid_length(msg.len(), &self));
+                    }
+                    msg.push(b);
+                }
+                Ok(Message(msg, PhantomData))
+            }
+        }
+        d.deserialize_byte_buf(V(PhantomData))
+    }
+}
+
+/// The envelope as deserialized.
+#[derive(Deserialize)]
+#[serde(bound = "")]
+struct EnvelopeOwned<T: Record> {
+    version: u16,
+    message: Message<T>,
+    signer: PublicKey,
+    signature: SignatureBytes,
+}
+
+impl<'de, T: Record> Deserialize<'de> for Signed<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let e = EnvelopeOwned::<T>::deserialize(d)?;
+        Ok(Self {
+            version: e.version,
+            message: e.message.0,
+            signer: e.signer,
+            signature: e.signature,
+            _record: PhantomData,
+        })
     }
 }
 
@@ -285,7 +381,7 @@ mod tests {
     #[test]
     fn sign_verify_round_trip() {
         let key = Identity::generate();
-        let signed = Signed::sign(note(), &key).unwrap();
+        let signed = Signed::sign(&note(), &key).unwrap();
         assert_eq!(signed.verify().unwrap(), note());
         let back = Signed::<Note>::from_bytes(&signed.to_bytes()).unwrap();
         assert_eq!(back, signed);
@@ -295,7 +391,7 @@ mod tests {
     #[test]
     fn wrong_domain_is_refused() {
         let key = Identity::generate();
-        let signed = Signed::sign(note(), &key).unwrap();
+        let signed = Signed::sign(&note(), &key).unwrap();
         // The same bytes read as another record type carry the wrong context.
         let as_other = Signed::<Other>::from_bytes(&signed.to_bytes()).unwrap();
         assert!(matches!(
@@ -311,7 +407,7 @@ mod tests {
             text: "x".repeat(100),
         };
         assert!(matches!(
-            Signed::sign(big, &key),
+            Signed::sign(&big, &key),
             Err(EncodeError::TooLarge { .. })
         ));
     }
@@ -319,7 +415,7 @@ mod tests {
     #[test]
     fn unknown_version_is_named() {
         let key = Identity::generate();
-        let mut signed = Signed::sign(note(), &key).unwrap();
+        let mut signed = Signed::sign(&note(), &key).unwrap();
         signed.version = 2;
         assert!(matches!(
             signed.verify(),

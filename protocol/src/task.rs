@@ -59,7 +59,7 @@ impl ElemType {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Data {
     /// Carried in the message (at most [`MAX_INLINE_BYTES`]).
-    Inline(Vec<u8>),
+    Inline(#[serde(with = "crate::encoding::bytes")] Vec<u8>),
     /// Fetched by content hash from the sender's blob store.
     Blob { hash: Hash, len: u64 },
 }

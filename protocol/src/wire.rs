@@ -202,6 +202,7 @@ pub enum BlobResponse {
         offset: u64,
         /// Length of the whole blob.
         total_len: u64,
+        #[serde(with = "crate::encoding::bytes")]
         data: Vec<u8>,
     },
     NotFound,

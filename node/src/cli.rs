@@ -45,7 +45,7 @@ pub enum Command {
     /// Check certificates.
     #[command(subcommand)]
     Cert(CertCommand),
-    /// Run or check this node.
+    /// Check that this node is ready to join its alliance.
     #[command(subcommand)]
     Node(NodeCommand),
     /// List the GPUs this machine has, as a worker would report them.
@@ -205,9 +205,9 @@ pub struct VerifyArgs {
     /// The charter to verify against.
     #[arg(long)]
     pub charter: PathBuf,
-    /// Require these roles (e.g. `work`).
-    #[arg(long, default_value = "")]
-    pub role: String,
+    /// Require these roles, comma-separated (e.g. `work`).
+    #[arg(long)]
+    pub role: Option<String>,
     /// Verify as of this time instead of now (2027-01-31, …T12:00:00Z, or Unix seconds).
     #[arg(long)]
     pub at: Option<String>,
@@ -682,7 +682,10 @@ fn verify(a: VerifyArgs, json: bool) -> Result<()> {
         Some(t) => trust::parse_time(t)?,
         None => Timestamp::now(),
     };
-    let required = parse_roles(&a.role).map_err(|e| anyhow!("--role: {e}"))?;
+    let required = match &a.role {
+        Some(r) => r.parse::<Roles>().map_err(|e| anyhow!("--role: {e}"))?,
+        None => Roles::NONE,
+    };
     let verified = trust::verify_bundle(&charter, &bundle, now, required)?;
     if json {
         print_json(&serde_json::to_value(&verified)?);

@@ -26,3 +26,4 @@
 )]
 
 pub mod gpu;
+pub mod intake;

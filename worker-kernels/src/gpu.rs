@@ -97,7 +97,7 @@ pub struct ComputeLimits {
 }
 
 impl ComputeLimits {
-    fn from_wgpu(l: &wgpu::Limits) -> Self {
+    pub(crate) fn from_wgpu(l: &wgpu::Limits) -> Self {
         Self {
             max_buffer_size: l.max_buffer_size,
             max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,

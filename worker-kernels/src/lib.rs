@@ -25,5 +25,6 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod executor;
 pub mod gpu;
 pub mod intake;

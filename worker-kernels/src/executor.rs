@@ -1,0 +1,768 @@
+//! The executor: runs one task on a device and reads its outputs back.
+//!
+//! [`run`] takes a `Device` and `Queue` it did not create, so tests call it
+//! directly on the software adapter and the sandbox calls it on the GPU it
+//! opened. A [`Cache`] keeps compiled pipelines (keyed by kernel hash and
+//! entry point) and buffers between tasks.
+//!
+//! Safety rules kept here:
+//! - shaders are created with `create_shader_module`, never the trusted
+//!   path, so wgpu's bounds checks, loop bounding and zero-initialised
+//!   memory stay on;
+//! - pooled buffers are cleared or fully overwritten before a task sees
+//!   them, so no task reads another's data;
+//! - validation errors, out-of-memory and device loss become
+//!   [`TaskError`]s, never panics.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::gpu::ComputeLimits;
+use crate::intake::{self, BufferKind, IntakeError, Kernel, Limits, Supplied};
+
+/// Element type of a buffer, for `.npy` output and float comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ElemType {
+    F32,
+    U32,
+    I32,
+    Bytes,
+}
+
+impl ElemType {
+    /// Bytes per element.
+    pub const fn size(self) -> u64 {
+        match self {
+            ElemType::F32 | ElemType::U32 | ElemType::I32 => 4,
+            ElemType::Bytes => 1,
+        }
+    }
+}
+
+/// One buffer of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Binding {
+    /// A storage buffer filled with `data` (the kernel may declare it `read`).
+    Input { binding: u32, data: Vec<u8> },
+    /// A uniform buffer filled with `data`.
+    Uniform { binding: u32, data: Vec<u8> },
+    /// A zeroed read-write storage buffer of `len` elements, read back.
+    Output {
+        binding: u32,
+        len: u64,
+        elem: ElemType,
+    },
+    /// A read-write storage buffer that carries state across steps:
+    /// filled with `data`, read back, and handed out in checkpoints.
+    State {
+        binding: u32,
+        data: Vec<u8>,
+        elem: ElemType,
+    },
+}
+
+impl Binding {
+    /// The `@binding(N)` number.
+    pub fn binding(&self) -> u32 {
+        match self {
+            Binding::Input { binding, .. }
+            | Binding::Uniform { binding, .. }
+            | Binding::Output { binding, .. }
+            | Binding::State { binding, .. } => *binding,
+        }
+    }
+
+    /// Bytes of data the buffer holds.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Binding::Input { data, .. }
+            | Binding::Uniform { data, .. }
+            | Binding::State { data, .. } => data.len() as u64,
+            Binding::Output { len, elem, .. } => len.saturating_mul(elem.size()),
+        }
+    }
+
+    fn kind(&self) -> BufferKind {
+        match self {
+            Binding::Uniform { .. } => BufferKind::Uniform,
+            Binding::Input { .. } => BufferKind::Storage { read_only: true },
+            Binding::Output { .. } | Binding::State { .. } => {
+                BufferKind::Storage { read_only: false }
+            }
+        }
+    }
+}
+
+/// Bytes of the dispatch-info uniform: `step, steps, task, task_count` as u32.
+pub const INFO_BYTES: u64 = 16;
+
+/// Everything needed to run one task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// WGSL source.
+    pub kernel: String,
+    pub entry_point: String,
+    pub bindings: Vec<Binding>,
+    /// Workgroups along x, y, z.
+    pub dispatch: [u32; 3],
+    /// Total steps: the dispatch repeats this many times on the same buffers.
+    pub steps: u32,
+    /// Steps already done (non-zero when resuming from a checkpoint whose
+    /// state the `State` bindings carry).
+    pub start_step: u32,
+    /// Hand back the state buffers every this many steps.
+    pub checkpoint_every: Option<u32>,
+    /// Binding of an optional uniform `struct { step: u32, steps: u32,
+    /// task: u32, task_count: u32 }`, filled before every dispatch.
+    pub info_binding: Option<u32>,
+    /// This task's index in its array job, and the job's task count.
+    pub task_index: u32,
+    pub task_count: u32,
+}
+
+impl Task {
+    /// A one-step task with no info uniform.
+    pub fn new(
+        kernel: impl Into<String>,
+        entry_point: impl Into<String>,
+        bindings: Vec<Binding>,
+        dispatch: [u32; 3],
+    ) -> Self {
+        Self {
+            kernel: kernel.into(),
+            entry_point: entry_point.into(),
+            bindings,
+            dispatch,
+            steps: 1,
+            start_step: 0,
+            checkpoint_every: None,
+            info_binding: None,
+            task_index: 0,
+            task_count: 1,
+        }
+    }
+
+    /// The blake3 hash of the kernel source.
+    pub fn kernel_hash(&self) -> [u8; 32] {
+        *blake3::hash(self.kernel.as_bytes()).as_bytes()
+    }
+}
+
+/// A buffer read back after the task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Output {
+    pub binding: u32,
+    pub elem: ElemType,
+    pub data: Vec<u8>,
+    /// blake3 of `data`.
+    pub hash: [u8; 32],
+}
+
+/// How the GPU time was measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Timing {
+    /// GPU timestamp queries around the dispatches.
+    GpuTimestamps,
+    /// Wall time from submission to completion (the adapter has no timestamps).
+    WallClock,
+}
+
+/// A finished task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Output and state buffers, by binding.
+    pub outputs: Vec<Output>,
+    /// GPU time of the dispatches.
+    pub gpu_time: Duration,
+    pub timing: Timing,
+}
+
+/// The state buffers after `step` steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub step: u32,
+    pub state: Vec<Output>,
+}
+
+/// Why a task did not finish.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum TaskError {
+    #[error("the task was refused: {0}")]
+    Intake(#[from] IntakeError),
+    #[error("the GPU refused the work: {0}")]
+    Gpu(String),
+    #[error("the GPU ran out of memory: {0}")]
+    OutOfMemory(String),
+    #[error("the GPU device was lost: {0}")]
+    DeviceLost(String),
+    #[error("the task ran past its deadline of {0:?} and was stopped")]
+    Timeout(Duration),
+    #[error("the sandbox process died: {0}")]
+    Crashed(String),
+    #[error("the sandbox failed: {0}")]
+    Sandbox(String),
+    #[error("stopped by the caller at step {0}")]
+    Stopped(u32),
+}
+
+/// Dispatches submitted together at most, between waits.
+const MAX_BATCH: u32 = 1024;
+/// Compiled pipelines kept.
+const MAX_PIPELINES: usize = 64;
+/// Bytes of idle buffers kept for reuse.
+const MAX_POOLED_BYTES: u64 = 512 << 20;
+
+struct Pipeline {
+    pipeline: wgpu::ComputePipeline,
+    kernel: Kernel,
+}
+
+/// Compiled pipelines and idle buffers kept between tasks on one device.
+#[derive(Default)]
+pub struct Cache {
+    pipelines: HashMap<([u8; 32], String), Arc<Pipeline>>,
+    order: VecDeque<([u8; 32], String)>,
+    buffers: HashMap<(u64, wgpu::BufferUsages), Vec<wgpu::Buffer>>,
+    pooled_bytes: u64,
+    /// Pipelines compiled since the cache was made (for tests and metrics).
+    pub compiled: u64,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("pipelines", &self.pipelines.len())
+            .field("pooled_bytes", &self.pooled_bytes)
+            .field("compiled", &self.compiled)
+            .finish()
+    }
+}
+
+impl Cache {
+    fn buffer(
+        &mut self,
+        device: &wgpu::Device,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> wgpu::Buffer {
+        if let Some(b) = self.buffers.get_mut(&(size, usage)).and_then(Vec::pop) {
+            self.pooled_bytes -= size;
+            return b;
+        }
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("alliance task buffer"),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    fn give_back(&mut self, buffer: wgpu::Buffer) {
+        let size = buffer.size();
+        if self.pooled_bytes + size > MAX_POOLED_BYTES {
+            return; // dropped: freed by wgpu
+        }
+        self.pooled_bytes += size;
+        self.buffers
+            .entry((size, buffer.usage()))
+            .or_default()
+            .push(buffer);
+    }
+
+    fn pipeline(
+        &mut self,
+        device: &wgpu::Device,
+        task: &Task,
+        limits: &Limits,
+        device_limits: Option<&ComputeLimits>,
+    ) -> Result<Arc<Pipeline>, TaskError> {
+        let key = (task.kernel_hash(), task.entry_point.clone());
+        if let Some(p) = self.pipelines.get(&key) {
+            let p = Arc::clone(p);
+            self.order.retain(|k| k != &key);
+            self.order.push_back(key);
+            return Ok(p);
+        }
+        let kernel = intake::check_kernel(&task.kernel, &task.entry_point, limits, device_limits)?;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("alliance kernel"),
+            source: wgpu::ShaderSource::Wgsl(task.kernel.as_str().into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("alliance kernel"),
+            layout: None,
+            module: &module,
+            entry_point: Some(&task.entry_point),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(TaskError::Gpu(error_text(&err)));
+        }
+        self.compiled += 1;
+        let p = Arc::new(Pipeline { pipeline, kernel });
+        if self.order.len() >= MAX_PIPELINES
+            && let Some(old) = self.order.pop_front()
+        {
+            self.pipelines.remove(&old);
+        }
+        self.order.push_back(key.clone());
+        self.pipelines.insert(key, Arc::clone(&p));
+        Ok(p)
+    }
+}
+
+fn error_text(err: &wgpu::Error) -> String {
+    match err {
+        wgpu::Error::Validation { description, .. } | wgpu::Error::Internal { description, .. } => {
+            description.clone()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Errors the device reports outside error scopes, and device loss.
+#[derive(Debug, Default, Clone)]
+pub struct DeviceErrors {
+    errors: Arc<Mutex<Vec<String>>>,
+    lost: Arc<Mutex<Option<String>>>,
+}
+
+impl DeviceErrors {
+    /// Installs handlers on `device` that record errors instead of panicking.
+    pub fn install(device: &wgpu::Device) -> Self {
+        let me = Self::default();
+        let errors = Arc::clone(&me.errors);
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = errors.lock() {
+                v.push(error_text(&e));
+            }
+        }));
+        let lost = Arc::clone(&me.lost);
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut l) = lost.lock() {
+                *l = Some(format!("{reason:?}: {message}"));
+            }
+        });
+        me
+    }
+
+    fn check(&self) -> Result<(), TaskError> {
+        if let Some(lost) = self.lost.lock().ok().and_then(|l| l.clone()) {
+            return Err(TaskError::DeviceLost(lost));
+        }
+        let errors: Vec<String> = self
+            .errors
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default();
+        if !errors.is_empty() {
+            return Err(TaskError::Gpu(errors.join("; ")));
+        }
+        Ok(())
+    }
+}
+
+/// A device opened for running tasks, with its error handlers and cache.
+pub struct Executor {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub cache: Cache,
+    pub limits: Limits,
+    pub device_limits: ComputeLimits,
+    errors: DeviceErrors,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Executor {
+    /// Opens a device on `adapter` with its full limits and, where
+    /// supported, timestamp queries.
+    pub fn open(adapter: &wgpu::Adapter, limits: Limits) -> Result<Self, TaskError> {
+        let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("alliance worker"),
+            required_features: features,
+            required_limits: adapter.limits(),
+            ..Default::default()
+        }))
+        .map_err(|e| TaskError::Gpu(format!("cannot open the GPU: {e}")))?;
+        let errors = DeviceErrors::install(&device);
+        Ok(Self {
+            device_limits: ComputeLimits::from_wgpu(&adapter.limits()),
+            device,
+            queue,
+            cache: Cache::default(),
+            limits,
+            errors,
+        })
+    }
+
+    /// Runs `task`, calling `on_checkpoint` every `checkpoint_every` steps.
+    pub fn run(
+        &mut self,
+        task: &Task,
+        on_checkpoint: &mut dyn FnMut(Checkpoint) -> Result<(), TaskError>,
+    ) -> Result<Outcome, TaskError> {
+        let result = run(
+            &self.device,
+            &self.queue,
+            &mut self.cache,
+            task,
+            &self.limits,
+            Some(&self.device_limits),
+            on_checkpoint,
+        );
+        // Errors reported outside scopes (or loss) override a result that
+        // looked fine.
+        self.errors.check()?;
+        result
+    }
+}
+
+struct Bound {
+    binding: u32,
+    buffer: wgpu::Buffer,
+    /// Bytes of meaningful data (the buffer may be padded to 4).
+    len: u64,
+    read_back: Option<ElemType>,
+    state: bool,
+}
+
+fn padded(len: u64) -> u64 {
+    len.max(4).div_ceil(4) * 4
+}
+
+/// Waits for all submitted work and maps `buffer` for reading.
+fn read_buffer(device: &wgpu::Device, buffer: &wgpu::Buffer) -> Result<Vec<u8>, TaskError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    buffer.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| TaskError::Gpu(format!("waiting for the GPU: {e}")))?;
+    rx.recv()
+        .map_err(|_| TaskError::Gpu("the GPU never finished reading back".into()))?
+        .map_err(|e| TaskError::Gpu(format!("reading results back: {e}")))?;
+    let data = buffer
+        .get_mapped_range(..)
+        .map_err(|e| TaskError::Gpu(format!("reading results back: {e}")))?
+        .to_vec();
+    buffer.unmap();
+    Ok(data)
+}
+
+/// Copies the chosen buffers to one staging buffer and reads them back.
+fn read_back(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    cache: &mut Cache,
+    bound: &[Bound],
+    which: impl Fn(&Bound) -> bool,
+) -> Result<Vec<Output>, TaskError> {
+    let chosen: Vec<&Bound> = bound.iter().filter(|b| which(b)).collect();
+    let total: u64 = chosen.iter().map(|b| b.buffer.size()).sum();
+    if total == 0 {
+        return Ok(Vec::new());
+    }
+    let staging = cache.buffer(
+        device,
+        total,
+        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+    );
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let mut offset = 0;
+    for b in &chosen {
+        encoder.copy_buffer_to_buffer(&b.buffer, 0, &staging, offset, b.buffer.size());
+        offset += b.buffer.size();
+    }
+    queue.submit([encoder.finish()]);
+    let data = read_buffer(device, &staging)?;
+    cache.give_back(staging);
+    let mut out = Vec::new();
+    let mut offset = 0usize;
+    for b in chosen {
+        let start = offset;
+        offset += usize::try_from(b.buffer.size()).unwrap_or(usize::MAX);
+        let len = usize::try_from(b.len).unwrap_or(usize::MAX);
+        let bytes = data
+            .get(start..start.saturating_add(len))
+            .unwrap_or_default()
+            .to_vec();
+        out.push(Output {
+            binding: b.binding,
+            elem: b.read_back.unwrap_or(ElemType::Bytes),
+            hash: *blake3::hash(&bytes).as_bytes(),
+            data: bytes,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs one task on `device`. See the module documentation.
+pub fn run(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    cache: &mut Cache,
+    task: &Task,
+    limits: &Limits,
+    device_limits: Option<&ComputeLimits>,
+    on_checkpoint: &mut dyn FnMut(Checkpoint) -> Result<(), TaskError>,
+) -> Result<Outcome, TaskError> {
+    let pipeline = cache.pipeline(device, task, limits, device_limits)?;
+    let mut supplied: Vec<Supplied> = task
+        .bindings
+        .iter()
+        .map(|b| Supplied {
+            binding: b.binding(),
+            kind: b.kind(),
+            bytes: b.bytes(),
+        })
+        .collect();
+    if let Some(binding) = task.info_binding {
+        supplied.push(Supplied {
+            binding,
+            kind: BufferKind::Uniform,
+            bytes: INFO_BYTES,
+        });
+    }
+    intake::check_task(
+        &pipeline.kernel,
+        &supplied,
+        task.dispatch,
+        task.steps,
+        task.checkpoint_every,
+        limits,
+        device_limits,
+    )?;
+    if task.start_step >= task.steps {
+        return Err(IntakeError::NoSteps.into());
+    }
+
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let result = execute(device, queue, cache, &pipeline, task, on_checkpoint);
+    let scoped = pollster::block_on(scope.pop());
+    match (result, scoped) {
+        (_, Some(err)) => Err(TaskError::Gpu(error_text(&err))),
+        (result, None) => result,
+    }
+}
+
+fn execute(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    cache: &mut Cache,
+    pipeline: &Pipeline,
+    task: &Task,
+    on_checkpoint: &mut dyn FnMut(Checkpoint) -> Result<(), TaskError>,
+) -> Result<Outcome, TaskError> {
+    use wgpu::BufferUsages as U;
+    let mut bound = Vec::new();
+    let mut encoder = device.create_command_encoder(&Default::default());
+    for b in &task.bindings {
+        let len = b.bytes();
+        let size = padded(len);
+        let (usage, data, read_back, state) = match b {
+            Binding::Input { data, .. } => (U::STORAGE | U::COPY_DST, Some(data), None, false),
+            Binding::Uniform { data, .. } => (U::UNIFORM | U::COPY_DST, Some(data), None, false),
+            Binding::Output { elem, .. } => (
+                U::STORAGE | U::COPY_DST | U::COPY_SRC,
+                None,
+                Some(*elem),
+                false,
+            ),
+            Binding::State { data, elem, .. } => (
+                U::STORAGE | U::COPY_DST | U::COPY_SRC,
+                Some(data),
+                Some(*elem),
+                true,
+            ),
+        };
+        let buffer = cache.buffer(device, size, usage);
+        match data {
+            // Pad to the buffer size so no byte of a pooled buffer survives.
+            Some(d) if d.len() as u64 == size => queue.write_buffer(&buffer, 0, d),
+            Some(d) => {
+                let mut full = d.clone();
+                full.resize(usize::try_from(size).unwrap_or(usize::MAX), 0);
+                queue.write_buffer(&buffer, 0, &full);
+            }
+            None => encoder.clear_buffer(&buffer, 0, None),
+        }
+        bound.push(Bound {
+            binding: b.binding(),
+            buffer,
+            len,
+            read_back,
+            state,
+        });
+    }
+    // The info uniform and the table of its values, one 16-byte row per step.
+    let info = task.info_binding.map(|binding| {
+        let buffer = cache.buffer(device, INFO_BYTES, U::UNIFORM | U::COPY_DST);
+        bound.push(Bound {
+            binding,
+            buffer: buffer.clone(),
+            len: INFO_BYTES,
+            read_back: None,
+            state: false,
+        });
+        buffer
+    });
+    queue.submit([encoder.finish()]);
+
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = bound
+        .iter()
+        .map(|b| wgpu::BindGroupEntry {
+            binding: b.binding,
+            resource: b.buffer.as_entire_binding(),
+        })
+        .collect();
+    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("alliance task"),
+        layout: &pipeline.pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    });
+
+    let timestamps = device.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+    let queries = timestamps.then(|| {
+        device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("alliance timing"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        })
+    });
+    let resolve = timestamps.then(|| cache.buffer(device, 16, U::QUERY_RESOLVE | U::COPY_SRC));
+    let period = f64::from(queue.get_timestamp_period());
+    let mut gpu_ns = 0f64;
+    let mut wall = Duration::ZERO;
+
+    let [x, y, z] = task.dispatch;
+    let mut step = task.start_step;
+    while step < task.steps {
+        let mut end = task.steps.min(step.saturating_add(MAX_BATCH));
+        if let Some(k) = task.checkpoint_every {
+            let next = (step / k + 1).saturating_mul(k);
+            end = end.min(next);
+        }
+        let table = info.as_ref().map(|_| {
+            let rows: Vec<u8> = (step..end)
+                .flat_map(|s| [s, task.steps, task.task_index, task.task_count])
+                .flat_map(u32::to_le_bytes)
+                .collect();
+            let t = cache.buffer(
+                device,
+                u64::from(end - step) * INFO_BYTES,
+                U::COPY_SRC | U::COPY_DST,
+            );
+            queue.write_buffer(&t, 0, &rows);
+            t
+        });
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let passes = if info.is_some() { end - step } else { 1 };
+        for p in 0..passes {
+            if let (Some(info), Some(table)) = (&info, &table) {
+                encoder.copy_buffer_to_buffer(
+                    table,
+                    u64::from(p) * INFO_BYTES,
+                    info,
+                    0,
+                    INFO_BYTES,
+                );
+            }
+            let (first, last) = (p == 0, p + 1 == passes);
+            let timestamp_writes = queries.as_ref().filter(|_| first || last).map(|q| {
+                wgpu::ComputePassTimestampWrites {
+                    query_set: q,
+                    beginning_of_pass_write_index: first.then_some(0),
+                    end_of_pass_write_index: last.then_some(1),
+                }
+            });
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("alliance task"),
+                timestamp_writes,
+            });
+            pass.set_pipeline(&pipeline.pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            let dispatches = if info.is_some() { 1 } else { end - step };
+            for _ in 0..dispatches {
+                pass.dispatch_workgroups(x, y, z);
+            }
+        }
+        if let (Some(q), Some(r)) = (&queries, &resolve) {
+            encoder.resolve_query_set(q, 0..2, r, 0);
+        }
+        let started = Instant::now();
+        queue.submit([encoder.finish()]);
+        if let Some(r) = &resolve {
+            let out = read_back(
+                device,
+                queue,
+                cache,
+                std::slice::from_ref(&Bound {
+                    binding: 0,
+                    buffer: r.clone(),
+                    len: 16,
+                    read_back: None,
+                    state: false,
+                }),
+                |_| true,
+            )?;
+            let ticks = |i: usize| {
+                out[0]
+                    .data
+                    .get(i * 8..i * 8 + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_le_bytes)
+            };
+            gpu_ns += ticks(1).saturating_sub(ticks(0)) as f64 * period;
+        } else {
+            device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| TaskError::Gpu(format!("waiting for the GPU: {e}")))?;
+        }
+        wall += started.elapsed();
+        if let Some(t) = table {
+            cache.give_back(t);
+        }
+        step = end;
+        if task
+            .checkpoint_every
+            .is_some_and(|k| step.is_multiple_of(k))
+            && step < task.steps
+        {
+            let state = read_back(device, queue, cache, &bound, |b| b.state)?;
+            on_checkpoint(Checkpoint { step, state })?;
+        }
+    }
+
+    let outputs = read_back(device, queue, cache, &bound, |b| b.read_back.is_some())?;
+    for b in bound {
+        cache.give_back(b.buffer);
+    }
+    if let Some(r) = resolve {
+        cache.give_back(r);
+    }
+    let (gpu_time, timing) = if timestamps && gpu_ns > 0.0 {
+        (Duration::from_secs_f64(gpu_ns / 1e9), Timing::GpuTimestamps)
+    } else {
+        (wall, Timing::WallClock)
+    };
+    Ok(Outcome {
+        outputs,
+        gpu_time,
+        timing,
+    })
+}

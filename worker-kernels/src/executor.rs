@@ -15,6 +15,8 @@
 //!   [`TaskError`]s, never panics.
 
 use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,13 +44,53 @@ impl ElemType {
     }
 }
 
+/// The bytes that fill a buffer.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Data {
+    /// Carried with the task.
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Read from a file (a blob in the worker's store) straight into the
+    /// GPU's upload buffer; the file must hold exactly `len` bytes.
+    File { path: PathBuf, len: u64 },
+}
+
+impl Data {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Data::Bytes(b) => b.len() as u64,
+            Data::File { len, .. } => *len,
+        }
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<u8>> for Data {
+    fn from(bytes: Vec<u8>) -> Self {
+        Data::Bytes(bytes)
+    }
+}
+
+impl std::fmt::Debug for Data {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Data::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            Data::File { path, len } => write!(f, "File({}, {len} bytes)", path.display()),
+        }
+    }
+}
+
 /// One buffer of a task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Binding {
     /// A storage buffer filled with `data` (the kernel may declare it `read`).
-    Input { binding: u32, data: Vec<u8> },
+    Input { binding: u32, data: Data },
     /// A uniform buffer filled with `data`.
-    Uniform { binding: u32, data: Vec<u8> },
+    Uniform { binding: u32, data: Data },
     /// A zeroed read-write storage buffer of `len` elements, read back.
     Output {
         binding: u32,
@@ -59,7 +101,7 @@ pub enum Binding {
     /// filled with `data`, read back, and handed out in checkpoints.
     State {
         binding: u32,
-        data: Vec<u8>,
+        data: Data,
         elem: ElemType,
     },
 }
@@ -80,7 +122,7 @@ impl Binding {
         match self {
             Binding::Input { data, .. }
             | Binding::Uniform { data, .. }
-            | Binding::State { data, .. } => data.len() as u64,
+            | Binding::State { data, .. } => data.len(),
             Binding::Output { len, elem, .. } => len.saturating_mul(elem.size()),
         }
     }
@@ -121,6 +163,9 @@ pub struct Task {
     /// This task's index in its array job, and the job's task count.
     pub task_index: u32,
     pub task_count: u32,
+    /// Write outputs to files `<dir>/out-<binding>` instead of returning
+    /// their bytes (for large outputs that go on to the blob store).
+    pub output_dir: Option<PathBuf>,
 }
 
 impl Task {
@@ -142,6 +187,7 @@ impl Task {
             info_binding: None,
             task_index: 0,
             task_count: 1,
+            output_dir: None,
         }
     }
 
@@ -152,13 +198,34 @@ impl Task {
 }
 
 /// A buffer read back after the task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Output {
     pub binding: u32,
     pub elem: ElemType,
+    /// Length in bytes.
+    pub len: u64,
+    /// The bytes, unless they were written to `file`.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
-    /// blake3 of `data`.
+    /// Where the bytes were written, when the task asked for files.
+    pub file: Option<PathBuf>,
+    /// blake3 of the bytes.
     pub hash: [u8; 32],
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Output")
+            .field("binding", &self.binding)
+            .field("elem", &self.elem)
+            .field("len", &self.len)
+            .field("file", &self.file)
+            .field(
+                "hash",
+                &blake3::Hash::from_bytes(self.hash).to_hex().as_str()[..16].to_owned(),
+            )
+            .finish()
+    }
 }
 
 /// How the GPU time was measured.
@@ -207,8 +274,12 @@ pub enum TaskError {
     Sandbox(String),
     #[error("stopped by the caller at step {0}")]
     Stopped(u32),
+    #[error("{0}")]
+    Io(String),
 }
 
+/// Bytes read from an input file at a time.
+const UPLOAD_CHUNK: usize = 1 << 20;
 /// Dispatches submitted together at most, between waits.
 const MAX_BATCH: u32 = 1024;
 /// Compiled pipelines kept.
@@ -444,8 +515,55 @@ fn padded(len: u64) -> u64 {
     len.max(4).div_ceil(4) * 4
 }
 
-/// Waits for all submitted work and maps `buffer` for reading.
-fn read_buffer(device: &wgpu::Device, buffer: &wgpu::Buffer) -> Result<Vec<u8>, TaskError> {
+/// Fills the whole of `buffer` from `data`, zeroing the padding so no byte
+/// of a pooled buffer survives. Files are read straight into the upload view.
+fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, data: &Data) -> Result<(), TaskError> {
+    let Some(size) = std::num::NonZeroU64::new(buffer.size()) else {
+        return Ok(());
+    };
+    let Some(mut view) = queue.write_buffer_with(buffer, 0, size) else {
+        return Err(TaskError::Gpu("cannot stage an upload".into()));
+    };
+    let len = usize::try_from(data.len())
+        .unwrap_or(usize::MAX)
+        .min(view.len());
+    let (mut head, mut pad) = view.slice(..).split_at(len);
+    match data {
+        Data::Bytes(b) => head.copy_from_slice(&b[..len]),
+        Data::File { path, len: want } => {
+            let io = |e: std::io::Error| {
+                TaskError::Io(format!("cannot read input {}: {e}", path.display()))
+            };
+            let mut file = std::fs::File::open(path).map_err(io)?;
+            let actual = file.metadata().map_err(io)?.len();
+            if actual != *want {
+                return Err(TaskError::Io(format!(
+                    "input {} holds {actual} bytes, but the task says {want}",
+                    path.display()
+                )));
+            }
+            // The upload view is write-only: read through a small buffer.
+            let mut chunk = vec![0u8; len.min(UPLOAD_CHUNK)];
+            let mut rest = head;
+            while !rest.is_empty() {
+                let n = rest.len().min(chunk.len());
+                file.read_exact(&mut chunk[..n]).map_err(io)?;
+                let (mut now, later) = rest.split_at(n);
+                now.copy_from_slice(&chunk[..n]);
+                rest = later;
+            }
+        }
+    }
+    pad.fill(0);
+    Ok(())
+}
+
+/// Waits for all submitted work, maps `buffer` and hands its bytes to `f`.
+fn map_and<T>(
+    device: &wgpu::Device,
+    buffer: &wgpu::Buffer,
+    f: impl FnOnce(&[u8]) -> Result<T, TaskError>,
+) -> Result<T, TaskError> {
     let (tx, rx) = std::sync::mpsc::channel();
     buffer.map_async(wgpu::MapMode::Read, .., move |r| {
         let _ = tx.send(r);
@@ -456,21 +574,25 @@ fn read_buffer(device: &wgpu::Device, buffer: &wgpu::Buffer) -> Result<Vec<u8>, 
     rx.recv()
         .map_err(|_| TaskError::Gpu("the GPU never finished reading back".into()))?
         .map_err(|e| TaskError::Gpu(format!("reading results back: {e}")))?;
-    let data = buffer
-        .get_mapped_range(..)
-        .map_err(|e| TaskError::Gpu(format!("reading results back: {e}")))?
-        .to_vec();
+    let result = {
+        let view = buffer
+            .get_mapped_range(..)
+            .map_err(|e| TaskError::Gpu(format!("reading results back: {e}")))?;
+        f(&view)
+    };
     buffer.unmap();
-    Ok(data)
+    result
 }
 
-/// Copies the chosen buffers to one staging buffer and reads them back.
+/// Copies the chosen buffers to one staging buffer and reads them back,
+/// into memory or, with `dir`, into files.
 fn read_back(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     cache: &mut Cache,
     bound: &[Bound],
     which: impl Fn(&Bound) -> bool,
+    dir: Option<&Path>,
 ) -> Result<Vec<Output>, TaskError> {
     let chosen: Vec<&Bound> = bound.iter().filter(|b| which(b)).collect();
     let total: u64 = chosen.iter().map(|b| b.buffer.size()).sum();
@@ -489,26 +611,42 @@ fn read_back(
         offset += b.buffer.size();
     }
     queue.submit([encoder.finish()]);
-    let data = read_buffer(device, &staging)?;
+    let result = map_and(device, &staging, |data| {
+        let mut out = Vec::new();
+        let mut offset = 0usize;
+        for b in chosen {
+            let start = offset;
+            offset += usize::try_from(b.buffer.size()).unwrap_or(usize::MAX);
+            let len = usize::try_from(b.len).unwrap_or(usize::MAX);
+            let bytes = data
+                .get(start..start.saturating_add(len))
+                .unwrap_or_default();
+            let hash = *blake3::hash(bytes).as_bytes();
+            let (data, file) = match dir {
+                None => (bytes.to_vec(), None),
+                Some(dir) => {
+                    let path = dir.join(format!("out-{}", b.binding));
+                    std::fs::File::create(&path)
+                        .and_then(|mut f| f.write_all(bytes))
+                        .map_err(|e| {
+                            TaskError::Io(format!("cannot write output {}: {e}", path.display()))
+                        })?;
+                    (Vec::new(), Some(path))
+                }
+            };
+            out.push(Output {
+                binding: b.binding,
+                elem: b.read_back.unwrap_or(ElemType::Bytes),
+                len: b.len,
+                data,
+                file,
+                hash,
+            });
+        }
+        Ok(out)
+    });
     cache.give_back(staging);
-    let mut out = Vec::new();
-    let mut offset = 0usize;
-    for b in chosen {
-        let start = offset;
-        offset += usize::try_from(b.buffer.size()).unwrap_or(usize::MAX);
-        let len = usize::try_from(b.len).unwrap_or(usize::MAX);
-        let bytes = data
-            .get(start..start.saturating_add(len))
-            .unwrap_or_default()
-            .to_vec();
-        out.push(Output {
-            binding: b.binding,
-            elem: b.read_back.unwrap_or(ElemType::Bytes),
-            hash: *blake3::hash(&bytes).as_bytes(),
-            data: bytes,
-        });
-    }
-    Ok(out)
+    result
 }
 
 /// Runs one task on `device`. See the module documentation.
@@ -592,13 +730,7 @@ fn execute(
         };
         let buffer = cache.buffer(device, size, usage);
         match data {
-            // Pad to the buffer size so no byte of a pooled buffer survives.
-            Some(d) if d.len() as u64 == size => queue.write_buffer(&buffer, 0, d),
-            Some(d) => {
-                let mut full = d.clone();
-                full.resize(usize::try_from(size).unwrap_or(usize::MAX), 0);
-                queue.write_buffer(&buffer, 0, &full);
-            }
+            Some(d) => upload(queue, &buffer, d)?,
             None => encoder.clear_buffer(&buffer, 0, None),
         }
         bound.push(Bound {
@@ -719,6 +851,7 @@ fn execute(
                     state: false,
                 }),
                 |_| true,
+                None,
             )?;
             let ticks = |i: usize| {
                 out[0]
@@ -743,12 +876,19 @@ fn execute(
             .is_some_and(|k| step.is_multiple_of(k))
             && step < task.steps
         {
-            let state = read_back(device, queue, cache, &bound, |b| b.state)?;
+            let state = read_back(device, queue, cache, &bound, |b| b.state, None)?;
             on_checkpoint(Checkpoint { step, state })?;
         }
     }
 
-    let outputs = read_back(device, queue, cache, &bound, |b| b.read_back.is_some())?;
+    let outputs = read_back(
+        device,
+        queue,
+        cache,
+        &bound,
+        |b| b.read_back.is_some(),
+        task.output_dir.as_deref(),
+    )?;
     for b in bound {
         cache.give_back(b.buffer);
     }

@@ -145,7 +145,7 @@ pub struct AdapterReport {
 
 /// Which adapters the owner shares.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "kind", content = "value")]
+#[serde(rename_all = "kebab-case")]
 pub enum Selection {
     /// Every adapter found (software ones included when no GPU is present).
     #[default]

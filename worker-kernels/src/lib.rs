@@ -28,3 +28,4 @@
 pub mod executor;
 pub mod gpu;
 pub mod intake;
+pub mod sandbox;

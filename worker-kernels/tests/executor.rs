@@ -49,15 +49,15 @@ fn saxpy_task(n: usize) -> Task {
         vec![
             Binding::Uniform {
                 binding: 0,
-                data: f32s(&[2.0]),
+                data: f32s(&[2.0]).into(),
             },
             Binding::Input {
                 binding: 1,
-                data: f32s(&x),
+                data: f32s(&x).into(),
             },
             Binding::Input {
                 binding: 2,
-                data: f32s(&y),
+                data: f32s(&y).into(),
             },
             Binding::Output {
                 binding: 3,
@@ -131,7 +131,7 @@ fn counter_task(steps: u32) -> Task {
         "main",
         vec![Binding::State {
             binding: 1,
-            data: vec![0; 16],
+            data: vec![0; 16].into(),
             elem: ElemType::U32,
         }],
         [1, 1, 1],
@@ -169,7 +169,8 @@ fn steps_see_their_index_and_checkpoints_hand_back_state() {
         data: [8u32, 28, 10, 7009]
             .iter()
             .flat_map(|v| v.to_le_bytes())
-            .collect(),
+            .collect::<Vec<u8>>()
+            .into(),
         elem: ElemType::U32,
     }];
     let again = ex.run(&resumed, &mut no_checkpoints).unwrap();
@@ -203,7 +204,10 @@ fn out_of_bounds_access_is_contained() {
         k,
         "main",
         vec![
-            Binding::Input { binding: 0, data },
+            Binding::Input {
+                binding: 0,
+                data: data.into(),
+            },
             Binding::Output {
                 binding: 1,
                 len: 4,

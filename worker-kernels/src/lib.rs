@@ -25,7 +25,9 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod compare;
 pub mod executor;
 pub mod gpu;
 pub mod intake;
+pub mod library;
 pub mod sandbox;

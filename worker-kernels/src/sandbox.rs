@@ -364,7 +364,7 @@ mod filesystem {
     use std::path::Path;
 
     use landlock::{
-        ABI, Access, AccessFs, RulesetAttr, RulesetCreatedAttr, RulesetStatus, path_beneath_rules,
+        ABI, AccessFs, RulesetAttr, RulesetCreatedAttr, RulesetStatus, path_beneath_rules,
     };
 
     use super::Layer;

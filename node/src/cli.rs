@@ -2,7 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
+use alliance_kernels::executor::Executor;
 use alliance_kernels::gpu;
+use alliance_kernels::intake::Limits;
+use alliance_kernels::selfbench;
 use alliance_protocol::armor::Label;
 use alliance_protocol::cert::{
     Chain, Charter, CharterDefaults, InstitutionCert, NodeCert, RevocationSet, Revocations,
@@ -50,6 +53,9 @@ pub enum Command {
     Node(NodeCommand),
     /// List the GPUs this machine has, as a worker would report them.
     Gpus(GpusArgs),
+    /// Run tasks for the node in a sandboxed child process (started by the node).
+    #[command(hide = true)]
+    Sandbox,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +240,13 @@ pub struct GpusArgs {
     /// Show each GPU once per backend (Vulkan and GL) instead of once.
     #[arg(long)]
     pub all_backends: bool,
+    /// Also run (or load from the cache) each GPU's self-benchmark.
+    #[arg(long)]
+    pub bench: bool,
+    /// Data directory whose cache holds self-benchmark results
+    /// [default: $ALLIANCE_DATA_DIR, else ~/.local/share/alliance].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Runs a parsed command line.
@@ -251,6 +264,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cert(CertCommand::Verify(a)) => verify(a, json),
         Command::Node(NodeCommand::Check(a)) => node_check(a, json),
         Command::Gpus(a) => gpus(a, json),
+        Command::Sandbox => std::process::exit(i32::from(alliance_kernels::sandbox::child_main())),
     }
 }
 
@@ -784,29 +798,50 @@ fn node_check(a: NodeCheckArgs, json: bool) -> Result<()> {
 }
 
 fn gpus(a: GpusArgs, json: bool) -> Result<()> {
-    let found = gpu::select(
-        gpu::list(&gpu::instance(), a.all_backends),
-        &gpu::Selection::All,
-    )?;
+    let found = gpu::select(gpu::list(&gpu::instance(), a.all_backends), &gpu::Selection::All)?;
+    let mut figures = Vec::new();
+    if a.bench {
+        let dir = config::data_dir(a.data_dir.as_deref())
+            .ok_or_else(|| anyhow!("no data directory for the benchmark cache: pass --data-dir"))?
+            .join("cache");
+        for g in &found {
+            let mut ex = Executor::open(&g.adapter, Limits::default())
+                .with_context(|| format!("cannot open GPU {} ({})", g.report.index, g.report.name))?;
+            let f = selfbench::measure_cached(&mut ex, &g.report, &dir)
+                .with_context(|| format!("self-benchmark of GPU {} failed", g.report.index))?;
+            figures.push(Some(f));
+        }
+    } else {
+        figures.resize(found.len(), None);
+    }
     if json {
-        let reports: Vec<_> = found.iter().map(|g| &g.report).collect();
-        print_json(&serde_json::to_value(reports)?);
+        let rows: Vec<_> = found
+            .iter()
+            .zip(&figures)
+            .map(|(g, f)| json!({ "adapter": g.report, "bench": f }))
+            .collect();
+        print_json(&serde_json::Value::Array(rows));
         return Ok(());
     }
     println!(
-        "{:<3} {:<40} {:<8} {:<16} {:>10} {:>8}",
-        "#", "name", "backend", "type", "max buffer", "wg size"
+        "{:<3} {:<40} {:<8} {:<16} {:>10} {:>8} {:>10} {:>10}",
+        "#", "name", "backend", "type", "max buffer", "wg size", "copy GB/s", "FMA GFLOP/s"
     );
-    for g in &found {
+    for (g, f) in found.iter().zip(&figures) {
         let r = &g.report;
+        let (copy, fma) = f.map_or(("-".into(), "-".into()), |f| {
+            (format!("{:.1}", f.copy_gb_per_s), format!("{:.1}", f.fma_gflop_per_s))
+        });
         println!(
-            "{:<3} {:<40} {:<8} {:<16} {:>7} MiB {:>8}",
+            "{:<3} {:<40} {:<8} {:<16} {:>7} MiB {:>8} {:>10} {:>10}",
             r.index,
             r.name.chars().take(40).collect::<String>(),
             r.backend.to_string(),
             r.device_type.to_string(),
             r.limits.max_buffer_size >> 20,
-            r.limits.max_compute_invocations_per_workgroup
+            r.limits.max_compute_invocations_per_workgroup,
+            copy,
+            fma
         );
     }
     if found.iter().all(|g| g.report.software) {

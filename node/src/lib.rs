@@ -5,6 +5,7 @@
 //! - [`config`]: the node's documented configuration file.
 //! - [`trust`]: membership files (charters, certificates, revocation lists)
 //!   and checking them as a node does.
+//! - [`gpus`]: this node's GPUs as advert entries.
 //! - [`cli`]: the `alliance` commands.
 //!
 //! The node joins the two lower crates: records and signatures come from
@@ -17,4 +18,5 @@
 
 pub mod cli;
 pub mod config;
+pub mod gpus;
 pub mod trust;

@@ -31,3 +31,4 @@ pub mod gpu;
 pub mod intake;
 pub mod library;
 pub mod sandbox;
+pub mod selfbench;

@@ -798,15 +798,19 @@ fn node_check(a: NodeCheckArgs, json: bool) -> Result<()> {
 }
 
 fn gpus(a: GpusArgs, json: bool) -> Result<()> {
-    let found = gpu::select(gpu::list(&gpu::instance(), a.all_backends), &gpu::Selection::All)?;
+    let found = gpu::select(
+        gpu::list(&gpu::instance(), a.all_backends),
+        &gpu::Selection::All,
+    )?;
     let mut figures = Vec::new();
     if a.bench {
         let dir = config::data_dir(a.data_dir.as_deref())
             .ok_or_else(|| anyhow!("no data directory for the benchmark cache: pass --data-dir"))?
             .join("cache");
         for g in &found {
-            let mut ex = Executor::open(&g.adapter, Limits::default())
-                .with_context(|| format!("cannot open GPU {} ({})", g.report.index, g.report.name))?;
+            let mut ex = Executor::open(&g.adapter, Limits::default()).with_context(|| {
+                format!("cannot open GPU {} ({})", g.report.index, g.report.name)
+            })?;
             let f = selfbench::measure_cached(&mut ex, &g.report, &dir)
                 .with_context(|| format!("self-benchmark of GPU {} failed", g.report.index))?;
             figures.push(Some(f));
@@ -830,7 +834,10 @@ fn gpus(a: GpusArgs, json: bool) -> Result<()> {
     for (g, f) in found.iter().zip(&figures) {
         let r = &g.report;
         let (copy, fma) = f.map_or(("-".into(), "-".into()), |f| {
-            (format!("{:.1}", f.copy_gb_per_s), format!("{:.1}", f.fma_gflop_per_s))
+            (
+                format!("{:.1}", f.copy_gb_per_s),
+                format!("{:.1}", f.fma_gflop_per_s),
+            )
         });
         println!(
             "{:<3} {:<40} {:<8} {:<16} {:>7} MiB {:>8} {:>10} {:>10}",

@@ -31,8 +31,24 @@ fn short(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
 }
 
+/// `x · 1000` as a whole number (0 for negative or non-finite figures).
+#[allow(clippy::cast_possible_truncation)] // `as` saturates; the range is checked
+fn per_thousand(x: f64) -> u64 {
+    let v = (x * 1000.0).round();
+    if v.is_finite() && v > 0.0 {
+        v as u64
+    } else {
+        0
+    }
+}
+
 /// The advert entry for one adapter.
-pub fn advert_entry(report: &AdapterReport, figures: Option<&Figures>, state: GpuState, free_slots: u16) -> GpuInfo {
+pub fn advert_entry(
+    report: &AdapterReport,
+    figures: Option<&Figures>,
+    state: GpuState,
+    free_slots: u16,
+) -> GpuInfo {
     let l = &report.limits;
     GpuInfo {
         index: u16::try_from(report.index).unwrap_or(u16::MAX),
@@ -41,7 +57,10 @@ pub fn advert_entry(report: &AdapterReport, figures: Option<&Figures>, state: Gp
         device: report.device,
         backend: backend(report.backend),
         device_type: device_type(report.device_type),
-        driver: short(&format!("{} {}", report.driver, report.driver_info).trim().to_owned(), 96),
+        driver: short(
+            format!("{} {}", report.driver, report.driver_info).trim(),
+            96,
+        ),
         limits: GpuLimits {
             max_buffer_size: l.max_buffer_size,
             max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
@@ -53,8 +72,8 @@ pub fn advert_entry(report: &AdapterReport, figures: Option<&Figures>, state: Gp
             max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
         },
         bench: figures.map(|f| GpuBench {
-            copy_mb_per_s: (f.copy_gb_per_s * 1000.0).round() as u64,
-            fma_mflops: (f.fma_gflop_per_s * 1000.0).round() as u64,
+            copy_mb_per_s: per_thousand(f.copy_gb_per_s),
+            fma_mflops: per_thousand(f.fma_gflop_per_s),
         }),
         state,
         free_slots,
@@ -81,7 +100,13 @@ mod tests {
             .map(|g| advert_entry(&g.report, Some(&figures), GpuState::Idle, 2))
             .collect();
         assert!(!gpus.is_empty());
-        assert_eq!(gpus[0].bench, Some(GpuBench { copy_mb_per_s: 12_500, fma_mflops: 80_250 }));
+        assert_eq!(
+            gpus[0].bench,
+            Some(GpuBench {
+                copy_mb_per_s: 12_500,
+                fma_mflops: 80_250
+            })
+        );
         let now = Timestamp::now();
         let advert = GpuAdvert {
             peer: node.public(),
@@ -92,7 +117,10 @@ mod tests {
             expires_at: now.saturating_add_secs(120),
         };
         let signed = Signed::sign(&advert, &node).unwrap();
-        let back = Signed::<GpuAdvert>::from_bytes(&signed.to_bytes()).unwrap().verify().unwrap();
+        let back = Signed::<GpuAdvert>::from_bytes(&signed.to_bytes())
+            .unwrap()
+            .verify()
+            .unwrap();
         assert_eq!(back, advert);
         back.check(node.public(), now, None).unwrap();
     }

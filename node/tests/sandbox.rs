@@ -25,10 +25,20 @@ fn alliance_sandbox_runs_tasks() {
     })
     .unwrap();
     let ready = sb.ready().unwrap();
-    assert!(ready.hardening.network.is_enforced(), "{:?}", ready.hardening);
+    assert!(
+        ready.hardening.network.is_enforced(),
+        "{:?}",
+        ready.hardening
+    );
     let x: Vec<f32> = (0..500).map(|i| i as f32).collect();
     let y = vec![1.0f32; 500];
-    let out = sb.run(&saxpy::task(3.0, &x, &y), Duration::from_secs(60), &mut |_| Ok(())).unwrap();
+    let out = sb
+        .run(
+            &saxpy::task(3.0, &x, &y),
+            Duration::from_secs(60),
+            &mut |_| Ok(()),
+        )
+        .unwrap();
     let got = to_f32(&out.outputs[0].data);
     assert_eq!(got, saxpy::cpu(3.0, &x, &y));
 }

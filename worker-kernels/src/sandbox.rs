@@ -161,11 +161,13 @@ pub enum Response {
 
 /// Writes one frame.
 pub fn write_frame<T: Serialize, W: Write>(w: &mut W, msg: &T) -> std::io::Result<()> {
-    let body = postcard::to_stdvec(msg).map_err(std::io::Error::other)?;
-    let len =
-        u32::try_from(body.len()).map_err(|_| std::io::Error::other("frame larger than 4 GiB"))?;
-    w.write_all(&len.to_be_bytes())?;
-    w.write_all(&body)?;
+    // One buffer, one write: stdout is line-buffered, and binary frames
+    // are full of newlines.
+    let mut frame = postcard::to_extend(msg, vec![0u8; 4]).map_err(std::io::Error::other)?;
+    let len = u32::try_from(frame.len() - 4)
+        .map_err(|_| std::io::Error::other("frame larger than 4 GiB"))?;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    w.write_all(&frame)?;
     w.flush()
 }
 

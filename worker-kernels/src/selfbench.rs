@@ -56,11 +56,7 @@ impl Sizes {
     }
 }
 
-fn best(
-    executor: &mut Executor,
-    task: &Task,
-    repeats: u32,
-) -> Result<Duration, TaskError> {
+fn best(executor: &mut Executor, task: &Task, repeats: u32) -> Result<Duration, TaskError> {
     let mut best = Duration::MAX;
     // One run to warm the pipeline cache and the buffer pool.
     executor.run(task, &mut |_| Ok(()))?;
@@ -81,8 +77,15 @@ pub fn measure(executor: &mut Executor, sizes: Sizes) -> Result<Figures, TaskErr
         include_str!("../kernels/bench_copy.wgsl"),
         "main",
         vec![
-            Binding::Input { binding: 0, data: vec![0u8; usize::try_from(sizes.copy_bytes).unwrap_or(0)].into() },
-            Binding::Output { binding: 1, len: vec4s * 4, elem: ElemType::F32 },
+            Binding::Input {
+                binding: 0,
+                data: vec![0u8; usize::try_from(sizes.copy_bytes).unwrap_or(0)].into(),
+            },
+            Binding::Output {
+                binding: 1,
+                len: vec4s * 4,
+                elem: ElemType::F32,
+            },
         ],
         [gx, gy, 1],
     );
@@ -91,8 +94,15 @@ pub fn measure(executor: &mut Executor, sizes: Sizes) -> Result<Figures, TaskErr
         include_str!("../kernels/bench_fma.wgsl"),
         "main",
         vec![
-            Binding::Uniform { binding: 0, data: sizes.fma_iterations.to_le_bytes().to_vec().into() },
-            Binding::Output { binding: 1, len: u64::from(sizes.fma_invocations) * 4, elem: ElemType::F32 },
+            Binding::Uniform {
+                binding: 0,
+                data: sizes.fma_iterations.to_le_bytes().to_vec().into(),
+            },
+            Binding::Output {
+                binding: 1,
+                len: u64::from(sizes.fma_invocations) * 4,
+                elem: ElemType::F32,
+            },
         ],
         [sizes.fma_invocations.div_ceil(256), 1, 1],
     );
@@ -108,13 +118,26 @@ pub fn measure(executor: &mut Executor, sizes: Sizes) -> Result<Figures, TaskErr
 pub fn cache_path(dir: &Path, report: &AdapterReport) -> PathBuf {
     let key = format!(
         "{}|{:x}|{:x}|{}|{}|{}|{}",
-        report.name, report.vendor, report.device, report.backend, report.driver, report.driver_info, report.pci_bus_id
+        report.name,
+        report.vendor,
+        report.device,
+        report.backend,
+        report.driver,
+        report.driver_info,
+        report.pci_bus_id
     );
-    dir.join(format!("selfbench-{}.json", &blake3::hash(key.as_bytes()).to_hex()[..16]))
+    dir.join(format!(
+        "selfbench-{}.json",
+        &blake3::hash(key.as_bytes()).to_hex()[..16]
+    ))
 }
 
 /// The cached figures for this adapter, or a fresh measurement (saved).
-pub fn measure_cached(executor: &mut Executor, report: &AdapterReport, dir: &Path) -> Result<Figures, TaskError> {
+pub fn measure_cached(
+    executor: &mut Executor,
+    report: &AdapterReport,
+    dir: &Path,
+) -> Result<Figures, TaskError> {
     let path = cache_path(dir, report);
     if let Ok(text) = std::fs::read_to_string(&path)
         && let Ok(figures) = serde_json::from_str::<Figures>(&text)
@@ -125,7 +148,12 @@ pub fn measure_cached(executor: &mut Executor, report: &AdapterReport, dir: &Pat
     let text = serde_json::to_string_pretty(&figures).map_err(|e| TaskError::Io(e.to_string()))?;
     std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::write(&path, text))
-        .map_err(|e| TaskError::Io(format!("cannot save the self-benchmark to {}: {e}", path.display())))?;
+        .map_err(|e| {
+            TaskError::Io(format!(
+                "cannot save the self-benchmark to {}: {e}",
+                path.display()
+            ))
+        })?;
     Ok(figures)
 }
 
@@ -147,14 +175,26 @@ mod tests {
             repeats: 1,
         };
         let f = measure(&mut ex, small).unwrap();
-        assert!(f.copy_gb_per_s > 0.0 && f.copy_gb_per_s.is_finite(), "{f:?}");
-        assert!(f.fma_gflop_per_s > 0.0 && f.fma_gflop_per_s.is_finite(), "{f:?}");
+        assert!(
+            f.copy_gb_per_s > 0.0 && f.copy_gb_per_s.is_finite(),
+            "{f:?}"
+        );
+        assert!(
+            f.fma_gflop_per_s > 0.0 && f.fma_gflop_per_s.is_finite(),
+            "{f:?}"
+        );
 
         // A cached file is used as it is; another adapter gets another file.
         let path = cache_path(dir.path(), &gpu.report);
         std::fs::write(&path, r#"{"copy_gb_per_s": 1.5, "fma_gflop_per_s": 2.5}"#).unwrap();
         let cached = measure_cached(&mut ex, &gpu.report, dir.path()).unwrap();
-        assert_eq!(cached, Figures { copy_gb_per_s: 1.5, fma_gflop_per_s: 2.5 });
+        assert_eq!(
+            cached,
+            Figures {
+                copy_gb_per_s: 1.5,
+                fma_gflop_per_s: 2.5
+            }
+        );
         let mut other = gpu.report.clone();
         other.driver_info.push_str(" (updated)");
         assert_ne!(cache_path(dir.path(), &other), path);

@@ -14,16 +14,21 @@
 //! - validation errors, out-of-memory and device loss become
 //!   [`TaskError`]s, never panics.
 
-use std::collections::{HashMap, VecDeque};
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+mod cache;
+mod transfer;
+
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+pub use cache::Cache;
+use cache::Pipeline;
+use transfer::{Bound, Readback};
 
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::ComputeLimits;
-use crate::intake::{self, BufferKind, IntakeError, Kernel, Limits, Supplied};
+use crate::intake::{self, BufferKind, IntakeError, Limits, Supplied};
 
 /// Element type of a buffer, for `.npy` output and float comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -278,117 +283,7 @@ pub enum TaskError {
     Io(String),
 }
 
-/// Bytes read from an input file at a time.
-const UPLOAD_CHUNK: usize = 1 << 20;
-/// Dispatches submitted together at most, between waits.
-const MAX_BATCH: u32 = 1024;
-/// Compiled pipelines kept.
-const MAX_PIPELINES: usize = 64;
-/// Bytes of idle buffers kept for reuse.
-const MAX_POOLED_BYTES: u64 = 512 << 20;
-
-struct Pipeline {
-    pipeline: wgpu::ComputePipeline,
-    kernel: Kernel,
-}
-
-/// Compiled pipelines and idle buffers kept between tasks on one device.
-#[derive(Default)]
-pub struct Cache {
-    pipelines: HashMap<([u8; 32], String), Arc<Pipeline>>,
-    order: VecDeque<([u8; 32], String)>,
-    buffers: HashMap<(u64, wgpu::BufferUsages), Vec<wgpu::Buffer>>,
-    pooled_bytes: u64,
-    /// Pipelines compiled since the cache was made (for tests and metrics).
-    pub compiled: u64,
-}
-
-impl std::fmt::Debug for Cache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cache")
-            .field("pipelines", &self.pipelines.len())
-            .field("pooled_bytes", &self.pooled_bytes)
-            .field("compiled", &self.compiled)
-            .finish()
-    }
-}
-
-impl Cache {
-    fn buffer(
-        &mut self,
-        device: &wgpu::Device,
-        size: u64,
-        usage: wgpu::BufferUsages,
-    ) -> wgpu::Buffer {
-        if let Some(b) = self.buffers.get_mut(&(size, usage)).and_then(Vec::pop) {
-            self.pooled_bytes -= size;
-            return b;
-        }
-        device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("alliance task buffer"),
-            size,
-            usage,
-            mapped_at_creation: false,
-        })
-    }
-
-    fn give_back(&mut self, buffer: wgpu::Buffer) {
-        let size = buffer.size();
-        if self.pooled_bytes + size > MAX_POOLED_BYTES {
-            return; // dropped: freed by wgpu
-        }
-        self.pooled_bytes += size;
-        self.buffers
-            .entry((size, buffer.usage()))
-            .or_default()
-            .push(buffer);
-    }
-
-    fn pipeline(
-        &mut self,
-        device: &wgpu::Device,
-        task: &Task,
-        limits: &Limits,
-        device_limits: Option<&ComputeLimits>,
-    ) -> Result<Arc<Pipeline>, TaskError> {
-        let key = (task.kernel_hash(), task.entry_point.clone());
-        if let Some(p) = self.pipelines.get(&key) {
-            let p = Arc::clone(p);
-            self.order.retain(|k| k != &key);
-            self.order.push_back(key);
-            return Ok(p);
-        }
-        let kernel = intake::check_kernel(&task.kernel, &task.entry_point, limits, device_limits)?;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("alliance kernel"),
-            source: wgpu::ShaderSource::Wgsl(task.kernel.as_str().into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("alliance kernel"),
-            layout: None,
-            module: &module,
-            entry_point: Some(&task.entry_point),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-        if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(TaskError::Gpu(error_text(&err)));
-        }
-        self.compiled += 1;
-        let p = Arc::new(Pipeline { pipeline, kernel });
-        if self.order.len() >= MAX_PIPELINES
-            && let Some(old) = self.order.pop_front()
-        {
-            self.pipelines.remove(&old);
-        }
-        self.order.push_back(key.clone());
-        self.pipelines.insert(key, Arc::clone(&p));
-        Ok(p)
-    }
-}
-
-fn error_text(err: &wgpu::Error) -> String {
+pub(crate) fn error_text(err: &wgpu::Error) -> String {
     match err {
         wgpu::Error::Validation { description, .. } | wgpu::Error::Internal { description, .. } => {
             description.clone()
@@ -461,7 +356,15 @@ impl Executor {
     /// Opens a device on `adapter` with its full limits and, where
     /// supported, timestamp queries.
     pub fn open(adapter: &wgpu::Adapter, limits: Limits) -> Result<Self, TaskError> {
-        let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
+        // Timestamp queries time hardware GPUs; on software adapters they
+        // cost about as much as a small task, and wall time measures the
+        // same CPU work anyway.
+        let software = adapter.get_info().device_type == wgpu::DeviceType::Cpu;
+        let features = if software {
+            wgpu::Features::empty()
+        } else {
+            adapter.features() & wgpu::Features::TIMESTAMP_QUERY
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("alliance worker"),
             required_features: features,
@@ -500,153 +403,6 @@ impl Executor {
         self.errors.check()?;
         result
     }
-}
-
-struct Bound {
-    binding: u32,
-    buffer: wgpu::Buffer,
-    /// Bytes of meaningful data (the buffer may be padded to 4).
-    len: u64,
-    read_back: Option<ElemType>,
-    state: bool,
-}
-
-fn padded(len: u64) -> u64 {
-    len.max(4).div_ceil(4) * 4
-}
-
-/// Fills the whole of `buffer` from `data`, zeroing the padding so no byte
-/// of a pooled buffer survives. Files are read straight into the upload view.
-fn upload(queue: &wgpu::Queue, buffer: &wgpu::Buffer, data: &Data) -> Result<(), TaskError> {
-    let Some(size) = std::num::NonZeroU64::new(buffer.size()) else {
-        return Ok(());
-    };
-    let Some(mut view) = queue.write_buffer_with(buffer, 0, size) else {
-        return Err(TaskError::Gpu("cannot stage an upload".into()));
-    };
-    let len = usize::try_from(data.len())
-        .unwrap_or(usize::MAX)
-        .min(view.len());
-    let (mut head, mut pad) = view.slice(..).split_at(len);
-    match data {
-        Data::Bytes(b) => head.copy_from_slice(&b[..len]),
-        Data::File { path, len: want } => {
-            let io = |e: std::io::Error| {
-                TaskError::Io(format!("cannot read input {}: {e}", path.display()))
-            };
-            let mut file = std::fs::File::open(path).map_err(io)?;
-            let actual = file.metadata().map_err(io)?.len();
-            if actual != *want {
-                return Err(TaskError::Io(format!(
-                    "input {} holds {actual} bytes, but the task says {want}",
-                    path.display()
-                )));
-            }
-            // The upload view is write-only: read through a small buffer.
-            let mut chunk = vec![0u8; len.min(UPLOAD_CHUNK)];
-            let mut rest = head;
-            while !rest.is_empty() {
-                let n = rest.len().min(chunk.len());
-                file.read_exact(&mut chunk[..n]).map_err(io)?;
-                let (mut now, later) = rest.split_at(n);
-                now.copy_from_slice(&chunk[..n]);
-                rest = later;
-            }
-        }
-    }
-    pad.fill(0);
-    Ok(())
-}
-
-/// Waits for all submitted work, maps `buffer` and hands its bytes to `f`.
-fn map_and<T>(
-    device: &wgpu::Device,
-    buffer: &wgpu::Buffer,
-    f: impl FnOnce(&[u8]) -> Result<T, TaskError>,
-) -> Result<T, TaskError> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    buffer.map_async(wgpu::MapMode::Read, .., move |r| {
-        let _ = tx.send(r);
-    });
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| TaskError::Gpu(format!("waiting for the GPU: {e}")))?;
-    rx.recv()
-        .map_err(|_| TaskError::Gpu("the GPU never finished reading back".into()))?
-        .map_err(|e| TaskError::Gpu(format!("reading results back: {e}")))?;
-    let result = {
-        let view = buffer
-            .get_mapped_range(..)
-            .map_err(|e| TaskError::Gpu(format!("reading results back: {e}")))?;
-        f(&view)
-    };
-    buffer.unmap();
-    result
-}
-
-/// Copies the chosen buffers to one staging buffer and reads them back,
-/// into memory or, with `dir`, into files.
-fn read_back(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    cache: &mut Cache,
-    bound: &[Bound],
-    which: impl Fn(&Bound) -> bool,
-    dir: Option<&Path>,
-) -> Result<Vec<Output>, TaskError> {
-    let chosen: Vec<&Bound> = bound.iter().filter(|b| which(b)).collect();
-    let total: u64 = chosen.iter().map(|b| b.buffer.size()).sum();
-    if total == 0 {
-        return Ok(Vec::new());
-    }
-    let staging = cache.buffer(
-        device,
-        total,
-        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-    );
-    let mut encoder = device.create_command_encoder(&Default::default());
-    let mut offset = 0;
-    for b in &chosen {
-        encoder.copy_buffer_to_buffer(&b.buffer, 0, &staging, offset, b.buffer.size());
-        offset += b.buffer.size();
-    }
-    queue.submit([encoder.finish()]);
-    let result = map_and(device, &staging, |data| {
-        let mut out = Vec::new();
-        let mut offset = 0usize;
-        for b in chosen {
-            let start = offset;
-            offset += usize::try_from(b.buffer.size()).unwrap_or(usize::MAX);
-            let len = usize::try_from(b.len).unwrap_or(usize::MAX);
-            let bytes = data
-                .get(start..start.saturating_add(len))
-                .unwrap_or_default();
-            let hash = *blake3::hash(bytes).as_bytes();
-            let (data, file) = match dir {
-                None => (bytes.to_vec(), None),
-                Some(dir) => {
-                    let path = dir.join(format!("out-{}", b.binding));
-                    std::fs::File::create(&path)
-                        .and_then(|mut f| f.write_all(bytes))
-                        .map_err(|e| {
-                            TaskError::Io(format!("cannot write output {}: {e}", path.display()))
-                        })?;
-                    (Vec::new(), Some(path))
-                }
-            };
-            out.push(Output {
-                binding: b.binding,
-                elem: b.read_back.unwrap_or(ElemType::Bytes),
-                len: b.len,
-                data,
-                file,
-                hash,
-            });
-        }
-        Ok(out)
-    });
-    cache.give_back(staging);
-    result
 }
 
 /// Runs one task on `device`. See the module documentation.
@@ -698,20 +454,23 @@ pub fn run(
     }
 }
 
-fn execute(
+/// Dispatches submitted together at most, between waits.
+const MAX_BATCH: u32 = 1024;
+
+/// Binds every buffer of `task`: uploads data, records clears of outputs
+/// into `encoder`, and adds the info uniform when the task has one.
+fn bind(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     cache: &mut Cache,
-    pipeline: &Pipeline,
     task: &Task,
-    on_checkpoint: &mut dyn FnMut(Checkpoint) -> Result<(), TaskError>,
-) -> Result<Outcome, TaskError> {
+    encoder: &mut wgpu::CommandEncoder,
+) -> Result<(Vec<Bound>, Option<wgpu::Buffer>), TaskError> {
     use wgpu::BufferUsages as U;
     let mut bound = Vec::new();
-    let mut encoder = device.create_command_encoder(&Default::default());
+    let mut uploads = Vec::new();
     for b in &task.bindings {
         let len = b.bytes();
-        let size = padded(len);
         let (usage, data, read_back, state) = match b {
             Binding::Input { data, .. } => (U::STORAGE | U::COPY_DST, Some(data), None, false),
             Binding::Uniform { data, .. } => (U::UNIFORM | U::COPY_DST, Some(data), None, false),
@@ -728,9 +487,9 @@ fn execute(
                 true,
             ),
         };
-        let buffer = cache.buffer(device, size, usage);
+        let buffer = cache.buffer(device, transfer::padded(len), usage);
         match data {
-            Some(d) => upload(queue, &buffer, d)?,
+            Some(d) => uploads.push((buffer.clone(), d)),
             None => encoder.clear_buffer(&buffer, 0, None),
         }
         bound.push(Bound {
@@ -741,7 +500,8 @@ fn execute(
             state,
         });
     }
-    // The info uniform and the table of its values, one 16-byte row per step.
+    let pairs: Vec<(&wgpu::Buffer, &Data)> = uploads.iter().map(|(b, d)| (b, *d)).collect();
+    transfer::upload_all(queue, &pairs)?;
     let info = task.info_binding.map(|binding| {
         let buffer = cache.buffer(device, INFO_BYTES, U::UNIFORM | U::COPY_DST);
         bound.push(Bound {
@@ -753,8 +513,22 @@ fn execute(
         });
         buffer
     });
-    queue.submit([encoder.finish()]);
+    Ok((bound, info))
+}
 
+fn execute(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    cache: &mut Cache,
+    pipeline: &Pipeline,
+    task: &Task,
+    on_checkpoint: &mut dyn FnMut(Checkpoint) -> Result<(), TaskError>,
+) -> Result<Outcome, TaskError> {
+    let mut first = Some(device.create_command_encoder(&Default::default()));
+    let (bound, info) = match first.as_mut() {
+        Some(encoder) => bind(device, queue, cache, task, encoder)?,
+        None => return Err(TaskError::Gpu("no command encoder".into())),
+    };
     let entries: Vec<wgpu::BindGroupEntry<'_>> = bound
         .iter()
         .map(|b| wgpu::BindGroupEntry {
@@ -767,27 +541,19 @@ fn execute(
         layout: &pipeline.pipeline.get_bind_group_layout(0),
         entries: &entries,
     });
-
-    let timestamps = device.features().contains(wgpu::Features::TIMESTAMP_QUERY);
-    let queries = timestamps.then(|| {
-        device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("alliance timing"),
-            ty: wgpu::QueryType::Timestamp,
-            count: 2,
-        })
-    });
-    let resolve = timestamps.then(|| cache.buffer(device, 16, U::QUERY_RESOLVE | U::COPY_SRC));
+    let timer = cache
+        .timer(device)
+        .map(|t| (t.queries.clone(), t.resolve.clone()));
     let period = f64::from(queue.get_timestamp_period());
     let mut gpu_ns = 0f64;
-    let mut wall = Duration::ZERO;
+    let started = Instant::now();
 
     let [x, y, z] = task.dispatch;
     let mut step = task.start_step;
-    while step < task.steps {
+    let outputs = loop {
         let mut end = task.steps.min(step.saturating_add(MAX_BATCH));
         if let Some(k) = task.checkpoint_every {
-            let next = (step / k + 1).saturating_mul(k);
-            end = end.min(next);
+            end = end.min((step / k + 1).saturating_mul(k));
         }
         let table = info.as_ref().map(|_| {
             let rows: Vec<u8> = (step..end)
@@ -797,12 +563,16 @@ fn execute(
             let t = cache.buffer(
                 device,
                 u64::from(end - step) * INFO_BYTES,
-                U::COPY_SRC | U::COPY_DST,
+                wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             );
             queue.write_buffer(&t, 0, &rows);
             t
         });
-        let mut encoder = device.create_command_encoder(&Default::default());
+        let mut encoder = first
+            .take()
+            .unwrap_or_else(|| device.create_command_encoder(&Default::default()));
+        // With an info uniform, each step is a pass of its own after a copy
+        // of its row; without, all steps are dispatches in one pass.
         let passes = if info.is_some() { end - step } else { 1 };
         for p in 0..passes {
             if let (Some(info), Some(table)) = (&info, &table) {
@@ -814,91 +584,77 @@ fn execute(
                     INFO_BYTES,
                 );
             }
-            let (first, last) = (p == 0, p + 1 == passes);
-            let timestamp_writes = queries.as_ref().filter(|_| first || last).map(|q| {
-                wgpu::ComputePassTimestampWrites {
-                    query_set: q,
-                    beginning_of_pass_write_index: first.then_some(0),
-                    end_of_pass_write_index: last.then_some(1),
-                }
-            });
+            let (first_pass, last_pass) = (p == 0, p + 1 == passes);
+            let timestamp_writes =
+                timer
+                    .as_ref()
+                    .filter(|_| first_pass || last_pass)
+                    .map(|(q, _)| wgpu::ComputePassTimestampWrites {
+                        query_set: q,
+                        beginning_of_pass_write_index: first_pass.then_some(0),
+                        end_of_pass_write_index: last_pass.then_some(1),
+                    });
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("alliance task"),
                 timestamp_writes,
             });
             pass.set_pipeline(&pipeline.pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
-            let dispatches = if info.is_some() { 1 } else { end - step };
-            for _ in 0..dispatches {
+            for _ in 0..(if info.is_some() { 1 } else { end - step }) {
                 pass.dispatch_workgroups(x, y, z);
             }
         }
-        if let (Some(q), Some(r)) = (&queries, &resolve) {
+        if let Some((q, r)) = &timer {
             encoder.resolve_query_set(q, 0..2, r, 0);
         }
-        let started = Instant::now();
+        step = end;
+        let last = step >= task.steps;
+        let checkpoint = !last
+            && task
+                .checkpoint_every
+                .is_some_and(|k| step.is_multiple_of(k));
+        let which = |b: &Bound| {
+            if last {
+                b.read_back.is_some()
+            } else {
+                checkpoint && b.state
+            }
+        };
+        let readback = Readback::record(
+            device,
+            cache,
+            &mut encoder,
+            &bound,
+            which,
+            timer.as_ref().map(|(_, r)| r),
+        );
         queue.submit([encoder.finish()]);
-        if let Some(r) = &resolve {
-            let out = read_back(
-                device,
-                queue,
-                cache,
-                std::slice::from_ref(&Bound {
-                    binding: 0,
-                    buffer: r.clone(),
-                    len: 16,
-                    read_back: None,
-                    state: false,
-                }),
-                |_| true,
-                None,
-            )?;
-            let ticks = |i: usize| {
-                out[0]
-                    .data
-                    .get(i * 8..i * 8 + 8)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, u64::from_le_bytes)
-            };
-            gpu_ns += ticks(1).saturating_sub(ticks(0)) as f64 * period;
+        let dir = if last {
+            task.output_dir.as_deref()
         } else {
-            device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| TaskError::Gpu(format!("waiting for the GPU: {e}")))?;
-        }
-        wall += started.elapsed();
+            None
+        };
+        let (read, ticks) = readback.finish(device, cache, &bound, dir)?;
         if let Some(t) = table {
             cache.give_back(t);
         }
-        step = end;
-        if task
-            .checkpoint_every
-            .is_some_and(|k| step.is_multiple_of(k))
-            && step < task.steps
-        {
-            let state = read_back(device, queue, cache, &bound, |b| b.state, None)?;
-            on_checkpoint(Checkpoint { step, state })?;
+        if let Some((begin, end)) = ticks {
+            gpu_ns += end.saturating_sub(begin) as f64 * period;
         }
-    }
-
-    let outputs = read_back(
-        device,
-        queue,
-        cache,
-        &bound,
-        |b| b.read_back.is_some(),
-        task.output_dir.as_deref(),
-    )?;
+        if last {
+            break read;
+        }
+        if checkpoint {
+            on_checkpoint(Checkpoint { step, state: read })?;
+        }
+    };
     for b in bound {
         cache.give_back(b.buffer);
     }
-    if let Some(r) = resolve {
-        cache.give_back(r);
-    }
-    let (gpu_time, timing) = if timestamps && gpu_ns > 0.0 {
+    let (gpu_time, timing) = if timer.is_some() && gpu_ns > 0.0 {
         (Duration::from_secs_f64(gpu_ns / 1e9), Timing::GpuTimestamps)
     } else {
-        (wall, Timing::WallClock)
+        (started.elapsed(), Timing::WallClock)
     };
     Ok(Outcome {
         outputs,

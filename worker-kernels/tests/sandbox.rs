@@ -346,3 +346,81 @@ fn exceeding_the_file_size_limit_kills_the_child_with_a_reason() {
     let err = sb.run(&t, Duration::from_secs(60), &mut none).unwrap_err();
     assert!(err.to_string().contains("SIGXFSZ"), "{err}");
 }
+
+#[test]
+fn hostile_kernels_get_named_errors_and_the_sandbox_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sb = sandbox(dir.path());
+    let with_kernel = |src: &str| {
+        let mut t = double_task(64);
+        t.kernel = src.into();
+        t
+    };
+    let cases: Vec<(&str, Task, &str)> = vec![
+        (
+            "syntax error",
+            with_kernel("@compute @workgroup_size(1)\nfn main( {}"),
+            "line 2",
+        ),
+        (
+            "texture binding",
+            with_kernel(
+                "@group(0) @binding(0) var t: texture_2d<f32>;\n@compute @workgroup_size(1) fn main() { _ = textureDimensions(t); }",
+            ),
+            "texture",
+        ),
+        (
+            "1 MiB of nested parentheses",
+            with_kernel(&format!(
+                "const x = {}1{};",
+                "(".repeat(1 << 19),
+                ")".repeat(1 << 19)
+            )),
+            "max_source_bytes",
+        ),
+        (
+            "huge dispatch",
+            {
+                let mut t = double_task(64);
+                t.dispatch = [65_535, 65_535, 64];
+                t
+            },
+            "max_workgroups",
+        ),
+        (
+            "output larger than the cap",
+            {
+                let mut t = double_task(64);
+                t.bindings[1] = Binding::Output {
+                    binding: 1,
+                    len: 1 << 30,
+                    elem: ElemType::U32,
+                };
+                t
+            },
+            "max_buffer_bytes",
+        ),
+    ];
+    for (name, task, cause) in cases {
+        let err = sb
+            .run(&task, Duration::from_secs(60), &mut none)
+            .unwrap_err();
+        assert!(matches!(err, TaskError::Intake(_)), "{name}: {err}");
+        assert!(err.to_string().contains(cause), "{name}: {err}");
+    }
+    // Out-of-bounds reads and writes run, contained by wgpu's checks.
+    let oob = with_kernel(
+        "@group(0) @binding(0) var<storage, read> x: array<u32>;
+        @group(0) @binding(1) var<storage, read_write> out: array<u32>;
+        @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+            out[id.x + 4000000000u] = 7u;
+            out[id.x] = x[id.x + 3000000000u];
+        }",
+    );
+    sb.run(&oob, Duration::from_secs(60), &mut none).unwrap();
+    assert_eq!(sb.starts, 1, "no hostile kernel took the sandbox down");
+    let out = sb
+        .run(&double_task(64), Duration::from_secs(60), &mut none)
+        .unwrap();
+    assert_eq!(out.outputs[0].data, expected(64));
+}

@@ -779,10 +779,24 @@ fn node_check(a: NodeCheckArgs, json: bool) -> Result<()> {
             own
         );
     }
+    let lent: Vec<String> = if node.2.contains("work") {
+        gpu::discover(&cfg.worker.gpus)
+            .with_context(|| format!("{}: [worker] gpus", config_path.display()))?
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} {} ({})",
+                    g.report.index, g.report.name, g.report.backend
+                )
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     if json {
         print_json(&json!({
             "ready": true, "peer_id": own, "alliance": charter.charter.name,
-            "institution": node.1, "roles": node.2, "valid_until": node.3,
+            "institution": node.1, "roles": node.2, "valid_until": node.3, "gpus": lent,
         }));
     } else {
         println!("ready: node {own}");
@@ -793,6 +807,9 @@ fn node_check(a: NodeCheckArgs, json: bool) -> Result<()> {
         );
         println!("  institution {}", node.1);
         println!("  roles       {}, valid until {}", node.2, node.3);
+        for g in &lent {
+            println!("  lends GPU   {g}");
+        }
     }
     Ok(())
 }

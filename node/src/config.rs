@@ -8,6 +8,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use alliance_kernels::gpu::Selection;
+use alliance_kernels::intake::Limits;
+use alliance_kernels::sandbox::ResourceLimits;
 use serde::{Deserialize, Serialize};
 
 /// The documented example configuration, written by `alliance init`.
@@ -33,10 +36,24 @@ pub struct Config {
     pub chain: PathBuf,
     /// Revocation list files loaded at start.
     pub revocations: Vec<PathBuf>,
+    /// What this node lends and on what terms.
+    pub worker: WorkerConfig,
     /// Peer-to-peer settings.
     pub network: NetworkConfig,
     /// Local HTTP API settings.
     pub api: ApiConfig,
+}
+
+/// What this node lends and on what terms.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Which GPUs are lent.
+    pub gpus: Selection,
+    /// Limits on kernels and tasks run for others.
+    pub limits: Limits,
+    /// OS limits on the sandbox process.
+    pub sandbox: ResourceLimits,
 }
 
 /// Peer-to-peer settings.
@@ -67,6 +84,7 @@ impl Default for Config {
             charter: "charter.alliance".into(),
             chain: "node.chain".into(),
             revocations: Vec::new(),
+            worker: WorkerConfig::default(),
             network: NetworkConfig::default(),
             api: ApiConfig::default(),
         }
@@ -218,6 +236,25 @@ mod tests {
             msg.contains("network.listen") && msg.contains("/ip4/"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn gpu_selection_forms() {
+        let c = Config::parse(
+            "[worker]\ngpus = { indices = [0, 2] }\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.worker.gpus, Selection::Indices(vec![0, 2]));
+        let c = Config::parse(
+            "[worker]\ngpus = { name-contains = \"A100\" }\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.worker.gpus, Selection::NameContains("A100".into()));
+        let err =
+            Config::parse("[worker.limits]\nmax_steps = -1\n", Path::new("a.toml")).unwrap_err();
+        assert!(err.to_string().contains("max_steps"), "{err}");
     }
 
     #[test]

@@ -109,6 +109,22 @@ fn charter_admit_issue_verify() {
     let check = json(r, &args("node check --data-dir node", &[]));
     assert_eq!(check["ready"], true);
     assert_eq!(check["peer_id"], w.peer.as_str());
+    assert!(
+        !check["gpus"].as_array().unwrap().is_empty(),
+        "a work node lends its GPUs: {check}"
+    );
+    // A selection that matches nothing is refused with the adapters found.
+    let cfg = r.join("node/alliance.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "gpus = \"all\"",
+        "gpus = { name-contains = \"no such gpu\" }",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let err = fails(r, &args("node check --data-dir node", &[]));
+    assert!(
+        err.contains("[worker] gpus") && err.contains("matches none"),
+        "{err}"
+    );
     let shown = json(r, &args("charter show --charter op/charter.alliance", &[]));
     assert_eq!(shown["name"], "Alliance of Test Universities");
     assert_eq!(shown["bootstrap"][0], "/ip4/127.0.0.1/tcp/4001");

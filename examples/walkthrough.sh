@@ -55,6 +55,6 @@ run member revoke --key "$north_peer" --reason "laptop stolen" --signing-key nor
 if run cert verify north/node/node.chain north/revocations.alliance --charter operator/charter.alliance; then exit 1; fi
 
 step "The GPUs this machine would offer"
-run gpus
+run gpus --local
 
 printf '\nwalk-through complete\n'

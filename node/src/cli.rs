@@ -51,8 +51,16 @@ pub enum Command {
     /// Check that this node is ready to join its alliance.
     #[command(subcommand)]
     Node(NodeCommand),
-    /// List the GPUs this machine has, as a worker would report them.
+    /// This node's status: identity, addresses, connected members, rejections.
+    Status(DataDirArg),
+    /// The verified members this node is connected to.
+    Peers(DataDirArg),
+    /// The alliance's GPUs as this node sees them (`--local`: this machine's adapters).
     Gpus(GpusArgs),
+    /// Stop lending this node's GPUs (other members see it paused within seconds).
+    Pause(DataDirArg),
+    /// Lend this node's GPUs again.
+    Resume(DataDirArg),
     /// Run tasks for the node in a sandboxed child process (started by the node).
     #[command(hide = true)]
     Sandbox,
@@ -201,6 +209,14 @@ pub enum CertCommand {
     /// Verify certificates against a charter: prints who, what roles and
     /// until when; exits non-zero with the reason when any fails.
     Verify(VerifyArgs),
+    /// Hand a revocation list to the running node, which applies it and
+    /// gossips it to the alliance.
+    PublishRevocations {
+        /// The revocation list file.
+        file: PathBuf,
+        #[command(flatten)]
+        node: DataDirArg,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -221,8 +237,23 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
+    /// Run the node: join the alliance, advertise this node's GPUs, serve the local API.
+    Run(NodeRunArgs),
     /// Check that this node is ready to join: config, key, charter and chain.
     Check(NodeCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NodeRunArgs {
+    /// Data directory [default: $ALLIANCE_DATA_DIR, else ~/.local/share/alliance].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Config file [default: <data dir>/alliance.toml].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Run as a bootstrap node (the certificate must grant the bootstrap role).
+    #[arg(long)]
+    pub bootstrap: bool,
 }
 
 #[derive(Debug, Args)]
@@ -236,14 +267,25 @@ pub struct NodeCheckArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct DataDirArg {
+    /// Data directory of the running node
+    /// [default: $ALLIANCE_DATA_DIR, else ~/.local/share/alliance].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct GpusArgs {
-    /// Show each GPU once per backend (Vulkan and GL) instead of once.
+    /// List this machine's adapters instead of the alliance's adverts.
+    #[arg(long)]
+    pub local: bool,
+    /// With --local: show each GPU once per backend (Vulkan and GL).
     #[arg(long)]
     pub all_backends: bool,
-    /// Also run (or load from the cache) each GPU's self-benchmark.
+    /// With --local: also run (or load from the cache) each GPU's self-benchmark.
     #[arg(long)]
     pub bench: bool,
-    /// Data directory whose cache holds self-benchmark results
+    /// Data directory of the running node (and of the self-benchmark cache)
     /// [default: $ALLIANCE_DATA_DIR, else ~/.local/share/alliance].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -263,7 +305,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Member(MemberCommand::Revoke(a)) => revoke(a, "institution.key", json),
         Command::Cert(CertCommand::Verify(a)) => verify(a, json),
         Command::Node(NodeCommand::Check(a)) => node_check(a, json),
-        Command::Gpus(a) => gpus(a, json),
+        Command::Node(NodeCommand::Run(a)) => node_run(a),
+        Command::Status(a) => status(&a, json),
+        Command::Peers(a) => peers(&a, json),
+        Command::Gpus(a) if a.local => gpus(a, json),
+        Command::Gpus(a) => network_gpus(&a, json),
+        Command::Pause(a) => set_paused(&a, true, json),
+        Command::Resume(a) => set_paused(&a, false, json),
+        Command::Cert(CertCommand::PublishRevocations { file, node }) => {
+            publish_revocations(&file, &node, json)
+        }
         Command::Sandbox => std::process::exit(i32::from(alliance_kernels::sandbox::child_main())),
     }
 }
@@ -738,6 +789,179 @@ fn verify(a: VerifyArgs, json: bool) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+fn data_dir(explicit: Option<&Path>) -> Result<PathBuf> {
+    config::data_dir(explicit)
+        .ok_or_else(|| anyhow!("no data directory: pass --data-dir or set $ALLIANCE_DATA_DIR"))
+}
+
+fn node_run(a: NodeRunArgs) -> Result<()> {
+    let dir = data_dir(a.data_dir.as_deref())?;
+    let config_path = a.config.unwrap_or_else(|| dir.join(config::FILE_NAME));
+    let cfg = Config::load(&config_path)
+        .with_context(|| "run `alliance init` first if this node is new")?;
+    let dir = cfg.data_dir.clone().unwrap_or(dir);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(crate::run::run(cfg, &dir, a.bootstrap))
+}
+
+fn ask(a: &DataDirArg, method: &str, path: &str, body: &str) -> Result<serde_json::Value> {
+    crate::api::request(&data_dir(a.data_dir.as_deref())?, method, path, body)
+}
+
+fn status(a: &DataDirArg, json: bool) -> Result<()> {
+    let s = ask(a, "GET", "/v1/status", "")?;
+    if json {
+        print_json(&s);
+        return Ok(());
+    }
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    println!("peer id      {}", s["peer_id"].as_str().unwrap_or("?"));
+    println!("alliance     {}", s["alliance"].as_str().unwrap_or("?"));
+    println!(
+        "institution  {} (roles {})",
+        s["institution"].as_str().unwrap_or("?"),
+        s["roles"].as_str().unwrap_or("?")
+    );
+    println!("listening    {}", list(&s["listen_addrs"]));
+    println!("external     {}", list(&s["external_addrs"]));
+    println!("NAT          {}", s["nat"].as_str().unwrap_or("?"));
+    println!(
+        "members      {} verified of {} connected",
+        s["members"], s["connected_peers"]
+    );
+    println!(
+        "lending      {}",
+        if s["paused"] == true { "paused" } else { "yes" }
+    );
+    if let Some(r) = s["rejected"].as_array().filter(|r| !r.is_empty()) {
+        println!("rejected     {} peers; the latest:", r.len());
+        for x in r.iter().rev().take(5) {
+            println!(
+                "  {}  {}",
+                x["peer_id"].as_str().unwrap_or("?"),
+                x["reason"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn peers(a: &DataDirArg, json: bool) -> Result<()> {
+    let p = ask(a, "GET", "/v1/peers", "")?;
+    if json {
+        print_json(&p);
+        return Ok(());
+    }
+    println!(
+        "{:<54} {:<30} {:<16} valid until",
+        "peer id", "institution", "roles"
+    );
+    for x in p.as_array().into_iter().flatten() {
+        println!(
+            "{:<54} {:<30} {:<16} {}",
+            x["peer_id"].as_str().unwrap_or("?"),
+            x["institution"].as_str().unwrap_or("?"),
+            x["roles"].as_str().unwrap_or("?"),
+            x["valid_until"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+fn network_gpus(a: &GpusArgs, json: bool) -> Result<()> {
+    let dir = DataDirArg {
+        data_dir: a.data_dir.clone(),
+    };
+    let g = ask(&dir, "GET", "/v1/gpus", "")
+        .context("(`alliance gpus --local` lists this machine's adapters without a node)")?;
+    if json {
+        print_json(&g);
+        return Ok(());
+    }
+    println!(
+        "{:<54} {:<24} {:<36} {:<8} {:>5}",
+        "peer id", "institution", "GPU", "state", "slots"
+    );
+    for advert in g.as_array().into_iter().flatten() {
+        for gpu in advert["gpus"].as_array().into_iter().flatten() {
+            println!(
+                "{:<54} {:<24} {:<36} {:<8} {:>5}",
+                advert["peer_id"].as_str().unwrap_or("?"),
+                advert["institution"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .chars()
+                    .take(24)
+                    .collect::<String>(),
+                gpu["name"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .chars()
+                    .take(36)
+                    .collect::<String>(),
+                gpu["state"].as_str().unwrap_or("?"),
+                gpu["free_slots"]
+            );
+        }
+    }
+    Ok(())
+}
+
+fn set_paused(a: &DataDirArg, paused: bool, json: bool) -> Result<()> {
+    let path = if paused {
+        "/v1/worker/pause"
+    } else {
+        "/v1/worker/resume"
+    };
+    let v = ask(a, "POST", path, "")?;
+    if json {
+        print_json(&v);
+    } else {
+        println!(
+            "{}",
+            if paused {
+                "paused: this node's GPUs are no longer offered"
+            } else {
+                "resumed: this node's GPUs are offered again"
+            }
+        );
+    }
+    Ok(())
+}
+
+fn publish_revocations(file: &Path, a: &DataDirArg, json: bool) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let v = ask(a, "POST", "/v1/revocations", &text)?;
+    if json {
+        print_json(&v);
+    } else {
+        println!(
+            "applied {} revocation list(s); the node gossips them to the alliance",
+            v["applied"]
+        );
     }
     Ok(())
 }

@@ -6,6 +6,10 @@
 //! - [`trust`]: membership files (charters, certificates, revocation lists)
 //!   and checking them as a node does.
 //! - [`gpus`]: this node's GPUs as advert entries.
+//! - [`net`]: the libp2p swarm and the network actor.
+//! - [`store`]: the node's sled database.
+//! - [`api`]: the local HTTP API and its client.
+//! - [`run`]: `alliance node run`.
 //! - [`cli`]: the `alliance` commands.
 //!
 //! The node joins the two lower crates: records and signatures come from
@@ -16,7 +20,11 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod gpus;
+pub mod net;
+pub mod run;
+pub mod store;
 pub mod trust;

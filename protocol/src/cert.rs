@@ -682,6 +682,11 @@ impl RevocationSet {
         Ok(())
     }
 
+    /// Every signer whose list is held, with the list's sequence number.
+    pub fn held(&self) -> Vec<(PublicKey, u64)> {
+        self.lists.iter().map(|(k, (seq, _))| (*k, *seq)).collect()
+    }
+
     /// The sequence number held for `signer`, if any.
     pub fn sequence(&self, signer: &PublicKey) -> Option<u64> {
         self.lists.get(signer).map(|(seq, _)| *seq)

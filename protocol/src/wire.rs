@@ -7,6 +7,8 @@
 //! | `/alliance/result/1` | [`TaskResult`] | [`Ack`] | 5 MiB / 1 KiB |
 //! | `/alliance/blob/1` | [`BlobRequest`] | [`BlobResponse`] | 1 KiB / 1 MiB + 1 KiB |
 //! | `/alliance/progress/1` | [`Progress`] | [`Ack`] | 1 MiB + 64 KiB / 1 KiB |
+//! | gossip `alliance/<id>/adverts/1` | [`AdvertGossip`] | | 32 KiB |
+//! | gossip `alliance/<id>/revocations/1` | [`RevocationGossip`] | | 257 KiB |
 //!
 //! On a stream each message is a frame: a 4-byte big-endian length, then the
 //! message's canonical bytes. [`frame_len`] checks the length against the
@@ -235,6 +237,19 @@ pub enum Progress {
 impl Message for Progress {
     const NAME: &'static str = "progress";
     const MAX_SIZE: usize = MAX_CHUNK + 64 * 1024;
+}
+
+/// A GPU advert on the alliance's gossip topic, with the publisher's chain
+/// so that members it is not connected to can check who it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertGossip {
+    pub chain: Chain,
+    pub advert: Signed<crate::advert::GpuAdvert>,
+}
+
+impl Message for AdvertGossip {
+    const NAME: &'static str = "advert gossip";
+    const MAX_SIZE: usize = 32 * 1024;
 }
 
 /// A revocation list passed on by gossip.

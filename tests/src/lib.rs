@@ -48,3 +48,29 @@ pub fn dependency_names(package: &str) -> Result<Vec<String>, String> {
     names.dedup();
     Ok(names)
 }
+
+pub mod alliance;
+
+/// The `alliance` binary of this build, built first when missing.
+pub fn alliance_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> → target/<profile>/alliance
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let bin = dir.join(format!("alliance{}", std::env::consts::EXE_SUFFIX));
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args(["build", "-p", "alliance-node", "--bin", "alliance"])
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "cannot build the alliance binary"
+        );
+    }
+    bin
+}

@@ -1,0 +1,169 @@
+//! The node's local HTTP API (127.0.0.1 only), and the small client the
+//! CLI uses to read it.
+//!
+//! Paths are versioned (`/v1/…`), bodies are JSON, and every error is a
+//! JSON object `{"error": "…"}` that says what went wrong.
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /v1/status` | PeerId, alliance, institution, listen and external addresses, NAT status, peers, rejections |
+//! | `GET /v1/peers` | verified, connected members |
+//! | `GET /v1/gpus` | the live advert table |
+//! | `POST /v1/worker/pause`, `POST /v1/worker/resume` | stop or start lending this node's GPUs |
+//! | `POST /v1/revocations` | apply and gossip a revocation list (body: the armored file) |
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use alliance_protocol::Signed;
+use alliance_protocol::armor::{self, Label};
+use alliance_protocol::cert::Revocations;
+use anyhow::{Context, anyhow, bail};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::net::actor::{Client, Stopped};
+
+/// The file in the data directory that holds the API's address.
+pub const ADDR_FILE: &str = "api.addr";
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<Stopped> for ApiError {
+    fn from(e: Stopped) -> Self {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+type Answer = Result<Json<serde_json::Value>, ApiError>;
+
+async fn status(State(c): State<Client>) -> Answer {
+    Ok(Json(json!(c.status().await?)))
+}
+
+async fn peers(State(c): State<Client>) -> Answer {
+    Ok(Json(json!(c.peers().await?)))
+}
+
+async fn gpus(State(c): State<Client>) -> Answer {
+    Ok(Json(json!(c.gpus().await?)))
+}
+
+async fn pause(State(c): State<Client>) -> Answer {
+    c.set_paused(true).await?;
+    Ok(Json(json!({ "paused": true })))
+}
+
+async fn resume(State(c): State<Client>) -> Answer {
+    c.set_paused(false).await?;
+    Ok(Json(json!({ "paused": false })))
+}
+
+async fn revocations(State(c): State<Client>, body: String) -> Answer {
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let blocks =
+        armor::decode(&body).map_err(|e| bad(format!("not a revocation list file: {e}")))?;
+    let mut applied = 0;
+    for (label, bytes) in blocks {
+        if label != Label::Revocations {
+            return Err(bad(format!(
+                "the body holds a {}, not a revocation list",
+                label.as_str()
+            )));
+        }
+        let list = Signed::<Revocations>::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+        c.revoke(list).await?.map_err(bad)?;
+        applied += 1;
+    }
+    Ok(Json(json!({ "applied": applied })))
+}
+
+async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such endpoint: try GET /v1/status, /v1/peers or /v1/gpus".into(),
+    )
+}
+
+/// The API's routes.
+pub fn router(client: Client) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
+        .route("/v1/gpus", get(gpus))
+        .route("/v1/worker/pause", post(pause))
+        .route("/v1/worker/resume", post(resume))
+        .route("/v1/revocations", post(revocations))
+        .fallback(not_found)
+        .with_state(client)
+}
+
+/// The address of the node running on `data_dir`, from its address file.
+pub fn address(data_dir: &Path) -> anyhow::Result<SocketAddr> {
+    let path = data_dir.join(ADDR_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|_| {
+        anyhow!(
+            "no node is running on {}: start one with `alliance node run --data-dir {}`",
+            data_dir.display(),
+            data_dir.display()
+        )
+    })?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{} is damaged", path.display()))
+}
+
+/// One request to the API; returns the JSON answer or the API's error.
+pub fn request(
+    data_dir: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let addr = address(data_dir)?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|_| {
+        anyhow!(
+            "no node answers at {addr} (from {}): start one with `alliance node run --data-dir {}`",
+            data_dir.join(ADDR_FILE).display(),
+            data_dir.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    stream.take(64 << 20).read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("the node sent a malformed answer"))?;
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let value: serde_json::Value = serde_json::from_str(body)
+        .with_context(|| format!("the node answered {code} with non-JSON"))?;
+    if !(200..300).contains(&code) {
+        bail!(
+            "the node refused: {}",
+            value["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    Ok(value)
+}

@@ -1,0 +1,846 @@
+//! The network actor.
+//!
+//! - One [`EventLoop`] owns the [`Swarm`]; nothing else touches it.
+//! - The rest of the node holds a cheap, cloneable [`Client`] whose methods
+//!   send a [`Command`] with a `oneshot` for the answer.
+//! - Membership: each new peer must present a chain for this charter within
+//!   [`MEMBERSHIP_DEADLINE`]; until then it is in no table; on failure it is
+//!   disconnected, blocked and the reason logged.
+//! - Adverts: the node republishes its own signed advert on a timer, when
+//!   its state changes and when a peer subscribes; received adverts are
+//!   checked (chain, signature, publisher, expiry, sequence) before they
+//!   enter the live table, and gossipsub penalises peers that forward bad ones.
+//! - The loop ends when every `Client` is dropped or shutdown is signalled.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alliance_protocol::advert::{GpuAdvert, GpuInfo, GpuState};
+use alliance_protocol::cert::{
+    Chain, Institution, Member, RevocationSet, Revocations, Roles, TrustedCharter,
+};
+use alliance_protocol::wire::{AdvertGossip, Hello, Message, RevocationGossip};
+use alliance_protocol::{Identity, Signed, Timestamp};
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, mdns, request_response};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::{Behaviour, BehaviourEvent};
+use crate::store::Store;
+
+/// How long a new peer has to present a valid chain.
+pub const MEMBERSHIP_DEADLINE: Duration = Duration::from_secs(5);
+/// Rejections remembered for the status page.
+const MAX_REJECTED: usize = 256;
+/// How long a rejected peer stays connected, so our answer reaches it.
+const REJECT_GRACE: Duration = Duration::from_millis(300);
+
+/// What the actor needs to start.
+#[derive(Debug)]
+pub struct Setup {
+    pub identity: Arc<Identity>,
+    pub charter: TrustedCharter,
+    pub chain: Chain,
+    pub member: Member,
+    pub revocations: RevocationSet,
+    pub bootstrap: Vec<Multiaddr>,
+    pub store: Store,
+    /// The GPUs this node lends (empty for a node without the work role).
+    pub gpus: Vec<GpuInfo>,
+    pub paused: bool,
+}
+
+/// The node's own status.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub alliance: String,
+    pub alliance_id: String,
+    pub institution: String,
+    pub roles: String,
+    pub listen_addrs: Vec<String>,
+    pub external_addrs: Vec<String>,
+    pub nat: String,
+    pub connected_peers: usize,
+    pub members: usize,
+    pub paused: bool,
+    pub rejected: Vec<Rejection>,
+}
+
+/// A peer that was turned away, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    pub peer_id: String,
+    pub reason: String,
+}
+
+/// A verified, connected member.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerView {
+    pub peer_id: String,
+    pub institution: String,
+    pub roles: String,
+    pub addresses: Vec<String>,
+    pub valid_until: String,
+}
+
+/// A live advert.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdvertView {
+    pub peer_id: String,
+    pub institution: String,
+    pub local: bool,
+    pub sequence: u64,
+    pub expires_at: String,
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// Requests to the actor.
+#[derive(Debug)]
+pub enum Command {
+    Status(oneshot::Sender<Status>),
+    Peers(oneshot::Sender<Vec<PeerView>>),
+    Gpus(oneshot::Sender<Vec<AdvertView>>),
+    SetPaused(bool, oneshot::Sender<()>),
+    Revoke(
+        Box<Signed<Revocations>>,
+        oneshot::Sender<Result<(), String>>,
+    ),
+}
+
+/// The handle the rest of the node uses.
+#[derive(Clone, Debug)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+}
+
+/// The actor has stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("the network actor has stopped")]
+pub struct Stopped;
+
+impl Client {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    pub async fn status(&self) -> Result<Status, Stopped> {
+        self.ask(Command::Status).await
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerView>, Stopped> {
+        self.ask(Command::Peers).await
+    }
+
+    pub async fn gpus(&self) -> Result<Vec<AdvertView>, Stopped> {
+        self.ask(Command::Gpus).await
+    }
+
+    pub async fn set_paused(&self, paused: bool) -> Result<(), Stopped> {
+        self.ask(|tx| Command::SetPaused(paused, tx)).await
+    }
+
+    pub async fn revoke(&self, list: Signed<Revocations>) -> Result<Result<(), String>, Stopped> {
+        self.ask(|tx| Command::Revoke(Box::new(list), tx)).await
+    }
+}
+
+struct Advert {
+    advert: GpuAdvert,
+    member: Member,
+    chain: Chain,
+}
+
+/// The actor: owns the swarm and all membership and advert state.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    setup: Setup,
+    adverts_topic: gossipsub::IdentTopic,
+    revocations_topic: gossipsub::IdentTopic,
+    institutions: HashMap<alliance_protocol::PublicKey, Institution>,
+    members: HashMap<PeerId, (Member, Chain)>,
+    connected: HashSet<PeerId>,
+    pending: HashMap<PeerId, Instant>,
+    rejected: Vec<Rejection>,
+    doomed: Vec<(PeerId, Instant)>,
+    identified: HashMap<PeerId, Vec<Multiaddr>>,
+    adverts: HashMap<PeerId, Advert>,
+    sequence: u64,
+    publish_due: bool,
+    last_publish: Instant,
+    last_discovery: Instant,
+    redial_backoff: Duration,
+    last_redial: Instant,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("peer", self.swarm.local_peer_id())
+            .field("members", &self.members.len())
+            .field("adverts", &self.adverts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Creates the actor and its client.
+pub fn new(swarm: Swarm<Behaviour>, setup: Setup) -> (Client, EventLoop) {
+    let (tx, rx) = mpsc::channel(64);
+    let adverts_topic = super::topic(&setup.charter.id, "adverts");
+    let revocations_topic = super::topic(&setup.charter.id, "revocations");
+    let now = Instant::now();
+    let sequence = Timestamp::now().as_secs().saturating_mul(1_000_000);
+    (
+        Client { commands: tx },
+        EventLoop {
+            swarm,
+            commands: rx,
+            setup,
+            adverts_topic,
+            revocations_topic,
+            institutions: HashMap::new(),
+            members: HashMap::new(),
+            connected: HashSet::new(),
+            pending: HashMap::new(),
+            rejected: Vec::new(),
+            doomed: Vec::new(),
+            identified: HashMap::new(),
+            adverts: HashMap::new(),
+            sequence,
+            publish_due: true,
+            last_publish: now,
+            last_discovery: now,
+            redial_backoff: Duration::from_secs(1),
+            last_redial: now,
+        },
+    )
+}
+
+impl EventLoop {
+    fn hello(&self) -> Hello {
+        let revocations = self.setup.revocations.held();
+        Hello {
+            alliance: self.setup.charter.id,
+            chain: self.setup.chain.clone(),
+            revocations,
+        }
+    }
+
+    /// Runs until every client is dropped or `shutdown` fires.
+    pub async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
+        let gs = &mut self.swarm.behaviour_mut().gossipsub;
+        for t in [&self.adverts_topic, &self.revocations_topic] {
+            if let Err(e) = gs.subscribe(t) {
+                warn!("cannot subscribe to {t}: {e}");
+            }
+        }
+        self.redial();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                _ = tick.tick() => self.on_tick(),
+                _ = &mut shutdown => break,
+            }
+        }
+        info!("network stopped");
+    }
+
+    fn redial(&mut self) {
+        let mut targets: Vec<Multiaddr> = self.setup.bootstrap.clone();
+        for (_, addrs) in self.setup.store.peers() {
+            targets.extend(addrs);
+        }
+        for addr in targets {
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                debug!("dial {addr}: {e}");
+            }
+        }
+        self.last_redial = Instant::now();
+    }
+
+    /// Turns a peer away: out of every table and the gossip mesh at once;
+    /// blocked and disconnected a moment later, so that the answer to its
+    /// membership request (which tells it why) still reaches it.
+    fn reject(&mut self, peer: PeerId, reason: String) {
+        warn!(%peer, %reason, "peer rejected: disconnected and blocked");
+        let b = self.swarm.behaviour_mut();
+        b.gossipsub.blacklist_peer(&peer);
+        b.kad.remove_peer(&peer);
+        self.pending.remove(&peer);
+        self.members.remove(&peer);
+        self.adverts.remove(&peer);
+        self.doomed.push((peer, Instant::now() + REJECT_GRACE));
+        if self.rejected.len() >= MAX_REJECTED {
+            self.rejected.remove(0);
+        }
+        self.rejected.push(Rejection {
+            peer_id: peer.to_string(),
+            reason,
+        });
+    }
+
+    /// Checks a peer's hello: same alliance, valid chain, and the chain is
+    /// the peer's own.
+    fn check_hello(&mut self, peer: PeerId, hello: &Hello) -> Result<Member, String> {
+        if hello.alliance != self.setup.charter.id {
+            return Err(format!(
+                "belongs to another alliance ({})",
+                hello.alliance.short()
+            ));
+        }
+        let now = Timestamp::now();
+        let member = hello
+            .chain
+            .verify(
+                &self.setup.charter,
+                &self.setup.revocations,
+                now,
+                Roles::NONE,
+            )
+            .map_err(|e| e.to_string())?;
+        if member.peer_id != peer {
+            return Err(format!(
+                "presented the certificate chain of another node ({})",
+                member.peer_id
+            ));
+        }
+        if let Ok(inst) = hello.chain.institution.verify_institution(
+            &self.setup.charter,
+            &self.setup.revocations,
+            now,
+        ) {
+            self.institutions.insert(inst.cert.key, inst);
+        }
+        Ok(member)
+    }
+
+    fn accept(&mut self, peer: PeerId, member: Member, chain: Chain) {
+        if self.members.contains_key(&peer) {
+            return;
+        }
+        self.pending.remove(&peer);
+        info!(%peer, institution = %member.institution_name, roles = %member.roles, "member verified");
+        self.members.insert(peer, (member, chain));
+        if let Some(addrs) = self.identified.get(&peer).cloned() {
+            self.remember(peer, &addrs);
+        }
+        if self.members.len() == 1 {
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+        self.publish_due = true;
+    }
+
+    /// Adds a verified peer's addresses to Kademlia and the peer store.
+    fn remember(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        let usable: Vec<Multiaddr> = addrs
+            .iter()
+            .filter(|a| !is_unspecified(a))
+            .cloned()
+            .collect();
+        for a in &usable {
+            self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+        }
+        if !usable.is_empty() {
+            self.setup.store.save_peer(&peer, &usable);
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                self.connected.insert(peer_id);
+                if num_established.get() == 1 && !self.members.contains_key(&peer_id) {
+                    self.pending
+                        .insert(peer_id, Instant::now() + MEMBERSHIP_DEADLINE);
+                    let hello = self.hello();
+                    self.swarm
+                        .behaviour_mut()
+                        .membership
+                        .send_request(&peer_id, hello);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.connected.remove(&peer_id);
+                self.pending.remove(&peer_id);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Membership(e)) => self.on_membership(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if self.members.contains_key(&peer_id) {
+                    self.remember(peer_id, &info.listen_addrs);
+                }
+                self.identified.insert(peer_id, info.listen_addrs);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetClosestPeers(Ok(ok)),
+                ..
+            })) => {
+                for p in ok.peers {
+                    if p.peer_id != *self.swarm.local_peer_id()
+                        && !self.connected.contains(&p.peer_id)
+                    {
+                        let opts = DialOpts::peer_id(p.peer_id).addresses(p.addrs).build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    if !self.connected.contains(&peer) {
+                        let _ = self
+                            .swarm
+                            .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_membership(&mut self, event: request_response::Event<Hello, Hello>) {
+        use request_response::{Event, Message as M, OutboundFailure};
+        match event {
+            Event::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                let verdict = self.check_hello(peer, &request);
+                let hello = self.hello();
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .membership
+                    .send_response(channel, hello);
+                match verdict {
+                    Ok(member) => self.accept(peer, member, request.chain),
+                    Err(reason) => self.reject(peer, reason),
+                }
+            }
+            Event::Message {
+                peer,
+                message: M::Response { response, .. },
+                ..
+            } => match self.check_hello(peer, &response) {
+                Ok(member) => self.accept(peer, member, response.chain),
+                Err(reason) => self.reject(peer, reason),
+            },
+            Event::OutboundFailure { peer, error, .. } => {
+                if self.members.contains_key(&peer) {
+                    return;
+                }
+                match error {
+                    OutboundFailure::ConnectionClosed | OutboundFailure::DialFailure => {}
+                    OutboundFailure::UnsupportedProtocols => {
+                        self.reject(
+                            peer,
+                            "does not speak the alliance membership protocol".into(),
+                        );
+                    }
+                    other => self.reject(peer, format!("membership exchange failed: {other}")),
+                }
+            }
+            Event::InboundFailure { peer, error, .. } if !self.members.contains_key(&peer) => {
+                self.reject(peer, format!("sent a bad membership request: {error}"));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let acceptance = if message.topic == self.adverts_topic.hash() {
+                    self.on_advert(message.source, &message.data)
+                } else if message.topic == self.revocations_topic.hash() {
+                    self.on_revocations(&message.data)
+                } else {
+                    gossipsub::MessageAcceptance::Reject
+                };
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+            }
+            gossipsub::Event::Subscribed { topic, .. } if topic == self.adverts_topic.hash() => {
+                self.publish_due = true;
+            }
+            _ => {}
+        }
+    }
+
+    fn on_advert(&mut self, source: Option<PeerId>, data: &[u8]) -> gossipsub::MessageAcceptance {
+        use gossipsub::MessageAcceptance as A;
+        let now = Timestamp::now();
+        let checked = (|| {
+            let g = AdvertGossip::decode(data).map_err(|e| (A::Reject, e.to_string()))?;
+            let member = g
+                .chain
+                .verify(
+                    &self.setup.charter,
+                    &self.setup.revocations,
+                    now,
+                    Roles::WORK,
+                )
+                .map_err(|e| (A::Reject, e.to_string()))?;
+            if source != Some(member.peer_id) {
+                return Err((
+                    A::Reject,
+                    format!(
+                        "published by {source:?} with the chain of {}",
+                        member.peer_id
+                    ),
+                ));
+            }
+            let advert = g.advert.verify().map_err(|e| (A::Reject, e.to_string()))?;
+            if advert.peer != member.node_key || advert.institution != member.institution_key {
+                return Err((
+                    A::Reject,
+                    "the advert names another node or institution than its chain".into(),
+                ));
+            }
+            let held = self.adverts.get(&member.peer_id).map(|a| a.advert.sequence);
+            advert
+                .check(g.advert.signer(), now, held)
+                .map_err(|e| match e {
+                    alliance_protocol::advert::AdvertError::Stale { .. } => {
+                        (A::Ignore, e.to_string())
+                    }
+                    other => (A::Reject, other.to_string()),
+                })?;
+            Ok((member, g.chain, advert))
+        })();
+        match checked {
+            Ok((member, chain, advert)) => {
+                debug!(peer = %member.peer_id, sequence = advert.sequence, "advert accepted");
+                self.adverts.insert(
+                    member.peer_id,
+                    Advert {
+                        advert,
+                        member,
+                        chain,
+                    },
+                );
+                A::Accept
+            }
+            Err((acceptance, reason)) => {
+                if acceptance == A::Reject {
+                    warn!(?source, %reason, "advert refused");
+                }
+                acceptance
+            }
+        }
+    }
+
+    fn on_revocations(&mut self, data: &[u8]) -> gossipsub::MessageAcceptance {
+        use gossipsub::MessageAcceptance as A;
+        let Ok(g) = RevocationGossip::decode(data) else {
+            return A::Reject;
+        };
+        match self.apply_revocations(&g.list) {
+            Ok(()) => A::Accept,
+            Err(reason) if reason.contains("not newer") => A::Ignore,
+            Err(reason) => {
+                warn!(%reason, "revocation list refused");
+                A::Reject
+            }
+        }
+    }
+
+    /// Verifies and applies a revocation list, persists it, and drops every
+    /// member and advert it revokes.
+    fn apply_revocations(&mut self, list: &Signed<Revocations>) -> Result<(), String> {
+        let inst = self.institutions.get(&list.signer()).cloned();
+        self.setup
+            .revocations
+            .insert(list, inst.as_ref())
+            .map_err(|e| e.to_string())?;
+        self.setup
+            .store
+            .save_revocations(&list.signer(), &list.to_bytes());
+        let now = Timestamp::now();
+        let revoked: Vec<(PeerId, String)> = self
+            .members
+            .iter()
+            .filter_map(|(peer, (_, chain))| {
+                chain
+                    .verify(
+                        &self.setup.charter,
+                        &self.setup.revocations,
+                        now,
+                        Roles::NONE,
+                    )
+                    .err()
+                    .map(|e| (*peer, e.to_string()))
+            })
+            .collect();
+        for (peer, reason) in revoked {
+            self.reject(peer, reason);
+        }
+        let charter = &self.setup.charter;
+        let revocations = &self.setup.revocations;
+        self.adverts.retain(|_, a| {
+            a.chain
+                .verify(charter, revocations, now, Roles::WORK)
+                .is_ok()
+        });
+        info!(signer = %list.signer(), "revocation list applied");
+        Ok(())
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = self.doomed.drain(..).partition(|(_, at)| *at <= now);
+        self.doomed = later;
+        for (peer, _) in due {
+            self.swarm.behaviour_mut().blocked.block_peer(peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let late: Vec<PeerId> = self
+            .pending
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in late {
+            self.reject(
+                peer,
+                format!("presented no certificate chain within {MEMBERSHIP_DEADLINE:?}"),
+            );
+        }
+        let wall = Timestamp::now();
+        let expired: Vec<PeerId> = self
+            .members
+            .iter()
+            .filter(|(_, (m, _))| m.valid_until <= wall)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in expired {
+            self.reject(peer, "its certificate chain expired".into());
+        }
+        self.adverts.retain(|_, a| a.advert.expires_at > wall);
+
+        let ttl = u64::from(self.setup.charter.charter.defaults.advert_ttl_secs.max(4));
+        let republish = Duration::from_secs(ttl / 4);
+        if (self.publish_due && now.duration_since(self.last_publish) >= Duration::from_secs(1))
+            || now.duration_since(self.last_publish) >= republish
+        {
+            self.publish_advert();
+        }
+        if now.duration_since(self.last_discovery) >= Duration::from_secs(10) {
+            self.last_discovery = now;
+            if !self.members.is_empty() {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_closest_peers(PeerId::random());
+            }
+        }
+        if self.connected.is_empty() && now.duration_since(self.last_redial) >= self.redial_backoff
+        {
+            self.redial_backoff = (self.redial_backoff * 2).min(Duration::from_secs(60));
+            self.redial();
+        } else if !self.connected.is_empty() {
+            self.redial_backoff = Duration::from_secs(1);
+        }
+    }
+
+    fn publish_advert(&mut self) {
+        self.publish_due = false;
+        self.last_publish = Instant::now();
+        if self.setup.gpus.is_empty() {
+            return;
+        }
+        self.sequence += 1;
+        let now = Timestamp::now();
+        let ttl = u64::from(self.setup.charter.charter.defaults.advert_ttl_secs);
+        let state = if self.setup.paused {
+            GpuState::Paused
+        } else {
+            GpuState::Idle
+        };
+        let gpus = self
+            .setup
+            .gpus
+            .iter()
+            .map(|g| GpuInfo {
+                state,
+                free_slots: if self.setup.paused { 0 } else { g.free_slots },
+                ..g.clone()
+            })
+            .collect();
+        let advert = GpuAdvert {
+            peer: self.setup.member.node_key,
+            institution: self.setup.member.institution_key,
+            gpus,
+            sequence: self.sequence,
+            issued_at: now,
+            expires_at: now.saturating_add_secs(ttl),
+        };
+        let signed = match Signed::sign(&advert, &self.setup.identity) {
+            Ok(s) => s,
+            Err(e) => return warn!("cannot sign the advert: {e}"),
+        };
+        let gossip = AdvertGossip {
+            chain: self.setup.chain.clone(),
+            advert: signed,
+        };
+        match gossip.encode() {
+            Ok(bytes) => {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.adverts_topic.clone(), bytes)
+                {
+                    debug!("advert not published yet: {e}");
+                }
+            }
+            Err(e) => warn!("advert too large: {e}"),
+        }
+        let me = *self.swarm.local_peer_id();
+        self.adverts.insert(
+            me,
+            Advert {
+                advert,
+                member: self.setup.member.clone(),
+                chain: self.setup.chain.clone(),
+            },
+        );
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Status(tx) => {
+                let _ = tx.send(self.status());
+            }
+            Command::Peers(tx) => {
+                let mut peers: Vec<PeerView> = self
+                    .members
+                    .iter()
+                    .filter(|(p, _)| self.connected.contains(p))
+                    .map(|(p, (m, _))| PeerView {
+                        peer_id: p.to_string(),
+                        institution: m.institution_name.clone(),
+                        roles: m.roles.to_string(),
+                        addresses: self
+                            .identified
+                            .get(p)
+                            .map(|a| a.iter().map(ToString::to_string).collect())
+                            .unwrap_or_default(),
+                        valid_until: m.valid_until.to_string(),
+                    })
+                    .collect();
+                peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                let _ = tx.send(peers);
+            }
+            Command::Gpus(tx) => {
+                let me = *self.swarm.local_peer_id();
+                let mut list: Vec<AdvertView> = self
+                    .adverts
+                    .iter()
+                    .map(|(p, a)| AdvertView {
+                        peer_id: p.to_string(),
+                        institution: a.member.institution_name.clone(),
+                        local: *p == me,
+                        sequence: a.advert.sequence,
+                        expires_at: a.advert.expires_at.to_string(),
+                        gpus: a.advert.gpus.clone(),
+                    })
+                    .collect();
+                list.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                let _ = tx.send(list);
+            }
+            Command::SetPaused(paused, tx) => {
+                if self.setup.paused != paused {
+                    self.setup.paused = paused;
+                    self.publish_advert();
+                }
+                let _ = tx.send(());
+            }
+            Command::Revoke(list, tx) => {
+                let result = self.apply_revocations(&list);
+                if result.is_ok() {
+                    let gossip = RevocationGossip { list: *list };
+                    if let Ok(bytes) = gossip.encode()
+                        && let Err(e) = self
+                            .swarm
+                            .behaviour_mut()
+                            .gossipsub
+                            .publish(self.revocations_topic.clone(), bytes)
+                    {
+                        warn!("revocation list not gossiped: {e}");
+                    }
+                }
+                let _ = tx.send(result);
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let m = &self.setup.member;
+        Status {
+            peer_id: self.swarm.local_peer_id().to_string(),
+            alliance: self.setup.charter.charter.name.clone(),
+            alliance_id: self.setup.charter.id.to_string(),
+            institution: m.institution_name.clone(),
+            roles: m.roles.to_string(),
+            listen_addrs: self.swarm.listeners().map(ToString::to_string).collect(),
+            external_addrs: self
+                .swarm
+                .external_addresses()
+                .map(ToString::to_string)
+                .collect(),
+            nat: "not probed (AutoNAT is not enabled yet)".into(),
+            connected_peers: self.connected.len(),
+            members: self
+                .members
+                .keys()
+                .filter(|p| self.connected.contains(p))
+                .count(),
+            paused: self.setup.paused,
+            rejected: self.rejected.clone(),
+        }
+    }
+}
+
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_unspecified(),
+        libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}

@@ -1,0 +1,198 @@
+//! `alliance node run`: load the membership files, open the database, start
+//! the swarm, the network actor and the HTTP API, and stop cleanly on Ctrl-C
+//! or SIGTERM.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use alliance_kernels::gpu;
+use alliance_protocol::advert::GpuState;
+use alliance_protocol::cert::{Chain, RevocationSet, Revocations, Roles};
+use alliance_protocol::{Identity, Signed, Timestamp};
+use anyhow::{Context, Result, anyhow, bail};
+use libp2p::{Multiaddr, noise, tcp, yamux};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::net::actor::{self, Setup};
+use crate::net::{self, Behaviour};
+use crate::store::Store;
+use crate::trust::{self, Bundle};
+use crate::{api, gpus};
+
+/// Runs the node until Ctrl-C or SIGTERM.
+pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
+    let identity = Arc::new(
+        Identity::load(&cfg.resolve(data_dir, &cfg.key_file))
+            .context("cannot use the node key (run `alliance init` first?)")?,
+    );
+    let charter = trust::read_charter(&cfg.resolve(data_dir, &cfg.charter))?;
+    let chain_path = cfg.resolve(data_dir, &cfg.chain);
+    let bundle = Bundle::read(std::slice::from_ref(&chain_path))?;
+    let own = identity.public();
+    let node_cert = bundle
+        .nodes
+        .iter()
+        .find(|(_, n)| n.verify().is_ok_and(|c| c.node == own))
+        .map(|(_, n)| n.clone())
+        .ok_or_else(|| {
+            anyhow!(
+                "{} holds no certificate for this node ({})",
+                chain_path.display(),
+                identity.peer_id()
+            )
+        })?;
+    let inst_cert = bundle
+        .institutions
+        .iter()
+        .find(|(_, i)| i.verify().is_ok_and(|c| c.key == node_cert.signer()))
+        .map(|(_, i)| i.clone())
+        .ok_or_else(|| anyhow!("{} lacks the institution certificate", chain_path.display()))?;
+    let chain = Chain::new(inst_cert, node_cert);
+
+    let store = Store::open(&data_dir.join("db"))?;
+    let mut revocations = RevocationSet::new(&charter);
+    let mut lists: Vec<Signed<Revocations>> = store
+        .revocations()
+        .iter()
+        .filter_map(|b| Signed::<Revocations>::from_bytes(b).ok())
+        .collect();
+    for path in &cfg.revocations {
+        lists.extend(
+            Bundle::read(&[cfg.resolve(data_dir, path)])?
+                .revocations
+                .into_iter()
+                .map(|(_, l)| l),
+        );
+    }
+    let now = Timestamp::now();
+    let own_inst = chain
+        .institution
+        .verify_institution(&charter, &RevocationSet::new(&charter), now)
+        .ok();
+    for list in &lists {
+        if let Err(e) = revocations.insert(list, own_inst.as_ref()) {
+            warn!("revocation list ignored: {e}");
+        }
+    }
+    let member = chain
+        .verify(
+            &charter,
+            &revocations,
+            now,
+            if bootstrap {
+                Roles::BOOTSTRAP
+            } else {
+                Roles::NONE
+            },
+        )
+        .with_context(|| {
+            format!(
+                "{}: this node's own chain does not verify",
+                chain_path.display()
+            )
+        })?;
+
+    let lent = if member.roles.contains(Roles::WORK) {
+        gpu::discover(&cfg.worker.gpus)
+            .context("[worker] gpus")?
+            .iter()
+            .map(|g| gpus::advert_entry(&g.report, None, GpuState::Idle, 1))
+            .collect()
+    } else {
+        Vec::new()
+    };
+
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity.to_libp2p_keypair())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_quic()
+        .with_dns()?
+        .with_behaviour(|key| {
+            Behaviour::new(key, &charter.id, net::Limits::default(), cfg.network.mdns)
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })
+        })
+        .map_err(|e| anyhow!("{e}"))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    for addr in &cfg.network.listen {
+        let a: Multiaddr = addr
+            .parse()
+            .with_context(|| format!("network.listen {addr:?}"))?;
+        swarm
+            .listen_on(a.clone())
+            .with_context(|| format!("cannot listen on {a}"))?;
+    }
+    let own_peer = identity.peer_id();
+    let bootstrap_addrs: Vec<Multiaddr> = charter
+        .charter
+        .bootstrap
+        .iter()
+        .chain(&cfg.network.bootstrap)
+        .filter_map(|a| a.parse::<Multiaddr>().ok())
+        .filter(|a| !a.to_string().contains(&own_peer.to_string()))
+        .collect();
+
+    info!(peer = %own_peer, alliance = %charter.charter.name, institution = %member.institution_name, roles = %member.roles, bootstrap, "node starting");
+    let (client, event_loop) = actor::new(
+        swarm,
+        Setup {
+            identity,
+            charter,
+            chain,
+            member,
+            revocations,
+            bootstrap: bootstrap_addrs,
+            store,
+            gpus: lent,
+            paused: false,
+        },
+    );
+    let (stop_net, stopped) = tokio::sync::oneshot::channel();
+    let network = tokio::spawn(event_loop.run(stopped));
+
+    let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+        .await
+        .with_context(|| format!("cannot serve the API on {} (api.listen)", cfg.api.listen))?;
+    let api_addr = listener.local_addr()?;
+    if !api_addr.ip().is_loopback() {
+        bail!("api.listen must be a loopback address, not {api_addr}");
+    }
+    let addr_file = data_dir.join(api::ADDR_FILE);
+    std::fs::write(&addr_file, api_addr.to_string())
+        .with_context(|| format!("cannot write {}", addr_file.display()))?;
+    info!(%api_addr, "API listening");
+    axum::serve(listener, api::router(client))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the API server failed")?;
+    info!("stopping");
+    let _ = std::fs::remove_file(&addr_file);
+    let _ = stop_net.send(());
+    let _ = network.await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

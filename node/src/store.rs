@@ -1,0 +1,106 @@
+//! The node's database (sled): known peers and their addresses, and the
+//! revocation lists it holds. Writes are flushed before they count.
+
+use std::path::Path;
+
+use alliance_protocol::PublicKey;
+use libp2p::{Multiaddr, PeerId};
+use tracing::warn;
+
+/// The node's sled database.
+#[derive(Clone, Debug)]
+pub struct Store {
+    peers: sled::Tree,
+    revocations: sled::Tree,
+}
+
+/// The database could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot open the node database in {path}: {source} (is another node using this data directory?)"
+)]
+pub struct OpenError {
+    path: String,
+    source: sled::Error,
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, OpenError> {
+        let err = |source| OpenError {
+            path: dir.display().to_string(),
+            source,
+        };
+        let db = sled::open(dir).map_err(err)?;
+        Ok(Self {
+            peers: db.open_tree("peers").map_err(err)?,
+            revocations: db.open_tree("revocations").map_err(err)?,
+        })
+    }
+
+    /// Remembers a member's addresses, so a restart can rejoin through it.
+    pub fn save_peer(&self, peer: &PeerId, addrs: &[Multiaddr]) {
+        let text: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        let value = serde_json::to_vec(&text).unwrap_or_default();
+        if let Err(e) = self
+            .peers
+            .insert(peer.to_bytes(), value)
+            .and_then(|_| self.peers.flush().map(|_| ()))
+        {
+            warn!("cannot save peer {peer}: {e}");
+        }
+    }
+
+    /// Every remembered peer with its addresses.
+    pub fn peers(&self) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        self.peers
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| {
+                let peer = PeerId::from_bytes(&k).ok()?;
+                let text: Vec<String> = serde_json::from_slice(&v).ok()?;
+                Some((peer, text.iter().filter_map(|a| a.parse().ok()).collect()))
+            })
+            .collect()
+    }
+
+    /// Keeps the newest revocation list of `signer` (its envelope bytes).
+    pub fn save_revocations(&self, signer: &PublicKey, envelope: &[u8]) {
+        if let Err(e) = self
+            .revocations
+            .insert(signer.as_bytes(), envelope)
+            .and_then(|_| self.revocations.flush().map(|_| ()))
+        {
+            warn!("cannot save a revocation list: {e}");
+        }
+    }
+
+    /// Every held revocation list, as envelope bytes.
+    pub fn revocations(&self) -> Vec<Vec<u8>> {
+        self.revocations
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, v)| v.to_vec())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_and_revocations_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer = PeerId::random();
+        let addr: Multiaddr = "/ip4/127.0.0.1/tcp/4001".parse().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.save_peer(&peer, std::slice::from_ref(&addr));
+            store.save_revocations(&PublicKey::from_bytes([1; 32]), b"list");
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.peers(), vec![(peer, vec![addr])]);
+        assert_eq!(store.revocations(), vec![b"list".to_vec()]);
+    }
+}

@@ -1,0 +1,287 @@
+//! A test alliance on this machine: charter, institutions and node data
+//! directories made with the real record types, and `alliance node run`
+//! processes on 127.0.0.1 that are killed when the test ends.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use alliance_node::trust;
+use alliance_protocol::armor::Label;
+use alliance_protocol::cert::{
+    Charter, CharterDefaults, InstitutionCert, NodeCert, Revocations, Revoked, Roles,
+    TrustedCharter,
+};
+use alliance_protocol::{Identity, Signed, Timestamp};
+use serde_json::Value;
+
+/// An alliance whose files live in a temporary directory.
+#[derive(Debug)]
+pub struct TestAlliance {
+    pub dir: tempfile::TempDir,
+    pub root: Identity,
+    pub charter: TrustedCharter,
+    pub institutions: Vec<(String, Identity, Roles)>,
+}
+
+/// One node's data directory.
+#[derive(Debug)]
+pub struct NodeDir {
+    pub path: PathBuf,
+    pub identity: Identity,
+    pub institution: usize,
+}
+
+impl TestAlliance {
+    /// An alliance with the given institutions; adverts live `advert_ttl` seconds.
+    pub fn new(name: &str, institutions: &[(&str, Roles)], advert_ttl: u32) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Identity::generate();
+        let defaults = CharterDefaults {
+            advert_ttl_secs: advert_ttl,
+            ..CharterDefaults::default()
+        };
+        let charter = Charter::new(name, root.public(), vec![], defaults, Timestamp::now());
+        let charter = Signed::sign(&charter, &root)
+            .expect("sign")
+            .verify_charter()
+            .expect("charter");
+        let institutions = institutions
+            .iter()
+            .map(|(n, r)| ((*n).to_owned(), Identity::generate(), *r))
+            .collect();
+        Self {
+            dir,
+            root,
+            charter,
+            institutions,
+        }
+    }
+
+    /// A node of institution `inst` with `roles`, valid from `from` for `days`.
+    pub fn node_with(
+        &self,
+        name: &str,
+        inst: usize,
+        roles: Roles,
+        from: Timestamp,
+        days: u64,
+    ) -> NodeDir {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(&path).expect("node dir");
+        let identity = Identity::generate();
+        identity.save(&path.join("node.key")).expect("key");
+        let (iname, ikey, iroles) = &self.institutions[inst];
+        let icert = InstitutionCert::new(
+            &self.charter,
+            iname.clone(),
+            ikey.public(),
+            *iroles,
+            from,
+            365,
+        );
+        let icert = Signed::sign(&icert, &self.root).expect("sign");
+        let ncert = NodeCert::new(
+            &self.charter,
+            ikey.public(),
+            identity.public(),
+            roles,
+            from,
+            days,
+        );
+        let ncert = Signed::sign(&ncert, ikey).expect("sign");
+        let chain = trust::armored(Label::InstitutionCertificate, &icert)
+            + &trust::armored(Label::NodeCertificate, &ncert);
+        std::fs::write(path.join("node.chain"), chain).expect("chain");
+        std::fs::write(
+            path.join("charter.alliance"),
+            trust::armored(Label::Charter, &self.charter.signed),
+        )
+        .expect("charter");
+        let config = alliance_node::config::EXAMPLE
+            .replace(
+                "listen = [\"/ip4/0.0.0.0/tcp/4001\", \"/ip4/0.0.0.0/udp/4001/quic-v1\"]",
+                "listen = [\"/ip4/127.0.0.1/tcp/0\"]",
+            )
+            .replace("mdns = true", "mdns = false")
+            .replace("listen = \"127.0.0.1:7878\"", "listen = \"127.0.0.1:0\"");
+        std::fs::write(path.join("alliance.toml"), config).expect("config");
+        NodeDir {
+            path,
+            identity,
+            institution: inst,
+        }
+    }
+
+    /// A node valid from now for 30 days.
+    pub fn node(&self, name: &str, inst: usize, roles: Roles) -> NodeDir {
+        self.node_with(name, inst, roles, Timestamp::now(), 30)
+    }
+
+    /// A revocation list of institution `inst` revoking `node`, as a file.
+    pub fn revoke(&self, inst: usize, node: &NodeDir, reason: &str) -> PathBuf {
+        let list = Revocations {
+            alliance: self.charter.id,
+            sequence: 1,
+            issued_at: Timestamp::now(),
+            revoked: vec![Revoked {
+                key: node.identity.public(),
+                reason: reason.into(),
+                at: Timestamp::now(),
+            }],
+        };
+        let signed = Signed::sign(&list, &self.institutions[inst].1).expect("sign");
+        let path = self.dir.path().join(format!("revocations-{inst}.alliance"));
+        std::fs::write(&path, trust::armored(Label::Revocations, &signed)).expect("write");
+        path
+    }
+}
+
+impl NodeDir {
+    /// The PeerId as text.
+    pub fn peer(&self) -> String {
+        self.identity.peer_id().to_string()
+    }
+
+    /// Adds bootstrap addresses to the config.
+    pub fn set_bootstrap(&self, addrs: &[String]) {
+        let path = self.path.join("alliance.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        let list = addrs
+            .iter()
+            .map(|a| format!("{a:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        std::fs::write(
+            &path,
+            text.replace("bootstrap = []", &format!("bootstrap = [{list}]")),
+        )
+        .expect("config");
+    }
+
+    /// Starts `alliance node run` on this directory.
+    pub fn start(&self, bootstrap: bool) -> Running {
+        let _ = std::fs::remove_file(self.path.join(alliance_node::api::ADDR_FILE));
+        let log = std::fs::File::create(self.path.join("node.log")).expect("log");
+        let mut cmd = Command::new(crate::alliance_bin());
+        cmd.args(["node", "run", "--data-dir"]).arg(&self.path);
+        if bootstrap {
+            cmd.arg("--bootstrap");
+        }
+        let child = cmd
+            .env("RUST_LOG", "info,alliance_node=debug,wgpu_hal=off")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start alliance node run");
+        let running = Running {
+            child,
+            dir: self.path.clone(),
+        };
+        wait_for(
+            Duration::from_secs(60),
+            &format!("{} to serve its API", self.path.display()),
+            || running.get("/v1/status").is_some(),
+        );
+        running
+    }
+}
+
+/// A running node process, killed on drop.
+#[derive(Debug)]
+pub struct Running {
+    child: Child,
+    pub dir: PathBuf,
+}
+
+impl Running {
+    /// GET `path` from the node's API; `None` while it does not answer.
+    pub fn get(&self, path: &str) -> Option<Value> {
+        alliance_node::api::request(&self.dir, "GET", path, "").ok()
+    }
+
+    /// POST to the node's API.
+    pub fn post(&self, path: &str, body: &str) -> Result<Value, String> {
+        alliance_node::api::request(&self.dir, "POST", path, body).map_err(|e| format!("{e:#}"))
+    }
+
+    /// The bootstrap multiaddress of this node.
+    pub fn address(&self) -> String {
+        let s = self.get("/v1/status").expect("status");
+        format!(
+            "{}/p2p/{}",
+            s["listen_addrs"][0].as_str().expect("listen"),
+            s["peer_id"].as_str().expect("id")
+        )
+    }
+
+    /// The peer ids in this node's live advert table.
+    pub fn advertisers(&self) -> Vec<String> {
+        self.get("/v1/gpus")
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|a| a["peer_id"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The peer ids of this node's verified, connected members.
+    pub fn members(&self) -> Vec<String> {
+        self.get("/v1/peers")
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|a| a["peer_id"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The state of `peer`'s first GPU in this node's advert table.
+    pub fn gpu_state(&self, peer: &str) -> Option<String> {
+        self.get("/v1/gpus")?
+            .as_array()?
+            .iter()
+            .find(|a| a["peer_id"] == peer)
+            .and_then(|a| a["gpus"][0]["state"].as_str().map(str::to_owned))
+    }
+
+    /// The reasons this node logged for rejecting `peer`.
+    pub fn rejections(&self, peer: &str) -> Vec<String> {
+        self.get("/v1/status")
+            .and_then(|s| s["rejected"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r["peer_id"] == peer)
+            .filter_map(|r| r["reason"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// Stops the process (SIGKILL).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `done` every 250 ms until it holds, or panics after `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

@@ -1,0 +1,172 @@
+//! The node on the network, with real `alliance node run` processes on
+//! 127.0.0.1: a bootstrap node and five members of two institutions find
+//! each other and each other's adverts; strangers are turned away with a
+//! logged reason; revocation, pausing, losing the bootstrap node and
+//! restarting a member all behave.
+
+use std::time::Duration;
+
+use alliance_protocol::Timestamp;
+use alliance_protocol::cert::Roles;
+use alliance_tests::alliance::{TestAlliance, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[test]
+fn an_alliance_forms_keeps_strangers_out_and_survives_its_bootstrap_node() {
+    let a = TestAlliance::new(
+        "Alliance of Test Universities",
+        &[
+            ("University North", Roles::ALL),
+            ("University South", Roles::WORK | Roles::SUBMIT),
+        ],
+        20,
+    );
+    let boot_dir = a.node("boot", 0, Roles::BOOTSTRAP);
+    let boot = boot_dir.start(true);
+    let boot_addr = boot.address();
+
+    let dirs: Vec<_> = (0..5)
+        .map(|i| a.node(&format!("m{i}"), i % 2, Roles::WORK))
+        .collect();
+    for d in &dirs {
+        d.set_bootstrap(std::slice::from_ref(&boot_addr));
+    }
+    let mut members: Vec<_> = dirs.iter().map(|d| Some(d.start(false))).collect();
+    let ids = sorted(dirs.iter().map(|d| d.peer()).collect());
+
+    // Every member sees every member's advert (its own included).
+    for (i, m) in members.iter().enumerate() {
+        let m = m.as_ref().unwrap();
+        wait_for(
+            LIMIT,
+            &format!("member {i} to see all five adverts"),
+            || sorted(m.advertisers()) == ids,
+        );
+    }
+
+    // Strangers: a node of another alliance, a node whose certificate has
+    // expired, and a node whose certificate its institution revokes.
+    let other = TestAlliance::new("Some Other Alliance", &[("Elsewhere", Roles::ALL)], 20);
+    let foreign = other.node("foreign", 0, Roles::WORK);
+    foreign.set_bootstrap(std::slice::from_ref(&boot_addr));
+    let foreign_run = foreign.start(false);
+    wait_for(
+        LIMIT,
+        "the bootstrap node to reject the foreign node",
+        || {
+            boot.rejections(&foreign.peer())
+                .iter()
+                .any(|r| r.contains("another alliance"))
+        },
+    );
+
+    // A node whose chain was valid when it started, tested by moving its
+    // validity into the past: it cannot even start, and says why.
+    let stale = a.node_with(
+        "stale",
+        1,
+        Roles::WORK,
+        Timestamp::from_secs(Timestamp::now().as_secs() - 40 * 86_400),
+        30,
+    );
+    let out = std::process::Command::new(alliance_tests::alliance_bin())
+        .args(["node", "run", "--data-dir"])
+        .arg(&stale.path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("expired"), "{err}");
+
+    // Revoking a connected member removes it everywhere.
+    let victim = &dirs[4];
+    let list = a.revoke(0, victim, "laptop stolen");
+    let answer = members[0]
+        .as_ref()
+        .unwrap()
+        .post("/v1/revocations", &std::fs::read_to_string(&list).unwrap());
+    assert!(answer.is_ok(), "{answer:?}");
+    for (i, m) in members.iter().enumerate().take(4) {
+        let m = m.as_ref().unwrap();
+        wait_for(
+            LIMIT,
+            &format!("member {i} to drop the revoked member"),
+            || !m.advertisers().contains(&victim.peer()) && !m.members().contains(&victim.peer()),
+        );
+    }
+    members[4] = None;
+
+    // No stranger ever shows up as a member or advertiser.
+    for m in members.iter().flatten().chain([&boot]) {
+        assert!(!m.members().contains(&foreign.peer()));
+        assert!(!m.advertisers().contains(&foreign.peer()));
+    }
+    assert!(
+        foreign_run.log().contains("rejected"),
+        "the foreign node logs why it dropped the alliance too"
+    );
+    drop(foreign_run);
+
+    // Pausing is seen by the others.
+    let m1 = members[1].as_ref().unwrap();
+    m1.post("/v1/worker/pause", "").unwrap();
+    let paused_peer = dirs[1].peer();
+    wait_for(LIMIT, "member 0 to see member 1 paused", || {
+        members[0]
+            .as_ref()
+            .unwrap()
+            .gpu_state(&paused_peer)
+            .as_deref()
+            == Some("Paused")
+    });
+
+    // Once the members know each other, the bootstrap node can go.
+    for (i, m) in members.iter().enumerate().take(4) {
+        let m = m.as_ref().unwrap();
+        wait_for(
+            LIMIT,
+            &format!("member {i} to connect to the other members"),
+            || m.members().len() >= 3,
+        );
+    }
+    boot.kill();
+    m1.post("/v1/worker/resume", "").unwrap();
+    wait_for(
+        LIMIT,
+        "member 3 to see member 1 resume without the bootstrap node",
+        || {
+            members[3]
+                .as_ref()
+                .unwrap()
+                .gpu_state(&paused_peer)
+                .as_deref()
+                == Some("Idle")
+        },
+    );
+
+    // A member restarted now rejoins through the peers it remembered.
+    let restarted = dirs[2].peer();
+    members[2] = None; // stops the process
+    std::thread::sleep(Duration::from_secs(1));
+    members[2] = Some(dirs[2].start(false));
+    let again = members[2].as_ref().unwrap();
+    wait_for(LIMIT, "the restarted member to rejoin", || {
+        again.members().len() >= 2
+    });
+    wait_for(
+        LIMIT,
+        "member 0 to see the restarted member's advert",
+        || {
+            members[0]
+                .as_ref()
+                .unwrap()
+                .advertisers()
+                .contains(&restarted)
+        },
+    );
+}

@@ -4,19 +4,18 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use alliance_kernels::gpu;
 use alliance_protocol::advert::GpuState;
 use alliance_protocol::cert::{Chain, RevocationSet, Revocations, Roles};
 use alliance_protocol::{Identity, Signed, Timestamp};
 use anyhow::{Context, Result, anyhow, bail};
-use libp2p::{Multiaddr, noise, tcp, yamux};
+use libp2p::Multiaddr;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::net;
 use crate::net::actor::{self, Setup};
-use crate::net::{self, Behaviour};
 use crate::store::Store;
 use crate::trust::{self, Bundle};
 use crate::{api, gpus};
@@ -104,22 +103,8 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         Vec::new()
     };
 
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity.to_libp2p_keypair())
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )?
-        .with_quic()
-        .with_dns()?
-        .with_behaviour(|key| {
-            Behaviour::new(key, &charter.id, net::Limits::default(), cfg.network.mdns)
-                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })
-        })
-        .map_err(|e| anyhow!("{e}"))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
-        .build();
+    let mut swarm = net::build_swarm(&identity, &charter.id, cfg.network.mdns)
+        .map_err(|e| anyhow!("cannot start the network: {e}"))?;
     for addr in &cfg.network.listen {
         let a: Multiaddr = addr
             .parse()

@@ -285,3 +285,114 @@ pub fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// A node running inside the test process (its own swarm and actor on a
+/// loopback TCP port), for tests with many nodes.
+#[derive(Debug)]
+pub struct InProcess {
+    pub client: alliance_node::net::actor::Client,
+    pub peer: libp2p::PeerId,
+    pub address: libp2p::Multiaddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _store: tempfile::TempDir,
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A GPU entry for nodes that run without touching a GPU.
+pub fn test_gpu() -> alliance_protocol::advert::GpuInfo {
+    use alliance_protocol::advert::{Backend, DeviceType, GpuInfo, GpuLimits, GpuState};
+    GpuInfo {
+        index: 0,
+        name: "test adapter".into(),
+        vendor: 0,
+        device: 0,
+        backend: Backend::Vulkan,
+        device_type: DeviceType::Cpu,
+        driver: "none".into(),
+        limits: GpuLimits::default(),
+        bench: None,
+        state: GpuState::Idle,
+        free_slots: 1,
+    }
+}
+
+impl TestAlliance {
+    /// Starts a node of institution `inst` inside this process.
+    pub async fn spawn(&self, inst: usize, bootstrap: Vec<libp2p::Multiaddr>) -> InProcess {
+        use alliance_node::net::{self, actor};
+        use alliance_protocol::cert::{Chain, RevocationSet};
+        use std::sync::Arc;
+
+        let identity = Identity::generate();
+        let (iname, ikey, iroles) = &self.institutions[inst];
+        let now = Timestamp::now();
+        let icert = InstitutionCert::new(
+            &self.charter,
+            iname.clone(),
+            ikey.public(),
+            *iroles,
+            now,
+            365,
+        );
+        let ncert = NodeCert::new(
+            &self.charter,
+            ikey.public(),
+            identity.public(),
+            Roles::WORK,
+            now,
+            30,
+        );
+        let chain = Chain::new(
+            Signed::sign(&icert, &self.root).expect("sign"),
+            Signed::sign(&ncert, ikey).expect("sign"),
+        );
+        let revocations = RevocationSet::new(&self.charter);
+        let member = chain
+            .verify(&self.charter, &revocations, now, Roles::WORK)
+            .expect("chain");
+        let store_dir = tempfile::tempdir().expect("tempdir");
+        let store = alliance_node::store::Store::open(store_dir.path()).expect("store");
+        let mut swarm = net::build_swarm(&identity, &self.charter.id, false).expect("swarm");
+        swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+            .expect("listen");
+        let peer = identity.peer_id();
+        let (client, event_loop) = actor::new(
+            swarm,
+            actor::Setup {
+                identity: Arc::new(identity),
+                charter: self.charter.clone(),
+                chain,
+                member,
+                revocations,
+                bootstrap,
+                store,
+                gpus: vec![test_gpu()],
+                paused: false,
+            },
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        tokio::spawn(event_loop.run(stopped));
+        let address = loop {
+            let status = client.status().await.expect("status");
+            if let Some(a) = status.listen_addrs.first() {
+                break format!("{a}/p2p/{peer}").parse().expect("multiaddr");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        InProcess {
+            client,
+            peer,
+            address,
+            stop: Some(stop),
+            _store: store_dir,
+        }
+    }
+}

@@ -85,6 +85,34 @@ pub fn topic(alliance: &Hash, what: &str) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(format!("alliance/{}/{what}/1", alliance.short()))
 }
 
+/// A swarm for `identity` in the alliance `alliance`: TCP and QUIC, noise,
+/// yamux, DNS, and the [`Behaviour`].
+pub fn build_swarm(
+    identity: &alliance_protocol::Identity,
+    alliance: &Hash,
+    mdns_on: bool,
+) -> Result<libp2p::Swarm<Behaviour>, String> {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(identity.to_libp2p_keypair())
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default().nodelay(true),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .map_err(|e| e.to_string())?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| e.to_string())?
+        .with_behaviour(|key| {
+            Behaviour::new(key, alliance, Limits::default(), mdns_on)
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })
+        })
+        .map_err(|e| e.to_string())?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    Ok(swarm)
+}
+
 impl Behaviour {
     /// The behaviour for `key`'s node in the alliance `alliance`.
     pub fn new(
@@ -114,11 +142,14 @@ impl Behaviour {
             gossip_config,
         )
         .map_err(|e| format!("gossipsub: {e}"))?;
+        // Many members of one lab can share a university NAT address, so
+        // sharing an IP is not held against a peer.
+        let score = gossipsub::PeerScoreParams {
+            ip_colocation_factor_weight: 0.0,
+            ..gossipsub::PeerScoreParams::default()
+        };
         gossipsub
-            .with_peer_score(
-                gossipsub::PeerScoreParams::default(),
-                gossipsub::PeerScoreThresholds::default(),
-            )
+            .with_peer_score(score, gossipsub::PeerScoreThresholds::default())
             .map_err(|e| format!("gossipsub scoring: {e}"))?;
 
         let conn = connection_limits::ConnectionLimits::default()

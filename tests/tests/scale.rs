@@ -1,0 +1,41 @@
+//! Fifty nodes in one process, on loopback TCP, converge on a full advert
+//! table: every node holds every node's advert.
+
+use std::time::{Duration, Instant};
+
+use alliance_protocol::cert::Roles;
+use alliance_tests::alliance::TestAlliance;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_nodes_converge_on_a_full_advert_table() {
+    const N: usize = 50;
+    let a = TestAlliance::new(
+        "Scale Test",
+        &[("North", Roles::ALL), ("South", Roles::WORK)],
+        120,
+    );
+    let first = a.spawn(0, vec![]).await;
+    let boot = vec![first.address.clone()];
+    let mut nodes = vec![first];
+    for i in 1..N {
+        nodes.push(a.spawn(i % 2, boot.clone()).await);
+    }
+    let start = Instant::now();
+    let limit = Duration::from_secs(120);
+    loop {
+        let mut sizes = Vec::new();
+        for n in &nodes {
+            sizes.push(n.client.gpus().await.expect("gpus").len());
+        }
+        let complete = sizes.iter().filter(|&&s| s == N).count();
+        if complete == N {
+            break;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "after {limit:?} only {complete} of {N} nodes hold all {N} adverts; table sizes {sizes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("{N} nodes converged in {:?}", start.elapsed());
+}

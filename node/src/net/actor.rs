@@ -37,6 +37,8 @@ use crate::store::Store;
 pub const MEMBERSHIP_DEADLINE: Duration = Duration::from_secs(5);
 /// Rejections remembered for the status page.
 const MAX_REJECTED: usize = 256;
+/// Verified advert chains remembered.
+const MAX_CACHED_CHAINS: usize = 4096;
 /// How long a rejected peer stays connected, so our answer reaches it.
 const REJECT_GRACE: Duration = Duration::from_millis(300);
 
@@ -96,6 +98,9 @@ pub struct AdvertView {
     pub institution: String,
     pub local: bool,
     pub sequence: u64,
+    /// When this node accepted the advert (or published it, if local),
+    /// microseconds since the Unix epoch.
+    pub received_at_us: u64,
     pub expires_at: String,
     pub gpus: Vec<GpuInfo>,
 }
@@ -156,6 +161,13 @@ struct Advert {
     advert: GpuAdvert,
     member: Member,
     chain: Chain,
+    received_at_us: u64,
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// The actor: owns the swarm and all membership and advert state.
@@ -170,9 +182,12 @@ pub struct EventLoop {
     connected: HashSet<PeerId>,
     pending: HashMap<PeerId, Instant>,
     rejected: Vec<Rejection>,
-    doomed: Vec<(PeerId, Instant)>,
+    doomed: Vec<(PeerId, Instant, bool)>,
     identified: HashMap<PeerId, Vec<Multiaddr>>,
     adverts: HashMap<PeerId, Advert>,
+    /// Chains of advert publishers already verified (against the current
+    /// revocation lists), by the hashes of their two certificates.
+    verified_chains: HashMap<(alliance_protocol::Hash, alliance_protocol::Hash), Member>,
     sequence: u64,
     publish_due: bool,
     last_publish: Instant,
@@ -214,6 +229,7 @@ pub fn new(swarm: Swarm<Behaviour>, setup: Setup) -> (Client, EventLoop) {
             doomed: Vec::new(),
             identified: HashMap::new(),
             adverts: HashMap::new(),
+            verified_chains: HashMap::new(),
             sequence,
             publish_due: true,
             last_publish: now,
@@ -275,14 +291,24 @@ impl EventLoop {
     /// blocked and disconnected a moment later, so that the answer to its
     /// membership request (which tells it why) still reaches it.
     fn reject(&mut self, peer: PeerId, reason: String) {
-        warn!(%peer, %reason, "peer rejected: disconnected and blocked");
+        self.turn_away(peer, reason, true);
+    }
+
+    /// Like [`Self::reject`]; `block` false only disconnects, for peers
+    /// that may simply have been slow (a busy bootstrap node must not lock
+    /// out members that join all at once).
+    fn turn_away(&mut self, peer: PeerId, reason: String, block: bool) {
+        warn!(%peer, %reason, blocked = block, "peer rejected");
         let b = self.swarm.behaviour_mut();
-        b.gossipsub.blacklist_peer(&peer);
+        if block {
+            b.gossipsub.blacklist_peer(&peer);
+        }
         b.kad.remove_peer(&peer);
         self.pending.remove(&peer);
         self.members.remove(&peer);
         self.adverts.remove(&peer);
-        self.doomed.push((peer, Instant::now() + REJECT_GRACE));
+        self.doomed
+            .push((peer, Instant::now() + REJECT_GRACE, block));
         if self.rejected.len() >= MAX_REJECTED {
             self.rejected.remove(0);
         }
@@ -465,6 +491,9 @@ impl EventLoop {
                             "does not speak the alliance membership protocol".into(),
                         );
                     }
+                    OutboundFailure::Timeout => {
+                        self.turn_away(peer, "the membership exchange timed out".into(), false);
+                    }
                     other => self.reject(peer, format!("membership exchange failed: {other}")),
                 }
             }
@@ -507,15 +536,29 @@ impl EventLoop {
         let now = Timestamp::now();
         let checked = (|| {
             let g = AdvertGossip::decode(data).map_err(|e| (A::Reject, e.to_string()))?;
-            let member = g
-                .chain
-                .verify(
-                    &self.setup.charter,
-                    &self.setup.revocations,
-                    now,
-                    Roles::WORK,
-                )
-                .map_err(|e| (A::Reject, e.to_string()))?;
+            let key = (
+                g.chain.institution.payload_hash(),
+                g.chain.node.payload_hash(),
+            );
+            let member = match self.verified_chains.get(&key) {
+                Some(m) if m.valid_until > now => m.clone(),
+                _ => {
+                    let m = g
+                        .chain
+                        .verify(
+                            &self.setup.charter,
+                            &self.setup.revocations,
+                            now,
+                            Roles::WORK,
+                        )
+                        .map_err(|e| (A::Reject, e.to_string()))?;
+                    if self.verified_chains.len() >= MAX_CACHED_CHAINS {
+                        self.verified_chains.clear();
+                    }
+                    self.verified_chains.insert(key, m.clone());
+                    m
+                }
+            };
             if source != Some(member.peer_id) {
                 return Err((
                     A::Reject,
@@ -552,6 +595,7 @@ impl EventLoop {
                         advert,
                         member,
                         chain,
+                        received_at_us: now_us(),
                     },
                 );
                 A::Accept
@@ -588,6 +632,7 @@ impl EventLoop {
             .revocations
             .insert(list, inst.as_ref())
             .map_err(|e| e.to_string())?;
+        self.verified_chains.clear();
         self.setup
             .store
             .save_revocations(&list.signer(), &list.to_bytes());
@@ -623,10 +668,13 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = self.doomed.drain(..).partition(|(_, at)| *at <= now);
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.doomed.drain(..).partition(|(_, at, _)| *at <= now);
         self.doomed = later;
-        for (peer, _) in due {
-            self.swarm.behaviour_mut().blocked.block_peer(peer);
+        for (peer, _, block) in due {
+            if block {
+                self.swarm.behaviour_mut().blocked.block_peer(peer);
+            }
             let _ = self.swarm.disconnect_peer_id(peer);
         }
         let late: Vec<PeerId> = self
@@ -636,10 +684,8 @@ impl EventLoop {
             .map(|(p, _)| *p)
             .collect();
         for peer in late {
-            self.reject(
-                peer,
-                format!("presented no certificate chain within {MEMBERSHIP_DEADLINE:?}"),
-            );
+            let reason = format!("presented no certificate chain within {MEMBERSHIP_DEADLINE:?}");
+            self.turn_away(peer, reason, false);
         }
         let wall = Timestamp::now();
         let expired: Vec<PeerId> = self
@@ -738,6 +784,7 @@ impl EventLoop {
                 advert,
                 member: self.setup.member.clone(),
                 chain: self.setup.chain.clone(),
+                received_at_us: now_us(),
             },
         );
     }
@@ -777,6 +824,7 @@ impl EventLoop {
                         institution: a.member.institution_name.clone(),
                         local: *p == me,
                         sequence: a.advert.sequence,
+                        received_at_us: a.received_at_us,
                         expires_at: a.advert.expires_at.to_string(),
                         gpus: a.advert.gpus.clone(),
                     })

@@ -1,0 +1,199 @@
+//! Advert propagation: time from a member publishing a changed advert to
+//! every other member holding it, p50 and p99, for 10, 50 and 100
+//! in-process nodes on loopback TCP, as a ratio to one direct
+//! request-response round trip (the membership exchange between two nodes)
+//! measured in the same run.
+//!
+//! Run: `cargo bench -p alliance-tests --bench adverts`
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+
+use std::time::{Duration, Instant};
+
+use alliance_node::net::{self, BehaviourEvent};
+use alliance_protocol::cert::{Chain, InstitutionCert, NodeCert, Roles};
+use alliance_protocol::wire::Hello;
+use alliance_protocol::{Identity, Signed, Timestamp};
+use alliance_tests::alliance::{InProcess, TestAlliance};
+use futures::StreamExt;
+use libp2p::request_response;
+use libp2p::swarm::SwarmEvent;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Median of 200 membership request-response round trips between two nodes.
+async fn round_trip(a: &TestAlliance) -> f64 {
+    let hello = |id: &Identity| {
+        let (name, key, roles) = &a.institutions[0];
+        let now = Timestamp::now();
+        let icert = InstitutionCert::new(&a.charter, name.clone(), key.public(), *roles, now, 365);
+        let ncert = NodeCert::new(&a.charter, key.public(), id.public(), Roles::WORK, now, 30);
+        Hello {
+            alliance: a.charter.id,
+            chain: Chain::new(
+                Signed::sign(&icert, &a.root).unwrap(),
+                Signed::sign(&ncert, key).unwrap(),
+            ),
+            revocations: vec![],
+        }
+    };
+    let (ia, ib) = (Identity::generate(), Identity::generate());
+    let (ha, hb) = (hello(&ia), hello(&ib));
+    let mut sa = net::build_swarm(&ia, &a.charter.id, false).unwrap();
+    let mut sb = net::build_swarm(&ib, &a.charter.id, false).unwrap();
+    sb.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .unwrap();
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = sb.select_next_some().await {
+            break address;
+        }
+    };
+    sa.dial(addr).unwrap();
+    let peer_b = ib.peer_id();
+    let mut times = Vec::new();
+    let mut sent: Option<Instant> = None;
+    let mut connected = false;
+    while times.len() < 200 {
+        if connected && sent.is_none() {
+            sa.behaviour_mut()
+                .membership
+                .send_request(&peer_b, ha.clone());
+            sent = Some(Instant::now());
+        }
+        tokio::select! {
+            e = sa.select_next_some() => match e {
+                SwarmEvent::ConnectionEstablished { .. } => connected = true,
+                SwarmEvent::Behaviour(BehaviourEvent::Membership(request_response::Event::Message {
+                    message: request_response::Message::Response { .. }, ..
+                })) => {
+                    if let Some(t) = sent.take() {
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                }
+                _ => {}
+            },
+            e = sb.select_next_some() => {
+                if let SwarmEvent::Behaviour(BehaviourEvent::Membership(request_response::Event::Message {
+                    message: request_response::Message::Request { channel, .. }, ..
+                })) = e {
+                    let _ = sb.behaviour_mut().membership.send_response(channel, hb.clone());
+                }
+            }
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+async fn converge(nodes: &[InProcess]) -> Duration {
+    let start = Instant::now();
+    loop {
+        let mut full = true;
+        for n in nodes {
+            if n.client.gpus().await.unwrap().len() < nodes.len() {
+                full = false;
+                break;
+            }
+        }
+        if full {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < Duration::from_secs(600), "no convergence");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Delays (seconds) from publish to acceptance at every other node.
+async fn propagation(nodes: &[InProcess], publisher: usize, paused: bool) -> Vec<f64> {
+    let me = nodes[publisher].peer.to_string();
+    nodes[publisher].client.set_paused(paused).await.unwrap();
+    let own = nodes[publisher].client.gpus().await.unwrap();
+    let own = own.iter().find(|a| a.peer_id == me).unwrap();
+    let (seq, published) = (own.sequence, own.received_at_us);
+    let start = Instant::now();
+    let mut delays = vec![None; nodes.len()];
+    delays[publisher] = Some(0.0);
+    while delays.iter().any(Option::is_none) {
+        if start.elapsed() > Duration::from_secs(60) {
+            let missing = delays.iter().filter(|d| d.is_none()).count();
+            println!(
+                "  ({missing} of {} nodes did not receive the advert within 60 s)",
+                nodes.len() - 1
+            );
+            break;
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            if delays[i].is_some() {
+                continue;
+            }
+            let table = n.client.gpus().await.unwrap();
+            if let Some(a) = table.iter().find(|a| a.peer_id == me && a.sequence >= seq) {
+                delays[i] = Some(a.received_at_us.saturating_sub(published) as f64 / 1e6);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    delays
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != publisher)
+        .map(|(_, d)| d.unwrap_or(f64::INFINITY))
+        .collect()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        println!(
+            "advert propagation on loopback TCP (p50/p99 over 10 publishes, every receiving node)"
+        );
+        println!(
+            "{:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9}",
+            "nodes", "converged", "RR", "p50", "p99", "p50/RR", "p99/RR"
+        );
+        for n in [10usize, 50, 100] {
+            let a = TestAlliance::new(
+                "Bench",
+                &[("North", Roles::ALL), ("South", Roles::WORK)],
+                600,
+            );
+            let first = a.spawn(0, vec![]).await;
+            let boot = vec![first.address.clone()];
+            let mut nodes = vec![first];
+            for i in 1..n {
+                nodes.push(a.spawn(i % 2, boot.clone()).await);
+            }
+            let converged = converge(&nodes).await;
+            // Let the mesh settle past its first heartbeats.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let rr = round_trip(&a).await;
+            let mut all = Vec::new();
+            for round in 0..10 {
+                let publisher = 1 + round % (n - 1);
+                all.extend(propagation(&nodes, publisher, round % 2 == 0).await);
+            }
+            all.sort_by(f64::total_cmp);
+            let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
+            println!(
+                "{n:>6} {:>11.1}s {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>9.1} {:>9.1}",
+                converged.as_secs_f64(),
+                rr * 1e3,
+                p50 * 1e3,
+                p99 * 1e3,
+                p50 / rr,
+                p99 / rr
+            );
+        }
+        println!("targets at 50 nodes: p50/RR <= 3, p99/RR <= 10");
+    });
+}

@@ -6,7 +6,12 @@
 //!
 //! Run: `cargo bench -p alliance-tests --bench adverts`
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation
+)]
 
 use std::time::{Duration, Instant};
 

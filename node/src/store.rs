@@ -31,7 +31,19 @@ impl Store {
             path: dir.display().to_string(),
             source,
         };
-        let db = sled::open(dir).map_err(err)?;
+        // The previous holder of the database (a node that is just
+        // stopping) may keep its lock for a moment after it lets go.
+        let mut attempts = 0;
+        let db = loop {
+            match sled::open(dir) {
+                Ok(db) => break db,
+                Err(e) if attempts < 50 && e.to_string().contains("could not acquire lock") => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        };
         Ok(Self {
             peers: db.open_tree("peers").map_err(err)?,
             revocations: db.open_tree("revocations").map_err(err)?,

@@ -16,9 +16,9 @@
 use std::time::{Duration, Instant};
 
 use alliance_node::net::{self, BehaviourEvent};
-use alliance_protocol::cert::{Chain, InstitutionCert, NodeCert, Roles};
+use alliance_protocol::cert::Roles;
 use alliance_protocol::wire::Hello;
-use alliance_protocol::{Identity, Signed, Timestamp};
+use alliance_protocol::{Identity, Timestamp};
 use alliance_tests::alliance::{InProcess, TestAlliance};
 use futures::StreamExt;
 use libp2p::request_response;
@@ -31,19 +31,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Median of 200 membership request-response round trips between two nodes.
 async fn round_trip(a: &TestAlliance) -> f64 {
-    let hello = |id: &Identity| {
-        let (name, key, roles) = &a.institutions[0];
-        let now = Timestamp::now();
-        let icert = InstitutionCert::new(&a.charter, name.clone(), key.public(), *roles, now, 365);
-        let ncert = NodeCert::new(&a.charter, key.public(), id.public(), Roles::WORK, now, 30);
-        Hello {
-            alliance: a.charter.id,
-            chain: Chain::new(
-                Signed::sign(&icert, &a.root).unwrap(),
-                Signed::sign(&ncert, key).unwrap(),
-            ),
-            revocations: vec![],
-        }
+    let hello = |id: &Identity| Hello {
+        alliance: a.charter.id,
+        chain: a.chain(id, 0, Roles::WORK, Timestamp::now(), 30),
+        revocations: vec![],
     };
     let (ia, ib) = (Identity::generate(), Identity::generate());
     let (ha, hb) = (hello(&ia), hello(&ib));

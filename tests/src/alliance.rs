@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use alliance_node::trust;
 use alliance_protocol::armor::Label;
 use alliance_protocol::cert::{
-    Charter, CharterDefaults, InstitutionCert, NodeCert, Revocations, Revoked, Roles,
+    Chain, Charter, CharterDefaults, InstitutionCert, NodeCert, Revocations, Revoked, Roles,
     TrustedCharter,
 };
 use alliance_protocol::{Identity, Signed, Timestamp};
@@ -58,6 +58,33 @@ impl TestAlliance {
         }
     }
 
+    /// The certificate chain of `id` under institution `inst`: the
+    /// institution certificate from `from` for a year, the node's from
+    /// `from` for `days`.
+    pub fn chain(
+        &self,
+        id: &Identity,
+        inst: usize,
+        roles: Roles,
+        from: Timestamp,
+        days: u64,
+    ) -> Chain {
+        let (iname, ikey, iroles) = &self.institutions[inst];
+        let icert = InstitutionCert::new(
+            &self.charter,
+            iname.clone(),
+            ikey.public(),
+            *iroles,
+            from,
+            365,
+        );
+        let ncert = NodeCert::new(&self.charter, ikey.public(), id.public(), roles, from, days);
+        Chain::new(
+            Signed::sign(&icert, &self.root).expect("sign"),
+            Signed::sign(&ncert, ikey).expect("sign"),
+        )
+    }
+
     /// A node of institution `inst` with `roles`, valid from `from` for `days`.
     pub fn node_with(
         &self,
@@ -71,27 +98,9 @@ impl TestAlliance {
         std::fs::create_dir_all(&path).expect("node dir");
         let identity = Identity::generate();
         identity.save(&path.join("node.key")).expect("key");
-        let (iname, ikey, iroles) = &self.institutions[inst];
-        let icert = InstitutionCert::new(
-            &self.charter,
-            iname.clone(),
-            ikey.public(),
-            *iroles,
-            from,
-            365,
-        );
-        let icert = Signed::sign(&icert, &self.root).expect("sign");
-        let ncert = NodeCert::new(
-            &self.charter,
-            ikey.public(),
-            identity.public(),
-            roles,
-            from,
-            days,
-        );
-        let ncert = Signed::sign(&ncert, ikey).expect("sign");
-        let chain = trust::armored(Label::InstitutionCertificate, &icert)
-            + &trust::armored(Label::NodeCertificate, &ncert);
+        let c = self.chain(&identity, inst, roles, from, days);
+        let chain = trust::armored(Label::InstitutionCertificate, &c.institution)
+            + &trust::armored(Label::NodeCertificate, &c.node);
         std::fs::write(path.join("node.chain"), chain).expect("chain");
         std::fs::write(
             path.join("charter.alliance"),
@@ -327,32 +336,12 @@ impl TestAlliance {
     /// Starts a node of institution `inst` inside this process.
     pub async fn spawn(&self, inst: usize, bootstrap: Vec<libp2p::Multiaddr>) -> InProcess {
         use alliance_node::net::{self, actor};
-        use alliance_protocol::cert::{Chain, RevocationSet};
+        use alliance_protocol::cert::RevocationSet;
         use std::sync::Arc;
 
         let identity = Identity::generate();
-        let (iname, ikey, iroles) = &self.institutions[inst];
         let now = Timestamp::now();
-        let icert = InstitutionCert::new(
-            &self.charter,
-            iname.clone(),
-            ikey.public(),
-            *iroles,
-            now,
-            365,
-        );
-        let ncert = NodeCert::new(
-            &self.charter,
-            ikey.public(),
-            identity.public(),
-            Roles::WORK,
-            now,
-            30,
-        );
-        let chain = Chain::new(
-            Signed::sign(&icert, &self.root).expect("sign"),
-            Signed::sign(&ncert, ikey).expect("sign"),
-        );
+        let chain = self.chain(&identity, inst, Roles::WORK, now, 30);
         let revocations = RevocationSet::new(&self.charter);
         let member = chain
             .verify(&self.charter, &revocations, now, Roles::WORK)

@@ -6,9 +6,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use alliance_node::net::{self, BehaviourEvent};
-use alliance_protocol::cert::{Chain, InstitutionCert, NodeCert, Roles};
+use alliance_protocol::cert::{Chain, Roles};
 use alliance_protocol::wire::Hello;
-use alliance_protocol::{Identity, Signed, Timestamp};
+use alliance_protocol::{Identity, Timestamp};
 use alliance_tests::alliance::{InProcess, TestAlliance};
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
@@ -66,20 +66,7 @@ async fn rejected(node: &InProcess, peer: PeerId) -> Vec<String> {
 }
 
 fn chain(a: &TestAlliance, id: &Identity, from: Timestamp, days: u64) -> Chain {
-    let (name, key, roles) = &a.institutions[0];
-    let icert = InstitutionCert::new(&a.charter, name.clone(), key.public(), *roles, from, 365);
-    let ncert = NodeCert::new(
-        &a.charter,
-        key.public(),
-        id.public(),
-        Roles::WORK,
-        from,
-        days,
-    );
-    Chain::new(
-        Signed::sign(&icert, &a.root).unwrap(),
-        Signed::sign(&ncert, key).unwrap(),
-    )
+    a.chain(id, 0, Roles::WORK, from, days)
 }
 
 async fn stranger(a: &TestAlliance, target: &Multiaddr) -> (Identity, Swarm<net::Behaviour>) {

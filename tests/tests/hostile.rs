@@ -14,23 +14,9 @@ use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, request_response};
 
-/// How a hand-driven peer answers the node's membership request.
-#[derive(Clone, Copy)]
-enum Answer {
-    /// Never answers.
-    Silent,
-    /// Answers with this hello.
-    With,
-}
-
 /// Drives `swarm` (already dialling `target`) until it is disconnected or
-/// `limit` passes; answers membership requests per `answer`.
-async fn drive(
-    swarm: &mut Swarm<net::Behaviour>,
-    answer: Answer,
-    hello: Option<Hello>,
-    limit: Duration,
-) -> bool {
+/// `limit` passes; answers membership requests with `hello`, or never.
+async fn drive(swarm: &mut Swarm<net::Behaviour>, hello: Option<Hello>, limit: Duration) -> bool {
     let mut held = Vec::new(); // unanswered requests stay open
     let deadline = tokio::time::sleep(limit);
     tokio::pin!(deadline);
@@ -43,11 +29,11 @@ async fn drive(
                 SwarmEvent::ConnectionClosed { num_established: 0, .. } if was_connected => return true,
                 SwarmEvent::Behaviour(BehaviourEvent::Membership(request_response::Event::Message {
                     message: request_response::Message::Request { channel, .. }, ..
-                })) => match (answer, &hello) {
-                    (Answer::With, Some(h)) => {
+                })) => match &hello {
+                    Some(h) => {
                         let _ = swarm.behaviour_mut().membership.send_response(channel, h.clone());
                     }
-                    _ => held.push(channel),
+                    None => held.push(channel),
                 },
                 _ => {}
             },
@@ -84,7 +70,7 @@ async fn non_members_are_disconnected_with_a_reason() {
     // Silent: speaks the protocol, never presents a chain.
     let (id, mut swarm) = stranger(&a, &node.address).await;
     assert!(
-        drive(&mut swarm, Answer::Silent, None, Duration::from_secs(20)).await,
+        drive(&mut swarm, None, Duration::from_secs(20)).await,
         "the silent peer was not disconnected"
     );
     let reasons = rejected(&node, id.peer_id()).await;
@@ -93,48 +79,31 @@ async fn non_members_are_disconnected_with_a_reason() {
         "{reasons:?}"
     );
 
-    // Expired chain.
-    let (id, mut swarm) = stranger(&a, &node.address).await;
+    // An expired chain, and somebody else's valid chain (a replayed certificate).
     let past = Timestamp::from_secs(Timestamp::now().as_secs() - 40 * 86_400);
-    let hello = Hello {
-        alliance: a.charter.id,
-        chain: chain(&a, &id, past, 30),
-        revocations: vec![],
-    };
-    assert!(
-        drive(
-            &mut swarm,
-            Answer::With,
-            Some(hello),
-            Duration::from_secs(20)
-        )
-        .await
-    );
-    let reasons = rejected(&node, id.peer_id()).await;
-    assert!(reasons.iter().any(|r| r.contains("expired")), "{reasons:?}");
-
-    // Somebody else's valid chain (a replayed certificate).
     let victim = Identity::generate();
-    let (id, mut swarm) = stranger(&a, &node.address).await;
-    let hello = Hello {
-        alliance: a.charter.id,
-        chain: chain(&a, &victim, Timestamp::now(), 30),
-        revocations: vec![],
-    };
-    assert!(
-        drive(
-            &mut swarm,
-            Answer::With,
-            Some(hello),
-            Duration::from_secs(20)
-        )
-        .await
-    );
-    let reasons = rejected(&node, id.peer_id()).await;
-    assert!(
-        reasons.iter().any(|r| r.contains("chain of another node")),
-        "{reasons:?}"
-    );
+    for cause in ["expired", "chain of another node"] {
+        let (id, mut swarm) = stranger(&a, &node.address).await;
+        let presented = if cause == "expired" {
+            chain(&a, &id, past, 30)
+        } else {
+            chain(&a, &victim, Timestamp::now(), 30)
+        };
+        let hello = Hello {
+            alliance: a.charter.id,
+            chain: presented,
+            revocations: vec![],
+        };
+        assert!(
+            drive(&mut swarm, Some(hello), Duration::from_secs(20)).await,
+            "{cause}: not disconnected"
+        );
+        let reasons = rejected(&node, id.peer_id()).await;
+        assert!(
+            reasons.iter().any(|r| r.contains(cause)),
+            "{cause}: {reasons:?}"
+        );
+    }
 
     // Garbage on the listening port.
     let port = node.address.iter().find_map(|p| match p {

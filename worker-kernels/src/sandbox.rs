@@ -507,11 +507,17 @@ pub struct Config {
     pub start_timeout: Duration,
 }
 
-struct Running {
+/// A child process and its pipes.
+struct Process {
     child: Child,
     stdin: ChildStdin,
     frames: Receiver<Result<Response, String>>,
     stderr: Arc<Mutex<VecDeque<u8>>>,
+}
+
+/// A child that has opened its GPU.
+struct Running {
+    process: Process,
     ready: Ready,
 }
 
@@ -642,40 +648,29 @@ impl Sandbox {
         });
         write_frame(&mut stdin, &Request::Init(self.config.child.clone()))
             .map_err(|e| TaskError::Sandbox(format!("cannot talk to the sandbox: {e}")))?;
-        let mut running = Running {
+        let mut process = Process {
             child,
             stdin,
             frames,
             stderr,
-            ready: Ready {
-                adapter: placeholder_report(),
-                hardening: Hardening {
-                    limits: Layer::Unavailable(String::new()),
-                    network: Layer::Unavailable(String::new()),
-                    filesystem: Layer::Unavailable(String::new()),
-                },
-            },
         };
-        match running.frames.recv_timeout(self.config.start_timeout) {
-            Ok(Ok(Response::Ready(r))) => {
-                running.ready = r;
-                Ok(running)
-            }
+        match process.frames.recv_timeout(self.config.start_timeout) {
+            Ok(Ok(Response::Ready(ready))) => Ok(Running { process, ready }),
             Ok(Ok(Response::InitFailed(msg))) => {
-                finish(&mut running);
+                finish(&mut process);
                 Err(TaskError::Sandbox(format!(
                     "the sandbox could not open a GPU: {msg}"
                 )))
             }
             Ok(Ok(other)) => {
-                finish(&mut running);
+                finish(&mut process);
                 Err(TaskError::Sandbox(format!(
                     "unexpected first answer {other:?}"
                 )))
             }
-            Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => Err(crashed(&mut running)),
+            Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => Err(crashed(&mut process)),
             Err(RecvTimeoutError::Timeout) => {
-                finish(&mut running);
+                finish(&mut process);
                 Err(TaskError::Sandbox(format!(
                     "the sandbox did not open its GPU within {:?}",
                     self.config.start_timeout
@@ -686,8 +681,8 @@ impl Sandbox {
 
     fn send(&mut self, request: &Request) -> Result<(), TaskError> {
         let running = self.ensure()?;
-        if let Err(e) = write_frame(&mut running.stdin, request) {
-            let err = crashed(running);
+        if let Err(e) = write_frame(&mut running.process.stdin, request) {
+            let err = crashed(&mut running.process);
             self.running = None;
             return Err(match err {
                 TaskError::Crashed(m) => TaskError::Crashed(format!("{m} (while sending: {e})")),
@@ -701,15 +696,15 @@ impl Sandbox {
     fn receive(&mut self, deadline: Instant, budget: Duration) -> Result<Response, TaskError> {
         let running = self.ensure()?;
         let wait = deadline.saturating_duration_since(Instant::now());
-        match running.frames.recv_timeout(wait) {
+        match running.process.frames.recv_timeout(wait) {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => {
-                let err = crashed(running);
+                let err = crashed(&mut running.process);
                 self.running = None;
                 Err(err)
             }
             Err(RecvTimeoutError::Timeout) => {
-                finish(running);
+                finish(&mut running.process);
                 self.running = None;
                 Err(TaskError::Timeout(budget))
             }
@@ -761,7 +756,7 @@ impl Sandbox {
     /// Kills the child now; the next task starts a fresh one.
     pub fn kill(&mut self) {
         if let Some(mut r) = self.running.take() {
-            finish(&mut r);
+            finish(&mut r.process);
         }
     }
 }
@@ -769,20 +764,20 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         if let Some(mut r) = self.running.take() {
-            let _ = write_frame(&mut r.stdin, &Request::Shutdown);
-            finish(&mut r);
+            let _ = write_frame(&mut r.process.stdin, &Request::Shutdown);
+            finish(&mut r.process);
         }
     }
 }
 
 /// Kills and reaps the child.
-fn finish(r: &mut Running) {
+fn finish(r: &mut Process) {
     let _ = r.child.kill();
     let _ = r.child.wait();
 }
 
 /// The child stopped talking: wait briefly for its status, then describe it.
-fn crashed(r: &mut Running) -> TaskError {
+fn crashed(r: &mut Process) -> TaskError {
     let start = Instant::now();
     let status = loop {
         match r.child.try_wait() {
@@ -812,23 +807,5 @@ fn crashed(r: &mut Running) -> TaskError {
         TaskError::Crashed(status)
     } else {
         TaskError::Crashed(format!("{status}; it last said: {last}"))
-    }
-}
-
-fn placeholder_report() -> AdapterReport {
-    AdapterReport {
-        index: 0,
-        name: String::new(),
-        vendor: 0,
-        device: 0,
-        backend: gpu::Backend::Other,
-        device_type: gpu::DeviceType::Other,
-        driver: String::new(),
-        driver_info: String::new(),
-        pci_bus_id: String::new(),
-        software: false,
-        limits: crate::gpu::ComputeLimits::from_wgpu(&wgpu::Limits::downlevel_defaults()),
-        features: Vec::new(),
-        timestamps: false,
     }
 }

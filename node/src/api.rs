@@ -11,6 +11,7 @@
 //! | `GET /v1/gpus` | the live advert table |
 //! | `POST /v1/worker/pause`, `POST /v1/worker/resume` | stop or start lending this node's GPUs |
 //! | `POST /v1/revocations` | apply and gossip a revocation list (body: the armored file) |
+//! | `GET /metrics` | traffic counters in the Prometheus text format |
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -61,6 +62,18 @@ async fn gpus(State(c): State<Client>) -> Answer {
     Ok(Json(json!(c.gpus().await?)))
 }
 
+async fn metrics(State(c): State<Client>) -> Result<Response, ApiError> {
+    let text = c.metrics().await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
 async fn pause(State(c): State<Client>) -> Answer {
     c.set_paused(true).await?;
     Ok(Json(json!({ "paused": true })))
@@ -106,6 +119,7 @@ pub fn router(client: Client) -> Router {
         .route("/v1/worker/pause", post(pause))
         .route("/v1/worker/resume", post(resume))
         .route("/v1/revocations", post(revocations))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(client)
 }

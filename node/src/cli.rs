@@ -88,6 +88,13 @@ pub enum CharterCommand {
     Admit(AdmitArgs),
     /// Revoke an institution or a node network-wide (root-signed list).
     Revoke(RevokeArgs),
+    /// Make a pre-shared key for a private alliance network. Give the file
+    /// to every node (`[network] psk_file`); nodes without it cannot connect.
+    Psk {
+        /// Where to write the key (mode 0600; it must not exist yet).
+        #[arg(long, default_value = "swarm.key")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -300,6 +307,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Charter(CharterCommand::Show { charter }) => charter_show(&charter, json),
         Command::Charter(CharterCommand::Admit(a)) => admit(a, json),
         Command::Charter(CharterCommand::Revoke(a)) => revoke(a, "root.key", json),
+        Command::Charter(CharterCommand::Psk { out }) => psk_new(&out, json),
         Command::Member(MemberCommand::New { out_dir }) => member_new(&out_dir, json),
         Command::Member(MemberCommand::Issue(a)) => issue(a, json),
         Command::Member(MemberCommand::Revoke(a)) => revoke(a, "institution.key", json),
@@ -443,6 +451,34 @@ fn charter_new(a: CharterNewArgs, json: bool) -> Result<()> {
             "charter:    {} (publish this to every member)",
             charter_path.display()
         );
+    }
+    Ok(())
+}
+
+fn psk_new(out: &Path, json: bool) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| anyhow!("no randomness from the system: {e}"))?;
+    let psk = libp2p::pnet::PreSharedKey::new(key);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("cannot create {} (does it exist already?)", out.display()))?;
+    file.write_all(psk.to_key_file().as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    if json {
+        print_json(&json!({ "file": out, "fingerprint": psk.fingerprint().to_string() }));
+    } else {
+        println!(
+            "pre-shared key written to {} (fingerprint {})",
+            out.display(),
+            psk.fingerprint()
+        );
+        println!("give it to every node and set [network] psk_file; keep it secret");
     }
     Ok(())
 }

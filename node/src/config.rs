@@ -66,6 +66,40 @@ pub struct NetworkConfig {
     pub bootstrap: Vec<String>,
     /// Discover alliance nodes on the local network.
     pub mdns: bool,
+    /// The alliance's pre-shared key file, if it has one (libp2p private
+    /// network: nodes without the same key cannot connect at all).
+    pub psk_file: Option<PathBuf>,
+    /// Connection limits.
+    pub limits: ConnectionLimits,
+}
+
+/// Connection limits of the swarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionLimits {
+    /// Open connections in all.
+    pub max_connections: u32,
+    /// Open connections that others started.
+    pub max_incoming: u32,
+    /// Connections being set up, each way.
+    pub max_pending: u32,
+    /// Connections to one peer.
+    pub max_per_peer: u32,
+    /// Refuse new connections while the machine uses more than this
+    /// percentage of its memory.
+    pub max_memory_percent: u8,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            max_incoming: 192,
+            max_pending: 64,
+            max_per_peer: 2,
+            max_memory_percent: 90,
+        }
+    }
 }
 
 /// Local HTTP API settings.
@@ -100,6 +134,8 @@ impl Default for NetworkConfig {
             ],
             bootstrap: Vec::new(),
             mdns: true,
+            psk_file: None,
+            limits: ConnectionLimits::default(),
         }
     }
 }
@@ -162,6 +198,16 @@ impl Config {
                     why,
                 })?;
             }
+        }
+        let l = &config.network.limits;
+        if l.max_memory_percent == 0 || l.max_memory_percent > 100 {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "network.limits.max_memory_percent = {} must be between 1 and 100",
+                    l.max_memory_percent
+                ),
+            });
         }
         Ok(config)
     }

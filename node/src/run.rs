@@ -11,6 +11,7 @@ use alliance_protocol::cert::{Chain, RevocationSet, Revocations, Roles};
 use alliance_protocol::{Identity, Signed, Timestamp};
 use anyhow::{Context, Result, anyhow, bail};
 use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -103,13 +104,43 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         Vec::new()
     };
 
-    let mut swarm = net::build_swarm(&identity, &charter.id, cfg.network.mdns)
+    let psk = match &cfg.network.psk_file {
+        Some(path) => {
+            let path = cfg.resolve(data_dir, path);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("network.psk_file: cannot read {}", path.display()))?;
+            let psk = net::read_psk(&text)
+                .map_err(|e| anyhow!("network.psk_file {}: {e}", path.display()))?;
+            info!(fingerprint = %psk.fingerprint(), "private network: only nodes with this pre-shared key can connect");
+            Some(psk)
+        }
+        None => None,
+    };
+    let l = cfg.network.limits;
+    let options = net::Options {
+        mdns: cfg.network.mdns,
+        bootstrap,
+        psk,
+        limits: net::Limits {
+            max_established: l.max_connections,
+            max_established_incoming: l.max_incoming,
+            max_pending: l.max_pending,
+            max_per_peer: l.max_per_peer,
+            max_memory_fraction: f64::from(l.max_memory_percent) / 100.0,
+        },
+    };
+    let mut network = net::build_swarm(&identity, &charter.id, &options)
         .map_err(|e| anyhow!("cannot start the network: {e}"))?;
     for addr in &cfg.network.listen {
         let a: Multiaddr = addr
             .parse()
             .with_context(|| format!("network.listen {addr:?}"))?;
-        swarm
+        if psk.is_some() && a.iter().any(|p| matches!(p, Protocol::QuicV1)) {
+            warn!(address = %a, "not listening: QUIC cannot carry the pre-shared key");
+            continue;
+        }
+        network
+            .swarm
             .listen_on(a.clone())
             .with_context(|| format!("cannot listen on {a}"))?;
     }
@@ -125,7 +156,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
 
     info!(peer = %own_peer, alliance = %charter.charter.name, institution = %member.institution_name, roles = %member.roles, bootstrap, "node starting");
     let (client, event_loop) = actor::new(
-        swarm,
+        network,
         Setup {
             identity,
             charter,

@@ -38,8 +38,12 @@ async fn round_trip(a: &TestAlliance) -> f64 {
     };
     let (ia, ib) = (Identity::generate(), Identity::generate());
     let (ha, hb) = (hello(&ia), hello(&ib));
-    let mut sa = net::build_swarm(&ia, &a.charter.id, false).unwrap();
-    let mut sb = net::build_swarm(&ib, &a.charter.id, false).unwrap();
+    let mut sa = net::build_swarm(&ia, &a.charter.id, &net::Options::default())
+        .unwrap()
+        .swarm;
+    let mut sb = net::build_swarm(&ib, &a.charter.id, &net::Options::default())
+        .unwrap()
+        .swarm;
     sb.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
         .unwrap();
     let addr = loop {
@@ -56,7 +60,7 @@ async fn round_trip(a: &TestAlliance) -> f64 {
         if connected && sent.is_none() {
             sa.behaviour_mut()
                 .membership
-                .send_request(&peer_b, ha.clone());
+                .send_request(&peer_b, ha.clone().into());
             sent = Some(Instant::now());
         }
         tokio::select! {

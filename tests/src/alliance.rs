@@ -168,6 +168,14 @@ impl NodeDir {
         .expect("config");
     }
 
+    /// Replaces `from` by `to` in the node's config file.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let path = self.path.join("alliance.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        assert!(text.contains(from), "the config has no {from:?}");
+        std::fs::write(&path, text.replacen(from, to, 1)).expect("config");
+    }
+
     /// Starts `alliance node run` on this directory.
     pub fn start(&self, bootstrap: bool) -> Running {
         let _ = std::fs::remove_file(self.path.join(alliance_node::api::ADDR_FILE));
@@ -348,13 +356,15 @@ impl TestAlliance {
             .expect("chain");
         let store_dir = tempfile::tempdir().expect("tempdir");
         let store = alliance_node::store::Store::open(store_dir.path()).expect("store");
-        let mut swarm = net::build_swarm(&identity, &self.charter.id, false).expect("swarm");
-        swarm
+        let mut network =
+            net::build_swarm(&identity, &self.charter.id, &net::Options::default()).expect("swarm");
+        network
+            .swarm
             .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
             .expect("listen");
         let peer = identity.peer_id();
         let (client, event_loop) = actor::new(
-            swarm,
+            network,
             actor::Setup {
                 identity: Arc::new(identity),
                 charter: self.charter.clone(),

@@ -1,6 +1,7 @@
 //! Peers that are not members, driven by hand from the test: each is
 //! disconnected, kept out of every table, and the reason recorded; garbage
-//! on the listening port does not stop the node serving.
+//! on the listening port, and garbage or oversized frames on an open
+//! membership stream, do not stop the node serving.
 
 use std::io::Write;
 use std::time::Duration;
@@ -57,7 +58,9 @@ fn chain(a: &TestAlliance, id: &Identity, from: Timestamp, days: u64) -> Chain {
 
 async fn stranger(a: &TestAlliance, target: &Multiaddr) -> (Identity, Swarm<net::Behaviour>) {
     let id = Identity::generate();
-    let mut swarm = net::build_swarm(&id, &a.charter.id, false).unwrap();
+    let mut swarm = net::build_swarm(&id, &a.charter.id, &net::Options::default())
+        .unwrap()
+        .swarm;
     swarm.dial(target.clone()).unwrap();
     (id, swarm)
 }
@@ -134,6 +137,147 @@ async fn non_members_are_disconnected_with_a_reason() {
             .iter()
             .any(|p| p.peer_id == member.peer.to_string())
         {
+            joined = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(joined, "a real member still joins");
+}
+
+/// A codec that writes whatever bytes it is given: the frames of a peer
+/// that does not follow the protocol.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+impl request_response::Codec for RawCodec {
+    type Protocol = libp2p::StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+    ) -> std::io::Result<Vec<u8>> {
+        read_some(io).await
+    }
+
+    async fn read_response<T: futures::AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+    ) -> std::io::Result<Vec<u8>> {
+        read_some(io).await
+    }
+
+    async fn write_request<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> std::io::Result<()> {
+        use futures::AsyncWriteExt;
+        io.write_all(&req).await?;
+        io.close().await
+    }
+
+    async fn write_response<T: futures::AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &Self::Protocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> std::io::Result<()> {
+        use futures::AsyncWriteExt;
+        io.write_all(&res).await?;
+        io.close().await
+    }
+}
+
+async fn read_some<T: futures::AsyncRead + Unpin + Send>(io: &mut T) -> std::io::Result<Vec<u8>> {
+    use futures::AsyncReadExt;
+    let mut buf = Vec::new();
+    io.take(64 * 1024).read_to_end(&mut buf).await?;
+    Ok(buf)
+}
+
+/// A libp2p peer whose only behaviour sends `frame` as a membership
+/// request once connected to `target`; true when the node disconnects it.
+async fn send_raw_frame(target: &Multiaddr, frame: Vec<u8>) -> (PeerId, bool) {
+    let id = Identity::generate();
+    let behaviour = request_response::Behaviour::<RawCodec>::new(
+        [(
+            net::MEMBERSHIP_PROTOCOL,
+            request_response::ProtocolSupport::Full,
+        )],
+        request_response::Config::default(),
+    );
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(id.to_libp2p_keypair())
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| behaviour)
+        .unwrap()
+        .build();
+    swarm.dial(target.clone()).unwrap();
+    let deadline = tokio::time::sleep(Duration::from_secs(20));
+    tokio::pin!(deadline);
+    let mut frame = Some(frame);
+    let mut held = Vec::new(); // the node's own hello stays unanswered
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return (id.peer_id(), false),
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    if let Some(f) = frame.take() {
+                        swarm.behaviour_mut().send_request(&peer_id, f);
+                    }
+                }
+                SwarmEvent::ConnectionClosed { num_established: 0, .. } => {
+                    return (id.peer_id(), true);
+                }
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Request { channel, .. }, ..
+                }) => held.push(channel),
+                _ => {}
+            },
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_on_a_membership_stream_get_the_peer_dropped() {
+    let a = TestAlliance::new("Frames Test", &[("North", Roles::ALL)], 60);
+    let node = a.spawn(0, vec![]).await;
+
+    // A length prefix of 1 GiB (the cap is 16 KiB): refused from the
+    // prefix, before the body is read.
+    let mut oversized = (1u32 << 30).to_be_bytes().to_vec();
+    oversized.extend_from_slice(&[0u8; 4096]);
+    // A frame of the right length whose body is not a hello.
+    let mut garbage = 512u32.to_be_bytes().to_vec();
+    garbage.extend_from_slice(&[0xa5; 512]);
+    for (what, frame) in [("oversized", oversized), ("garbage", garbage)] {
+        let (peer, dropped) = send_raw_frame(&node.address, frame).await;
+        assert!(dropped, "{what}: the peer was not disconnected");
+        let reasons = rejected(&node, peer).await;
+        assert!(
+            reasons.iter().any(|r| r.contains("bad membership request")),
+            "{what}: {reasons:?}"
+        );
+    }
+    assert!(node.client.peers().await.unwrap().is_empty());
+
+    // The node still serves members.
+    let member = a.spawn(0, vec![node.address.clone()]).await;
+    let mut joined = false;
+    for _ in 0..100 {
+        let peers = node.client.peers().await.unwrap();
+        if peers.iter().any(|p| p.peer_id == member.peer.to_string()) {
             joined = true;
             break;
         }

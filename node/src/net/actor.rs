@@ -10,9 +10,13 @@
 //!   its state changes and when a peer subscribes; received adverts are
 //!   checked (chain, signature, publisher, expiry, sequence) before they
 //!   enter the live table, and gossipsub penalises peers that forward bad ones.
+//! - Reachability: verified members are the node's AutoNAT servers; a node
+//!   that AutoNAT finds private, or that listens nowhere, reserves a relayed
+//!   address on each bootstrap node it is connected to, and DCUtR turns
+//!   relayed connections into direct ones where it can.
 //! - The loop ends when every `Client` is dropped or shutdown is signalled.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,14 +27,22 @@ use alliance_protocol::cert::{
 use alliance_protocol::wire::{AdvertGossip, Hello, Message, RevocationGossip};
 use alliance_protocol::{Identity, Signed, Timestamp};
 use futures::StreamExt;
-use libp2p::swarm::SwarmEvent;
+use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
+use libp2p::metrics::Registry;
+use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, mdns, request_response};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, mdns, relay,
+    request_response,
+};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::{Behaviour, BehaviourEvent};
+use super::codec::Inbound;
+use super::{Behaviour, BehaviourEvent, Network};
 use crate::store::Store;
 
 /// How long a new peer has to present a valid chain.
@@ -67,8 +79,15 @@ pub struct Status {
     pub roles: String,
     pub listen_addrs: Vec<String>,
     pub external_addrs: Vec<String>,
+    /// What AutoNAT found: "public", "private" or "unknown", with the
+    /// number of agreeing probes.
     pub nat: String,
+    /// Bootstrap nodes this node holds a relayed address on.
+    pub relayed_via: Vec<String>,
     pub connected_peers: usize,
+    /// Bytes received and sent over all connections since start.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
     pub members: usize,
     pub paused: bool,
     pub rejected: Vec<Rejection>,
@@ -88,6 +107,8 @@ pub struct PeerView {
     pub institution: String,
     pub roles: String,
     pub addresses: Vec<String>,
+    /// Whether at least one connection to the peer is direct (not relayed).
+    pub direct: bool,
     pub valid_until: String,
 }
 
@@ -109,6 +130,7 @@ pub struct AdvertView {
 #[derive(Debug)]
 pub enum Command {
     Status(oneshot::Sender<Status>),
+    Metrics(oneshot::Sender<String>),
     Peers(oneshot::Sender<Vec<PeerView>>),
     Gpus(oneshot::Sender<Vec<AdvertView>>),
     SetPaused(bool, oneshot::Sender<()>),
@@ -138,6 +160,11 @@ impl Client {
 
     pub async fn status(&self) -> Result<Status, Stopped> {
         self.ask(Command::Status).await
+    }
+
+    /// The node's traffic counters, as Prometheus text.
+    pub async fn metrics(&self) -> Result<String, Stopped> {
+        self.ask(Command::Metrics).await
     }
 
     pub async fn peers(&self) -> Result<Vec<PeerView>, Stopped> {
@@ -173,13 +200,19 @@ fn now_us() -> u64 {
 /// The actor: owns the swarm and all membership and advert state.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
+    metrics: Registry,
     commands: mpsc::Receiver<Command>,
     setup: Setup,
     adverts_topic: gossipsub::IdentTopic,
     revocations_topic: gossipsub::IdentTopic,
     institutions: HashMap<alliance_protocol::PublicKey, Institution>,
     members: HashMap<PeerId, (Member, Chain)>,
-    connected: HashSet<PeerId>,
+    /// Open connections per peer, and whether each is relayed.
+    connected: HashMap<PeerId, HashMap<ConnectionId, bool>>,
+    /// The address each peer was last reached at.
+    reached_at: HashMap<PeerId, Multiaddr>,
+    /// Relayed listeners, by the bootstrap node that relays them.
+    relayed: HashMap<PeerId, ListenerId>,
     pending: HashMap<PeerId, Instant>,
     rejected: Vec<Rejection>,
     doomed: Vec<(PeerId, Instant, bool)>,
@@ -207,7 +240,8 @@ impl std::fmt::Debug for EventLoop {
 }
 
 /// Creates the actor and its client.
-pub fn new(swarm: Swarm<Behaviour>, setup: Setup) -> (Client, EventLoop) {
+pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
+    let Network { swarm, metrics } = network;
     let (tx, rx) = mpsc::channel(64);
     let adverts_topic = super::topic(&setup.charter.id, "adverts");
     let revocations_topic = super::topic(&setup.charter.id, "revocations");
@@ -217,13 +251,16 @@ pub fn new(swarm: Swarm<Behaviour>, setup: Setup) -> (Client, EventLoop) {
         Client { commands: tx },
         EventLoop {
             swarm,
+            metrics,
             commands: rx,
             setup,
             adverts_topic,
             revocations_topic,
             institutions: HashMap::new(),
             members: HashMap::new(),
-            connected: HashSet::new(),
+            connected: HashMap::new(),
+            reached_at: HashMap::new(),
+            relayed: HashMap::new(),
             pending: HashMap::new(),
             rejected: Vec::new(),
             doomed: Vec::new(),
@@ -304,6 +341,7 @@ impl EventLoop {
             b.gossipsub.blacklist_peer(&peer);
         }
         b.kad.remove_peer(&peer);
+        b.autonat.remove_server(&peer);
         self.pending.remove(&peer);
         self.members.remove(&peer);
         self.adverts.remove(&peer);
@@ -363,6 +401,9 @@ impl EventLoop {
         if let Some(addrs) = self.identified.get(&peer).cloned() {
             self.remember(peer, &addrs);
         }
+        let addr = self.reached_at.get(&peer).cloned();
+        self.swarm.behaviour_mut().autonat.add_server(peer, addr);
+        self.reserve_relays();
         if self.members.len() == 1 {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
@@ -389,10 +430,21 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
+                endpoint,
                 num_established,
                 ..
             } => {
-                self.connected.insert(peer_id);
+                let relayed = endpoint.is_relayed();
+                self.connected
+                    .entry(peer_id)
+                    .or_default()
+                    .insert(connection_id, relayed);
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint
+                    && !relayed
+                {
+                    self.reached_at.insert(peer_id, address.clone());
+                }
                 if num_established.get() == 1 && !self.members.contains_key(&peer_id) {
                     self.pending
                         .insert(peer_id, Instant::now() + MEMBERSHIP_DEADLINE);
@@ -400,17 +452,80 @@ impl EventLoop {
                     self.swarm
                         .behaviour_mut()
                         .membership
-                        .send_request(&peer_id, hello);
+                        .send_request(&peer_id, hello.into());
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                self.connected.remove(&peer_id);
-                self.pending.remove(&peer_id);
+                if let Some(conns) = self.connected.get_mut(&peer_id) {
+                    conns.remove(&connection_id);
+                }
+                if num_established == 0 {
+                    self.connected.remove(&peer_id);
+                    self.pending.remove(&peer_id);
+                    self.swarm.behaviour_mut().autonat.remove_server(&peer_id);
+                    if let Some(listener) = self.relayed.remove(&peer_id) {
+                        self.swarm.remove_listener(listener);
+                    }
+                }
             }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                self.relayed.retain(|relay, l| {
+                    if *l == listener_id {
+                        info!(%relay, ?reason, "relayed address closed");
+                    }
+                    *l != listener_id
+                });
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                debug!(%send_back_addr, %error, "incoming connection failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                old,
+                new,
+            })) => {
+                info!(?old, ?new, "reachability changed");
+                self.reserve_relays();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(event)) => {
+                debug!(?event, "reachability probe");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+            )) => {
+                info!(relay = %relay_peer_id, "relayed address reserved");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(
+                relay::Event::ReservationReqAccepted { src_peer_id, .. },
+            )) => {
+                debug!(peer = %src_peer_id, "relaying for a member");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => {
+                    info!(peer = %remote_peer_id, "relayed connection upgraded to a direct one")
+                }
+                Err(e) => {
+                    info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed")
+                }
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Membership(e)) => self.on_membership(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
@@ -428,7 +543,7 @@ impl EventLoop {
             })) => {
                 for p in ok.peers {
                     if p.peer_id != *self.swarm.local_peer_id()
-                        && !self.connected.contains(&p.peer_id)
+                        && !self.connected.contains_key(&p.peer_id)
                     {
                         let opts = DialOpts::peer_id(p.peer_id).addresses(p.addrs).build();
                         let _ = self.swarm.dial(opts);
@@ -438,7 +553,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
-                    if !self.connected.contains(&peer) {
+                    if !self.connected.contains_key(&peer) {
                         let _ = self
                             .swarm
                             .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
@@ -449,7 +564,7 @@ impl EventLoop {
         }
     }
 
-    fn on_membership(&mut self, event: request_response::Event<Hello, Hello>) {
+    fn on_membership(&mut self, event: request_response::Event<Inbound<Hello>, Hello>) {
         use request_response::{Event, Message as M, OutboundFailure};
         match event {
             Event::Message {
@@ -459,6 +574,12 @@ impl EventLoop {
                 },
                 ..
             } => {
+                let request = match request {
+                    Inbound::Message(hello) => hello,
+                    Inbound::Refused(why) => {
+                        return self.reject(peer, format!("sent a bad membership request: {why}"));
+                    }
+                };
                 let verdict = self.check_hello(peer, &request);
                 let hello = self.hello();
                 let _ = self
@@ -708,6 +829,7 @@ impl EventLoop {
         }
         if now.duration_since(self.last_discovery) >= Duration::from_secs(10) {
             self.last_discovery = now;
+            self.reserve_relays();
             if !self.members.is_empty() {
                 self.swarm
                     .behaviour_mut()
@@ -794,11 +916,14 @@ impl EventLoop {
             Command::Status(tx) => {
                 let _ = tx.send(self.status());
             }
+            Command::Metrics(tx) => {
+                let _ = tx.send(super::metrics_text(&self.metrics));
+            }
             Command::Peers(tx) => {
                 let mut peers: Vec<PeerView> = self
                     .members
                     .iter()
-                    .filter(|(p, _)| self.connected.contains(p))
+                    .filter(|(p, _)| self.connected.contains_key(p))
                     .map(|(p, (m, _))| PeerView {
                         peer_id: p.to_string(),
                         institution: m.institution_name.clone(),
@@ -808,6 +933,10 @@ impl EventLoop {
                             .get(p)
                             .map(|a| a.iter().map(ToString::to_string).collect())
                             .unwrap_or_default(),
+                        direct: self
+                            .connected
+                            .get(p)
+                            .is_some_and(|c| c.values().any(|relayed| !relayed)),
                         valid_until: m.valid_until.to_string(),
                     })
                     .collect();
@@ -860,6 +989,7 @@ impl EventLoop {
 
     fn status(&self) -> Status {
         let m = &self.setup.member;
+        let (bytes_in, bytes_out) = super::traffic(&self.metrics);
         Status {
             peer_id: self.swarm.local_peer_id().to_string(),
             alliance: self.setup.charter.charter.name.clone(),
@@ -872,12 +1002,15 @@ impl EventLoop {
                 .external_addresses()
                 .map(ToString::to_string)
                 .collect(),
-            nat: "not probed (AutoNAT is not enabled yet)".into(),
+            nat: self.nat(),
+            relayed_via: self.relayed.keys().map(ToString::to_string).collect(),
             connected_peers: self.connected.len(),
+            bytes_in,
+            bytes_out,
             members: self
                 .members
                 .keys()
-                .filter(|p| self.connected.contains(p))
+                .filter(|p| self.connected.contains_key(p))
                 .count(),
             paused: self.setup.paused,
             rejected: self.rejected.clone(),
@@ -885,10 +1018,90 @@ impl EventLoop {
     }
 }
 
+impl EventLoop {
+    fn nat(&self) -> String {
+        let autonat = &self.swarm.behaviour().autonat;
+        let confidence = autonat.confidence();
+        match autonat.nat_status() {
+            autonat::NatStatus::Public(addr) => {
+                format!("public at {addr} ({} agreeing probes)", confidence + 1)
+            }
+            autonat::NatStatus::Private => {
+                format!("private ({} agreeing probes)", confidence + 1)
+            }
+            autonat::NatStatus::Unknown => "unknown (not probed yet)".into(),
+        }
+    }
+
+    /// Whether others may be unable to dial this node: AutoNAT found it
+    /// private, or it listens on no direct address at all.
+    fn needs_relay(&self) -> bool {
+        let private = matches!(
+            self.swarm.behaviour().autonat.nat_status(),
+            autonat::NatStatus::Private
+        );
+        let listens = self.swarm.listeners().any(|a| !is_relayed(a));
+        private || !listens
+    }
+
+    /// Reserves a relayed address on each connected bootstrap node when
+    /// this node needs one, and gives them up when it no longer does.
+    fn reserve_relays(&mut self) {
+        if self.swarm.behaviour().relay.is_enabled() {
+            return;
+        }
+        if !self.needs_relay() {
+            for (_, listener) in self.relayed.drain() {
+                self.swarm.remove_listener(listener);
+            }
+            return;
+        }
+        let relays: Vec<(PeerId, Multiaddr)> = self
+            .members
+            .iter()
+            .filter(|(p, (m, _))| {
+                m.roles.contains(Roles::BOOTSTRAP)
+                    && !self.relayed.contains_key(p)
+                    && self
+                        .connected
+                        .get(p)
+                        .is_some_and(|c| c.values().any(|relayed| !relayed))
+            })
+            .filter_map(|(p, _)| {
+                let addr = self.reached_at.get(p).cloned().or_else(|| {
+                    self.identified.get(p).and_then(|a| {
+                        a.iter()
+                            .find(|a| !is_unspecified(a) && !is_relayed(a))
+                            .cloned()
+                    })
+                })?;
+                Some((*p, addr))
+            })
+            .collect();
+        for (relay, addr) in relays {
+            let Ok(addr) = addr.with_p2p(relay) else {
+                continue;
+            };
+            let circuit = addr.with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(listener) => {
+                    info!(%relay, "asking for a relayed address");
+                    self.relayed.insert(relay, listener);
+                }
+                Err(e) => warn!(%circuit, "cannot listen through the relay: {e}"),
+            }
+        }
+    }
+}
+
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
 fn is_unspecified(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
-        libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_unspecified(),
-        libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_unspecified(),
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
         _ => false,
     })
 }

@@ -3,8 +3,11 @@
 //! Each frame is the 4-byte length and canonical bytes of
 //! `alliance_protocol::wire`; the length is checked against the message's
 //! cap before a byte of the body is read or allocated, so a peer that sends
-//! an oversized or garbage frame gets an I/O error (and the swarm reports
-//! the failure) without costing memory.
+//! an oversized or garbage frame costs no memory. A bad request frame is
+//! read as [`Inbound::Refused`] rather than an error, because libp2p's
+//! request-response drops failed reads silently: this way the actor sees
+//! which peer sent it and can drop that peer. A bad response is an I/O
+//! error, which the swarm reports with the peer.
 
 use std::io;
 use std::marker::PhantomData;
@@ -12,6 +15,21 @@ use std::marker::PhantomData;
 use alliance_protocol::wire::{self, Message};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
+
+/// A request as read off the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound<M> {
+    /// A well-formed message.
+    Message(M),
+    /// A frame over the message's size cap or not a valid message; why.
+    Refused(String),
+}
+
+impl<M> From<M> for Inbound<M> {
+    fn from(m: M) -> Self {
+        Self::Message(m)
+    }
+}
 
 /// A codec for requests `Req` answered by `Resp`.
 #[derive(Debug)]
@@ -52,15 +70,19 @@ where
     Resp: Message + Send + Sync + 'static,
 {
     type Protocol = StreamProtocol;
-    type Request = Req;
+    type Request = Inbound<Req>;
     type Response = Resp;
 
     async fn read_request<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-    ) -> io::Result<Req> {
-        read(io).await
+    ) -> io::Result<Inbound<Req>> {
+        match read(io).await {
+            Ok(m) => Ok(Inbound::Message(m)),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(Inbound::Refused(e.to_string())),
+            Err(e) => Err(e),
+        }
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -75,9 +97,15 @@ where
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Req,
+        req: Inbound<Req>,
     ) -> io::Result<()> {
-        write(io, &req).await
+        match req {
+            Inbound::Message(m) => write(io, &m).await,
+            Inbound::Refused(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a refused request cannot be sent",
+            )),
+        }
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(
@@ -103,13 +131,13 @@ mod tests {
     async fn round_trip() {
         let mut c = Codec::<Ack, Ack>::default();
         let mut buf = Cursor::new(Vec::new());
-        c.write_request(&P, &mut buf, Ack::Refused("no".into()))
+        c.write_request(&P, &mut buf, Ack::Refused("no".into()).into())
             .await
             .unwrap();
         let mut r = Cursor::new(buf.into_inner());
         assert_eq!(
             c.read_request(&P, &mut r).await.unwrap(),
-            Ack::Refused("no".into())
+            Inbound::Message(Ack::Refused("no".into()))
         );
     }
 
@@ -119,12 +147,19 @@ mod tests {
         // Declares 1 GiB but carries 8 bytes: refused without reading on.
         let mut frame = (1u32 << 30).to_be_bytes().to_vec();
         frame.extend_from_slice(&[0; 8]);
+        let Inbound::Refused(why) = c.read_request(&P, &mut Cursor::new(frame)).await.unwrap()
+        else {
+            panic!("an oversized frame was accepted");
+        };
+        assert!(why.contains("more than the limit"), "{why}");
+        // A response of that size is an error.
+        let mut frame = (1u32 << 30).to_be_bytes().to_vec();
+        frame.extend_from_slice(&[0; 8]);
         let err = c
-            .read_request(&P, &mut Cursor::new(frame))
+            .read_response(&P, &mut Cursor::new(frame))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert!(err.to_string().contains("more than the limit"), "{err}");
     }
 
     #[tokio::test]
@@ -137,6 +172,16 @@ mod tests {
                 .await
                 .is_err()
         );
+        let mut garbage = 16u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[0xff; 16]);
+        assert!(matches!(
+            c.read_request(&P, &mut Cursor::new(garbage)).await,
+            Ok(Inbound::Refused(_))
+        ));
+        // A stream that ends early is an I/O error, not a refused frame.
+        let mut short = 100u32.to_be_bytes().to_vec();
+        short.extend_from_slice(&[0; 10]);
+        assert!(c.read_request(&P, &mut Cursor::new(short)).await.is_err());
         let mut short = 100u32.to_be_bytes().to_vec();
         short.extend_from_slice(&[0; 10]);
         assert!(c.read_response(&P, &mut Cursor::new(short)).await.is_err());

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use alliance_kernels::gpu;
 use alliance_protocol::advert::GpuState;
-use alliance_protocol::cert::{Chain, RevocationSet, Revocations, Roles};
+use alliance_protocol::cert::{Chain, ChainError, RevocationSet, Revocations, Roles};
 use alliance_protocol::{Identity, Signed, Timestamp};
 use anyhow::{Context, Result, anyhow, bail};
 use libp2p::Multiaddr;
@@ -72,8 +72,15 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         .verify_institution(&charter, &RevocationSet::new(&charter), now)
         .ok();
     for list in &lists {
-        if let Err(e) = revocations.insert(list, own_inst.as_ref()) {
-            warn!("revocation list ignored: {e}");
+        match revocations.insert(list, own_inst.as_ref()) {
+            // Kept in the database too, to hand to members that lack it.
+            Ok(()) => store.save_revocations(&list.signer(), &list.to_bytes()),
+            // Signed by an institution this node has not met yet: kept,
+            // and applied once a member of it presents its certificate.
+            Err(ChainError::UnknownRevoker { .. }) => {
+                store.save_revocations(&list.signer(), &list.to_bytes());
+            }
+            Err(e) => warn!("revocation list ignored: {e}"),
         }
     }
     let member = chain

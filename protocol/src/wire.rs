@@ -104,13 +104,19 @@ pub struct Hello {
     pub alliance: Hash,
     pub chain: Chain,
     /// Sequence numbers of the revocation lists the sender holds, so the
-    /// other side can ask for newer ones.
+    /// other side can send it newer ones.
     pub revocations: Vec<(crate::keys::PublicKey, u64)>,
+    /// In an answer: revocation lists the asker lacks or holds an older
+    /// sequence of, at most [`MAX_HELLO_LISTS`]. Empty in a request.
+    pub lists: Vec<Signed<crate::cert::Revocations>>,
 }
+
+/// Revocation lists one hello carries at most.
+pub const MAX_HELLO_LISTS: usize = 4;
 
 impl Message for Hello {
     const NAME: &'static str = "membership hello";
-    const MAX_SIZE: usize = 16 * 1024;
+    const MAX_SIZE: usize = 16 * 1024 + MAX_HELLO_LISTS * RevocationGossip::MAX_SIZE;
 }
 
 /// A task offer, with the kernel source when the worker may lack it.

@@ -4,7 +4,13 @@
 //! request-response round trip (the membership exchange between two nodes)
 //! measured in the same run.
 //!
+//! Then gossip cost: bytes each node sends per second at steady state
+//! (adverts republished every quarter of the charter's default advert
+//! lifetime, gossipsub heartbeats and gossip, pings, DHT walks, AutoNAT
+//! probes), from the libp2p traffic counters of every node over one minute.
+//!
 //! Run: `cargo bench -p alliance-tests --bench adverts`
+//! (`ADVERT_BENCH_NODES=10,50` picks the sizes.)
 
 #![allow(
     clippy::unwrap_used,
@@ -35,6 +41,7 @@ async fn round_trip(a: &TestAlliance) -> f64 {
         alliance: a.charter.id,
         chain: a.chain(id, 0, Roles::WORK, Timestamp::now(), 30),
         revocations: vec![],
+        lists: vec![],
     };
     let (ia, ib) = (Identity::generate(), Identity::generate());
     let (ha, hb) = (hello(&ia), hello(&ib));
@@ -144,28 +151,46 @@ async fn propagation(nodes: &[InProcess], publisher: usize, paused: bool) -> Vec
         .collect()
 }
 
+/// Bytes sent and received by all `nodes` so far.
+async fn traffic(nodes: &[InProcess]) -> (u64, u64) {
+    let mut total = (0, 0);
+    for n in nodes {
+        let s = n.client.status().await.unwrap();
+        total.0 += s.bytes_out;
+        total.1 += s.bytes_in;
+    }
+    total
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    let sizes: Vec<usize> = std::env::var("ADVERT_BENCH_NODES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10, 50, 100]);
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         println!(
-            "advert propagation on loopback TCP (p50/p99 over 10 publishes, every receiving node)"
+            "advert propagation on loopback TCP, {threads} threads (p50/p99 over 10 publishes, every receiving node)"
         );
         println!(
             "{:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9}",
             "nodes", "converged", "RR", "p50", "p99", "p50/RR", "p99/RR"
         );
-        for n in [10usize, 50, 100] {
+        let mut costs = Vec::new();
+        for &n in &sizes {
+            let ttl = alliance_protocol::cert::CharterDefaults::default().advert_ttl_secs;
             let a = TestAlliance::new(
                 "Bench",
                 &[("North", Roles::ALL), ("South", Roles::WORK)],
-                600,
+                ttl,
             );
             let first = a.spawn(0, vec![]).await;
             let boot = vec![first.address.clone()];
@@ -193,7 +218,29 @@ fn main() {
                 p50 / rr,
                 p99 / rr
             );
+            let window = Duration::from_secs(60);
+            let before = traffic(&nodes).await;
+            tokio::time::sleep(window).await;
+            let after = traffic(&nodes).await;
+            let per_node = |b: u64, a: u64| (a - b) as f64 / n as f64 / window.as_secs_f64();
+            costs.push((
+                n,
+                per_node(before.0, after.0),
+                per_node(before.1, after.1),
+            ));
         }
         println!("targets at 50 nodes: p50/RR <= 3, p99/RR <= 10");
+        println!();
+        println!("gossip cost at steady state (one minute, adverts republished every 30 s)");
+        println!(
+            "{:>6} {:>14} {:>14} {:>12}",
+            "nodes", "sent B/node/s", "recv B/node/s", "vs smallest"
+        );
+        for (n, out, inb) in &costs {
+            println!(
+                "{n:>6} {out:>14.0} {inb:>14.0} {:>11.2}x",
+                out / costs[0].1
+            );
+        }
     });
 }

@@ -96,6 +96,7 @@ async fn non_members_are_disconnected_with_a_reason() {
             alliance: a.charter.id,
             chain: presented,
             revocations: vec![],
+            lists: vec![],
         };
         assert!(
             drive(&mut swarm, Some(hello), Duration::from_secs(20)).await,
@@ -254,7 +255,7 @@ async fn bad_frames_on_a_membership_stream_get_the_peer_dropped() {
     let a = TestAlliance::new("Frames Test", &[("North", Roles::ALL)], 60);
     let node = a.spawn(0, vec![]).await;
 
-    // A length prefix of 1 GiB (the cap is 16 KiB): refused from the
+    // A length prefix of 1 GiB (far over the cap): refused from the
     // prefix, before the body is read.
     let mut oversized = (1u32 << 30).to_be_bytes().to_vec();
     oversized.extend_from_slice(&[0u8; 4096]);

@@ -101,6 +101,26 @@ fn an_alliance_forms_keeps_strangers_out_and_survives_its_bootstrap_node() {
     }
     members[4] = None;
 
+    // A member that joins after the revocation was gossiped gets the list
+    // in the membership exchange.
+    let late_dir = a.node("late", 1, Roles::WORK);
+    late_dir.set_bootstrap(std::slice::from_ref(&boot_addr));
+    let late = late_dir.start(false);
+    let revoker = a.institutions[0].1.public().to_string();
+    wait_for(LIMIT, "the late member to hold the revocation list", || {
+        late.get("/v1/status").is_some_and(|s| {
+            s["revocation_lists"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|e| e[0] == revoker.as_str() && e[1] == 1))
+        })
+    });
+    assert!(
+        late.log()
+            .contains("newer revocation list received from a member"),
+        "the list came by gossip, not in the hello"
+    );
+    drop(late);
+
     // No stranger ever shows up as a member or advertiser.
     for m in members.iter().flatten().chain([&boot]) {
         assert!(!m.members().contains(&foreign.peer()));

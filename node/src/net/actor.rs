@@ -51,6 +51,8 @@ pub const MEMBERSHIP_DEADLINE: Duration = Duration::from_secs(5);
 const MAX_REJECTED: usize = 256;
 /// Verified advert chains remembered.
 const MAX_CACHED_CHAINS: usize = 4096;
+/// Revocation lists of not-yet-met institutions kept for later.
+const MAX_DEFERRED_LISTS: usize = 64;
 /// How long a rejected peer stays connected, so our answer reaches it.
 const REJECT_GRACE: Duration = Duration::from_millis(300);
 
@@ -91,6 +93,8 @@ pub struct Status {
     pub members: usize,
     pub paused: bool,
     pub rejected: Vec<Rejection>,
+    /// Revocation lists in force: signer and sequence number.
+    pub revocation_lists: Vec<(String, u64)>,
 }
 
 /// A peer that was turned away, and why.
@@ -218,6 +222,11 @@ pub struct EventLoop {
     doomed: Vec<(PeerId, Instant, bool)>,
     identified: HashMap<PeerId, Vec<Multiaddr>>,
     adverts: HashMap<PeerId, Advert>,
+    /// The signed revocation lists in force, to hand to members that lack them.
+    signed_lists: HashMap<alliance_protocol::PublicKey, Signed<Revocations>>,
+    /// Institution-signed lists whose institution this node has not met
+    /// yet; applied when a member of it presents its certificate.
+    deferred: Vec<Signed<Revocations>>,
     /// Chains of advert publishers already verified (against the current
     /// revocation lists), by the hashes of their two certificates.
     verified_chains: HashMap<(alliance_protocol::Hash, alliance_protocol::Hash), Member>,
@@ -247,6 +256,13 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
     let revocations_topic = super::topic(&setup.charter.id, "revocations");
     let now = Instant::now();
     let sequence = Timestamp::now().as_secs().saturating_mul(1_000_000);
+    let (in_force, deferred): (Vec<_>, Vec<_>) = setup
+        .store
+        .revocations()
+        .iter()
+        .filter_map(|b| Signed::<Revocations>::from_bytes(b).ok())
+        .partition(|l| setup.revocations.sequence(&l.signer()).is_some());
+    let signed_lists = in_force.into_iter().map(|l| (l.signer(), l)).collect();
     (
         Client { commands: tx },
         EventLoop {
@@ -267,6 +283,8 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             identified: HashMap::new(),
             adverts: HashMap::new(),
             verified_chains: HashMap::new(),
+            signed_lists,
+            deferred,
             sequence,
             publish_due: true,
             last_publish: now,
@@ -284,6 +302,26 @@ impl EventLoop {
             alliance: self.setup.charter.id,
             chain: self.setup.chain.clone(),
             revocations,
+            lists: Vec::new(),
+        }
+    }
+
+    /// The answer to `asked`: our hello, with the revocation lists it lacks.
+    fn answer(&self, asked: &Hello) -> Hello {
+        let held: HashMap<_, _> = asked.revocations.iter().copied().collect();
+        let lists = self
+            .signed_lists
+            .iter()
+            .filter(|(signer, _)| {
+                let ours = self.setup.revocations.sequence(signer);
+                held.get(*signer).is_none_or(|theirs| ours > Some(*theirs))
+            })
+            .map(|(_, l)| l.clone())
+            .take(alliance_protocol::wire::MAX_HELLO_LISTS)
+            .collect();
+        Hello {
+            lists,
+            ..self.hello()
         }
     }
 
@@ -386,7 +424,17 @@ impl EventLoop {
             &self.setup.revocations,
             now,
         ) {
-            self.institutions.insert(inst.cert.key, inst);
+            let key = inst.cert.key;
+            if self.institutions.insert(key, inst).is_none() {
+                let (now_known, still): (Vec<_>, Vec<_>) =
+                    self.deferred.drain(..).partition(|l| l.signer() == key);
+                self.deferred = still;
+                for list in now_known {
+                    if let Err(e) = self.apply_revocations(&list) {
+                        debug!("stored revocation list not applied: {e}");
+                    }
+                }
+            }
         }
         Ok(member)
     }
@@ -581,7 +629,7 @@ impl EventLoop {
                     }
                 };
                 let verdict = self.check_hello(peer, &request);
-                let hello = self.hello();
+                let hello = self.answer(&request);
                 let _ = self
                     .swarm
                     .behaviour_mut()
@@ -596,10 +644,29 @@ impl EventLoop {
                 peer,
                 message: M::Response { response, .. },
                 ..
-            } => match self.check_hello(peer, &response) {
-                Ok(member) => self.accept(peer, member, response.chain),
-                Err(reason) => self.reject(peer, reason),
-            },
+            } => {
+                match self.check_hello(peer, &response) {
+                    Ok(member) => self.accept(peer, member, response.chain),
+                    Err(reason) => return self.reject(peer, reason),
+                }
+                // Lists we lacked, from a member: each is verified on its own.
+                for list in &response.lists {
+                    match self.apply_revocations(list) {
+                        Ok(()) => {
+                            info!(%peer, signer = %list.signer(), "newer revocation list received from a member")
+                        }
+                        Err(e) => {
+                            debug!(%peer, "revocation list from a hello not applied: {e}");
+                            if !self.institutions.contains_key(&list.signer())
+                                && list.signer() != self.setup.charter.charter.root
+                                && self.deferred.len() < MAX_DEFERRED_LISTS
+                            {
+                                self.deferred.push(list.clone());
+                            }
+                        }
+                    }
+                }
+            }
             Event::OutboundFailure { peer, error, .. } => {
                 if self.members.contains_key(&peer) {
                     return;
@@ -757,6 +824,7 @@ impl EventLoop {
         self.setup
             .store
             .save_revocations(&list.signer(), &list.to_bytes());
+        self.signed_lists.insert(list.signer(), list.clone());
         let now = Timestamp::now();
         let revoked: Vec<(PeerId, String)> = self
             .members
@@ -1014,6 +1082,13 @@ impl EventLoop {
                 .count(),
             paused: self.setup.paused,
             rejected: self.rejected.clone(),
+            revocation_lists: self
+                .setup
+                .revocations
+                .held()
+                .into_iter()
+                .map(|(k, seq)| (k.to_string(), seq))
+                .collect(),
         }
     }
 }

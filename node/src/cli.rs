@@ -1079,27 +1079,44 @@ fn gpus(a: GpusArgs, json: bool) -> Result<()> {
         gpu::list(&gpu::instance(), a.all_backends),
         &gpu::Selection::All,
     )?;
-    let mut figures = Vec::new();
+    // One adapter that cannot be opened (a GL context on a headless
+    // server, say) is reported, and the others are still measured.
+    let mut figures = vec![None; found.len()];
+    let mut failures: Vec<Option<String>> = vec![None; found.len()];
     if a.bench {
         let dir = config::data_dir(a.data_dir.as_deref())
             .ok_or_else(|| anyhow!("no data directory for the benchmark cache: pass --data-dir"))?
             .join("cache");
-        for g in &found {
-            let mut ex = Executor::open(&g.adapter, Limits::default()).with_context(|| {
-                format!("cannot open GPU {} ({})", g.report.index, g.report.name)
-            })?;
-            let f = selfbench::measure_cached(&mut ex, &g.report, &dir)
-                .with_context(|| format!("self-benchmark of GPU {} failed", g.report.index))?;
-            figures.push(Some(f));
+        for (i, g) in found.iter().enumerate() {
+            let measured = Executor::open(&g.adapter, Limits::default())
+                .map_err(|e| format!("cannot open it: {e}"))
+                .and_then(|mut ex| {
+                    selfbench::measure_cached(&mut ex, &g.report, &dir)
+                        .map_err(|e| format!("self-benchmark failed: {e}"))
+                });
+            match measured {
+                Ok(f) => figures[i] = Some(f),
+                Err(e) => failures[i] = Some(e),
+            }
         }
-    } else {
-        figures.resize(found.len(), None);
+        if failures.iter().all(Option::is_some) && !found.is_empty() {
+            bail!(
+                "no GPU could be measured: {}",
+                failures
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
     }
     if json {
         let rows: Vec<_> = found
             .iter()
             .zip(&figures)
-            .map(|(g, f)| json!({ "adapter": g.report, "bench": f }))
+            .zip(&failures)
+            .map(|((g, f), e)| json!({ "adapter": g.report, "bench": f, "bench_error": e }))
             .collect();
         print_json(&serde_json::Value::Array(rows));
         return Ok(());
@@ -1127,6 +1144,11 @@ fn gpus(a: GpusArgs, json: bool) -> Result<()> {
             copy,
             fma
         );
+    }
+    for (g, e) in found.iter().zip(&failures) {
+        if let Some(e) = e {
+            println!("GPU {} ({}): {e}", g.report.index, g.report.backend);
+        }
     }
     if found.iter().all(|g| g.report.software) {
         println!("(software adapters only: they work, slowly; no hardware GPU driver was found)");

@@ -51,7 +51,12 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         .ok_or_else(|| anyhow!("{} lacks the institution certificate", chain_path.display()))?;
     let chain = Chain::new(inst_cert, node_cert);
 
-    let store = Store::open(&data_dir.join("db"))?;
+    // Opening may wait a few seconds for a stopping node's lock: off the
+    // async threads.
+    let db = data_dir.join("db");
+    let store = tokio::task::spawn_blocking(move || Store::open(&db))
+        .await
+        .context("the database opener stopped")??;
     let mut revocations = RevocationSet::new(&charter);
     let mut lists: Vec<Signed<Revocations>> = store
         .revocations()

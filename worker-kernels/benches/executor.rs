@@ -223,7 +223,8 @@ fn main() {
     let n: usize = if gpu.report.software {
         8 << 20
     } else {
-        64 << 20
+        // The most saxpy reaches along x alone: 65535 workgroups of 256.
+        65_535 * 256
     };
     let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
     let y: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();

@@ -10,7 +10,8 @@
 //! probes), from the libp2p traffic counters of every node over one minute.
 //!
 //! Run: `cargo bench -p alliance-tests --bench adverts`
-//! (`ADVERT_BENCH_NODES=10,50` picks the sizes.)
+//! (`ADVERT_BENCH_NODES=10,50` picks the sizes, `ADVERT_BENCH_COST_SECS`
+//! the length of the traffic window.)
 
 #![allow(
     clippy::unwrap_used,
@@ -113,6 +114,27 @@ async fn converge(nodes: &[InProcess]) -> Duration {
     }
 }
 
+/// Waits until AutoNAT has an answer on every node.
+async fn settle(nodes: &[InProcess]) {
+    let start = Instant::now();
+    loop {
+        let mut unknown = 0;
+        for n in nodes {
+            if n.client.status().await.unwrap().nat.starts_with("unknown") {
+                unknown += 1;
+            }
+        }
+        if unknown == 0 {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(180) {
+            println!("  ({unknown} nodes still without a reachability answer after 180 s)");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Delays (seconds) from publish to acceptance at every other node.
 async fn propagation(nodes: &[InProcess], publisher: usize, paused: bool) -> Vec<f64> {
     let me = nodes[publisher].peer.to_string();
@@ -199,7 +221,10 @@ fn main() {
                 nodes.push(a.spawn(i % 2, boot.clone()).await);
             }
             let converged = converge(&nodes).await;
-            // Let the mesh settle past its first heartbeats.
+            // Steady state: every node has had its reachability probed
+            // (AutoNAT dial-backs are new connections with full handshakes,
+            // a start-up cost), and the mesh is past its first heartbeats.
+            settle(&nodes).await;
             tokio::time::sleep(Duration::from_secs(3)).await;
             let rr = round_trip(&a).await;
             let mut all = Vec::new();
@@ -218,7 +243,12 @@ fn main() {
                 p50 / rr,
                 p99 / rr
             );
-            let window = Duration::from_secs(60);
+            let window = Duration::from_secs(
+                std::env::var("ADVERT_BENCH_COST_SECS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(60),
+            );
             let before = traffic(&nodes).await;
             tokio::time::sleep(window).await;
             let after = traffic(&nodes).await;

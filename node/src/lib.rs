@@ -24,6 +24,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod gpus;
+pub mod job;
 pub mod net;
 pub mod run;
 pub mod store;

@@ -107,6 +107,7 @@ fn offer(k: &Identity) -> TaskOffer {
             checkpoint_every: None,
             timeout_ms: 60_000,
             comparison: Comparison::Exact,
+            info_binding: None,
         },
         worker: k.public(),
         attempt: 0,

@@ -147,6 +147,31 @@ pub struct TaskSpec {
     /// Wall-clock limit for the whole task, in milliseconds.
     pub timeout_ms: u64,
     pub comparison: Comparison,
+    /// Binding of the uniform `struct { step, steps, task, task_count }`
+    /// (all u32) the worker fills before every dispatch, if the kernel has one.
+    pub info_binding: Option<u32>,
+}
+
+/// A worker could not run a task: signed, so the submitter knows the
+/// failure is the worker's word and can hold it to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFailure {
+    pub job: JobId,
+    pub task: u32,
+    pub attempt: u32,
+    pub kernel: Hash,
+    pub worker: PublicKey,
+    pub submitter: PublicKey,
+    /// What went wrong, for the researcher.
+    pub reason: String,
+    pub failed_at: Timestamp,
+}
+
+impl Record for TaskFailure {
+    const NAME: &'static str = "task failure";
+    const CONTEXT: &'static str = "task-failure/v1";
+    const VERSION: u16 = 1;
+    const MAX_SIZE: usize = 16 * 1024;
 }
 
 /// A submitter offers a task to a worker.

@@ -2,9 +2,9 @@
 //!
 //! | protocol | request | response | cap (request / response) |
 //! |---|---|---|---|
-//! | `/alliance/membership/1` | [`Hello`] | [`Hello`] | 16 KiB / 16 KiB |
+//! | `/alliance/membership/1` | [`Hello`] | [`Hello`] | about 1 MiB each (hello plus up to 4 revocation lists) |
 //! | `/alliance/task/1` | [`OfferRequest`] | [`OfferAnswer`] | 3 MiB / 4 KiB |
-//! | `/alliance/result/1` | [`TaskResult`] | [`Ack`] | 5 MiB / 1 KiB |
+//! | `/alliance/result/1` | [`TaskReport`] | [`Ack`] | 5 MiB / 1 KiB |
 //! | `/alliance/blob/1` | [`BlobRequest`] | [`BlobResponse`] | 1 KiB / 1 MiB + 1 KiB |
 //! | `/alliance/progress/1` | [`Progress`] | [`Ack`] | 1 MiB + 64 KiB / 1 KiB |
 //! | gossip `alliance/<id>/adverts/1` | [`AdvertGossip`] | | 32 KiB |
@@ -173,6 +173,19 @@ pub struct TaskResult {
 impl Message for TaskResult {
     const NAME: &'static str = "task result";
     const MAX_SIZE: usize = 5 * 1024 * 1024;
+}
+
+/// What a worker reports at the end of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskReport {
+    Done(TaskResult),
+    /// The task could not run or did not finish; the signed reason.
+    Failed(Signed<crate::task::TaskFailure>),
+}
+
+impl Message for TaskReport {
+    const NAME: &'static str = "task report";
+    const MAX_SIZE: usize = TaskResult::MAX_SIZE;
 }
 
 /// Acknowledges a result or progress message.

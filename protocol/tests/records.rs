@@ -11,11 +11,11 @@ use alliance_protocol::encoding::DecodeError;
 use alliance_protocol::signed::RecordError;
 use alliance_protocol::task::{
     Binding, BindingKind, CheckpointRecord, Comparison, Credit, Data, ElemType, JobId,
-    OutputDigest, Receipt, TaskOffer, TaskSpec,
+    OutputDigest, Receipt, TaskFailure, TaskOffer, TaskSpec,
 };
 use alliance_protocol::wire::{
     self, Ack, BlobRequest, BlobResponse, DeclineReason, Hello, Message, OfferAnswer, OfferRequest,
-    Progress, RevocationGossip, TaskResult,
+    Progress, RevocationGossip, TaskReport, TaskResult,
 };
 use alliance_protocol::{Hash, Identity, PublicKey, Record, Signed, Timestamp};
 use proptest::prelude::*;
@@ -235,13 +235,22 @@ fn spec() -> impl Strategy<Value = TaskSpec> {
             any::<Option<u32>>(),
             any::<u64>(),
             comparison(),
+            any::<Option<u32>>(),
         ),
     )
         .prop_map(
             |(
                 (job, task, task_count, kernel, entry_point),
                 bindings,
-                (dispatch, steps, start_step, checkpoint_every, timeout_ms, comparison),
+                (
+                    dispatch,
+                    steps,
+                    start_step,
+                    checkpoint_every,
+                    timeout_ms,
+                    comparison,
+                    info_binding,
+                ),
             )| {
                 TaskSpec {
                     job,
@@ -256,6 +265,7 @@ fn spec() -> impl Strategy<Value = TaskSpec> {
                     checkpoint_every,
                     timeout_ms,
                     comparison,
+                    info_binding,
                 }
             },
         )
@@ -420,6 +430,9 @@ proptest! {
         check_message(OfferAnswer::Accept { lease_until: Timestamp::from_secs(off) })?;
         check_message(OfferAnswer::Decline(DeclineReason::Limits(reason.clone())))?;
         check_message(TaskResult { receipt: Signed::sign(&r, &k).unwrap(), outputs: vec![(0, d.clone())] })?;
+        let failure = TaskFailure { job: r.job, task: r.task, attempt: r.attempt, kernel: r.kernel, worker: r.worker, submitter: r.submitter, reason: reason.clone(), failed_at: r.finished_at };
+        check_record(failure.clone(), seed)?;
+        check_message(TaskReport::Failed(Signed::sign(&failure, &k).unwrap()))?;
         check_message(Ack::Refused(reason.clone()))?;
         check_message(BlobRequest { hash: h, offset: off, len: 4096 })?;
         check_message(BlobResponse::Chunk { hash: h, offset: off, total_len: off, data: chunk })?;

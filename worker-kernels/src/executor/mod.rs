@@ -405,17 +405,8 @@ impl Executor {
     }
 }
 
-/// Runs one task on `device`. See the module documentation.
-pub fn run(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    cache: &mut Cache,
-    task: &Task,
-    limits: &Limits,
-    device_limits: Option<&ComputeLimits>,
-    on_checkpoint: &mut dyn FnMut(Checkpoint) -> Result<(), TaskError>,
-) -> Result<Outcome, TaskError> {
-    let pipeline = cache.pipeline(device, task, limits, device_limits)?;
+/// What `task` supplies for each binding, the info uniform included.
+fn supplied(task: &Task) -> Vec<Supplied> {
     let mut supplied: Vec<Supplied> = task
         .bindings
         .iter()
@@ -432,9 +423,18 @@ pub fn run(
             bytes: INFO_BYTES,
         });
     }
+    supplied
+}
+
+fn check_bindings(
+    kernel: &intake::Kernel,
+    task: &Task,
+    limits: &Limits,
+    device_limits: Option<&ComputeLimits>,
+) -> Result<(), IntakeError> {
     intake::check_task(
-        &pipeline.kernel,
-        &supplied,
+        kernel,
+        &supplied(task),
         task.dispatch,
         task.steps,
         task.checkpoint_every,
@@ -442,8 +442,36 @@ pub fn run(
         device_limits,
     )?;
     if task.start_step >= task.steps {
-        return Err(IntakeError::NoSteps.into());
+        return Err(IntakeError::NoSteps);
     }
+    Ok(())
+}
+
+/// Checks `task` by the rules a worker applies before it runs it (kernel
+/// intake, bindings, dispatch, steps), without a GPU: what a submitter
+/// runs before anything leaves its machine.
+pub fn check(
+    task: &Task,
+    limits: &Limits,
+    device_limits: Option<&ComputeLimits>,
+) -> Result<intake::Kernel, IntakeError> {
+    let kernel = intake::check_kernel(&task.kernel, &task.entry_point, limits, device_limits)?;
+    check_bindings(&kernel, task, limits, device_limits)?;
+    Ok(kernel)
+}
+
+/// Runs one task on `device`. See the module documentation.
+pub fn run(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    cache: &mut Cache,
+    task: &Task,
+    limits: &Limits,
+    device_limits: Option<&ComputeLimits>,
+    on_checkpoint: &mut dyn FnMut(Checkpoint) -> Result<(), TaskError>,
+) -> Result<Outcome, TaskError> {
+    let pipeline = cache.pipeline(device, task, limits, device_limits)?;
+    check_bindings(&pipeline.kernel, task, limits, device_limits)?;
 
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let result = execute(device, queue, cache, &pipeline, task, on_checkpoint);

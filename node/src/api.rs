@@ -11,6 +11,11 @@
 //! | `GET /v1/gpus` | the live advert table |
 //! | `POST /v1/worker/pause`, `POST /v1/worker/resume` | stop or start lending this node's GPUs |
 //! | `POST /v1/revocations` | apply and gossip a revocation list (body: the armored file) |
+//! | `POST /v1/jobs` | submit a job: `{"file": "/abs/path/job.toml"}` → `{"id": …}` |
+//! | `GET /v1/jobs` | this node's jobs with their progress and why tasks wait |
+//! | `GET /v1/jobs/ID` | one job: every task's state, replicas, workers, timings, failures |
+//! | `POST /v1/jobs/ID/cancel` | stop offering the job's tasks |
+//! | `POST /v1/jobs/ID/export` | write verified outputs as `.npy`: `{"out": "/abs/dir", "concat": false}` |
 //! | `GET /metrics` | traffic counters in the Prometheus text format |
 
 use std::io::{Read, Write};
@@ -29,7 +34,118 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::jobs::{Jobs, JobsError};
 use crate::net::actor::{Client, Stopped};
+
+/// What the API handlers reach.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    pub client: Client,
+    /// The job scheduler, on nodes with the submit role.
+    pub jobs: Option<Jobs>,
+    /// The intake limits jobs are checked against at submission.
+    pub limits: alliance_kernels::intake::Limits,
+}
+
+impl axum::extract::FromRef<ApiState> for Client {
+    fn from_ref(s: &ApiState) -> Client {
+        s.client.clone()
+    }
+}
+
+impl From<JobsError> for ApiError {
+    fn from(e: JobsError) -> Self {
+        let code = match e {
+            JobsError::Refused(_) => StatusCode::BAD_REQUEST,
+            JobsError::NotFound(_) => StatusCode::NOT_FOUND,
+            JobsError::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+fn jobs_of(s: &ApiState) -> Result<Jobs, ApiError> {
+    s.jobs.clone().ok_or_else(|| {
+        ApiError(
+            StatusCode::FORBIDDEN,
+            "this node's certificate lacks the submit role: it cannot submit jobs".into(),
+        )
+    })
+}
+
+fn body_json(body: &str) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_str(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not JSON: {e}"),
+        )
+    })
+}
+
+async fn submit(State(s): State<ApiState>, body: String) -> Answer {
+    let jobs = jobs_of(&s)?;
+    let v = body_json(&body)?;
+    let file = v["file"].as_str().ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "give the job file as {\"file\": \"/absolute/path/job.toml\"}".into(),
+        )
+    })?;
+    let path = std::path::PathBuf::from(file);
+    if !path.is_absolute() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{file} is not an absolute path"),
+        ));
+    }
+    let limits = s.limits.clone();
+    let id = tokio::task::spawn_blocking(move || jobs.submit(&path, &limits))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(json!({ "id": id })))
+}
+
+async fn job_list(State(s): State<ApiState>) -> Answer {
+    Ok(Json(json!(jobs_of(&s)?.list()?)))
+}
+
+async fn job_detail(
+    State(s): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Answer {
+    Ok(Json(json!(jobs_of(&s)?.detail(&id)?)))
+}
+
+async fn job_cancel(
+    State(s): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Answer {
+    Ok(Json(json!(jobs_of(&s)?.cancel(&id)?)))
+}
+
+async fn job_export(
+    State(s): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: String,
+) -> Answer {
+    let jobs = jobs_of(&s)?;
+    let v = body_json(&body)?;
+    let out = v["out"]
+        .as_str()
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                "give the output directory as {\"out\": \"/absolute/dir\"}".into(),
+            )
+        })?;
+    let concat = v["concat"].as_bool().unwrap_or(false);
+    let files = tokio::task::spawn_blocking(move || jobs.export(&id, &out, concat))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(json!({ "files": files })))
+}
 
 /// The file in the data directory that holds the API's address.
 pub const ADDR_FILE: &str = "api.addr";
@@ -106,13 +222,17 @@ async fn revocations(State(c): State<Client>, body: String) -> Answer {
 async fn not_found() -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
-        "no such endpoint: try GET /v1/status, /v1/peers or /v1/gpus".into(),
+        "no such endpoint: try GET /v1/status, /v1/peers, /v1/gpus or /v1/jobs".into(),
     )
 }
 
 /// The API's routes.
-pub fn router(client: Client) -> Router {
+pub fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/v1/jobs", post(submit).get(job_list))
+        .route("/v1/jobs/{id}", get(job_detail))
+        .route("/v1/jobs/{id}/cancel", post(job_cancel))
+        .route("/v1/jobs/{id}/export", post(job_export))
         .route("/v1/status", get(status))
         .route("/v1/peers", get(peers))
         .route("/v1/gpus", get(gpus))
@@ -121,7 +241,7 @@ pub fn router(client: Client) -> Router {
         .route("/v1/revocations", post(revocations))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .with_state(client)
+        .with_state(state)
 }
 
 /// The address of the node running on `data_dir`, from its address file.

@@ -61,6 +61,11 @@ pub enum Command {
     Pause(DataDirArg),
     /// Lend this node's GPUs again.
     Resume(DataDirArg),
+    /// Submit a job file to this node; `--wait` shows progress until it ends.
+    Submit(crate::jobcli::SubmitArgs),
+    /// This node's jobs: list, status, results, cancel.
+    #[command(subcommand)]
+    Job(crate::jobcli::JobCommand),
     /// Run tasks for the node in a sandboxed child process (started by the node).
     #[command(hide = true)]
     Sandbox,
@@ -323,6 +328,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cert(CertCommand::PublishRevocations { file, node }) => {
             publish_revocations(&file, &node, json)
         }
+        Command::Submit(a) => crate::jobcli::submit(&a, json),
+        Command::Job(c) => crate::jobcli::job(c, json),
         Command::Sandbox => std::process::exit(i32::from(alliance_kernels::sandbox::child_main())),
     }
 }

@@ -21,11 +21,15 @@
 )]
 
 pub mod api;
+pub mod blobs;
 pub mod cli;
 pub mod config;
 pub mod gpus;
 pub mod job;
+pub mod jobcli;
+pub mod jobs;
 pub mod net;
 pub mod run;
 pub mod store;
 pub mod trust;
+pub mod worker;

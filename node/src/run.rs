@@ -14,11 +14,14 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use tracing::{info, warn};
 
+use crate::blobs::Blobs;
 use crate::config::Config;
+use crate::jobs::Jobs;
 use crate::net;
-use crate::net::actor::{self, Setup};
+use crate::net::actor::{self, Inbound, Setup};
 use crate::store::Store;
 use crate::trust::{self, Bundle};
+use crate::worker::{Worker, WorkerSetup};
 use crate::{api, gpus};
 
 /// Runs the node until Ctrl-C or SIGTERM.
@@ -106,15 +109,23 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             )
         })?;
 
-    let lent = if member.roles.contains(Roles::WORK) {
+    let lent_gpus: Vec<gpu::AdapterReport> = if member.roles.contains(Roles::WORK) {
         gpu::discover(&cfg.worker.gpus)
             .context("[worker] gpus")?
-            .iter()
-            .map(|g| gpus::advert_entry(&g.report, None, GpuState::Idle, 1))
+            .into_iter()
+            .map(|g| g.report)
             .collect()
     } else {
         Vec::new()
     };
+    let lent = lent_gpus
+        .iter()
+        .map(|g| gpus::advert_entry(g, None, GpuState::Idle, 1))
+        .collect();
+    let blobs = Blobs::open(&data_dir.join("blobs"))
+        .with_context(|| format!("cannot open the blob store in {}", data_dir.display()))?;
+    let job_tables = (store.tree("jobs")?, store.tree("tasks")?);
+    let submits = member.roles.contains(Roles::SUBMIT);
 
     let psk = match &cfg.network.psk_file {
         Some(path) => {
@@ -167,10 +178,11 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         .collect();
 
     info!(peer = %own_peer, alliance = %charter.charter.name, institution = %member.institution_name, roles = %member.roles, bootstrap, "node starting");
+    let (inbound, requests) = tokio::sync::mpsc::channel(256);
     let (client, event_loop) = actor::new(
         network,
         Setup {
-            identity,
+            identity: Arc::clone(&identity),
             charter,
             chain,
             member,
@@ -179,10 +191,40 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             store,
             gpus: lent,
             paused: false,
+            inbound: Some(inbound),
         },
     );
     let (stop_net, stopped) = tokio::sync::oneshot::channel();
     let network = tokio::spawn(event_loop.run(stopped));
+
+    let worker = (!lent_gpus.is_empty()).then(|| {
+        Worker::new(WorkerSetup {
+            identity: Arc::clone(&identity),
+            client: client.clone(),
+            blobs: blobs.clone(),
+            gpus: lent_gpus.clone(),
+            limits: cfg.worker.limits.clone(),
+            rlimits: cfg.worker.sandbox,
+            scratch: data_dir.join("scratch"),
+            program: std::env::current_exe().unwrap_or_else(|_| "alliance".into()),
+            args: vec!["sandbox".into()],
+        })
+    });
+    let jobs = if submits {
+        let j = Jobs::open(
+            Arc::clone(&identity),
+            client.clone(),
+            blobs.clone(),
+            job_tables.0,
+            job_tables.1,
+        )
+        .context("cannot load this node's jobs")?;
+        tokio::spawn(j.clone().run());
+        Some(j)
+    } else {
+        None
+    };
+    tokio::spawn(serve_requests(requests, worker, jobs.clone(), blobs));
 
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
@@ -195,7 +237,12 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     std::fs::write(&addr_file, api_addr.to_string())
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
     info!(%api_addr, "API listening");
-    axum::serve(listener, api::router(client))
+    let state = api::ApiState {
+        client,
+        jobs,
+        limits: cfg.worker.limits.clone(),
+    };
+    axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the API server failed")?;
@@ -204,6 +251,61 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     let _ = stop_net.send(());
     let _ = network.await;
     Ok(())
+}
+
+/// Hands members' requests to the worker, the job scheduler and the blob
+/// store, each answered on its own task.
+async fn serve_requests(
+    mut requests: tokio::sync::mpsc::Receiver<Inbound>,
+    worker: Option<Worker>,
+    jobs: Option<Jobs>,
+    blobs: Blobs,
+) {
+    use alliance_protocol::wire::{Ack, DeclineReason, OfferAnswer};
+    while let Some(request) = requests.recv().await {
+        match request {
+            Inbound::Offer {
+                peer,
+                member,
+                request,
+                reply,
+            } => match &worker {
+                Some(w) => {
+                    let w = w.clone();
+                    tokio::spawn(async move {
+                        let _ = reply.send(w.offer(peer, &member, *request).await);
+                    });
+                }
+                None => {
+                    let _ = reply.send(OfferAnswer::Decline(DeclineReason::BadOffer(
+                        "this node lends no GPU".into(),
+                    )));
+                }
+            },
+            Inbound::Report {
+                peer,
+                member,
+                report,
+                reply,
+            } => match &jobs {
+                Some(j) => {
+                    let j = j.clone();
+                    tokio::spawn(async move {
+                        let _ = reply.send(j.report(peer, &member, *report).await);
+                    });
+                }
+                None => {
+                    let _ = reply.send(Ack::Refused("this node submits no jobs".into()));
+                }
+            },
+            Inbound::Blob { request, reply, .. } => {
+                let b = blobs.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = reply.send(b.answer(&request));
+                });
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -10,6 +10,7 @@ use tracing::warn;
 /// The node's sled database.
 #[derive(Clone, Debug)]
 pub struct Store {
+    db: sled::Db,
     peers: sled::Tree,
     revocations: sled::Tree,
 }
@@ -47,7 +48,13 @@ impl Store {
         Ok(Self {
             peers: db.open_tree("peers").map_err(err)?,
             revocations: db.open_tree("revocations").map_err(err)?,
+            db,
         })
+    }
+
+    /// Another table of the same database (jobs, tasks).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, sled::Error> {
+        self.db.open_tree(name)
     }
 
     /// Remembers a member's addresses, so a restart can rejoin through it.

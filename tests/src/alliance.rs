@@ -375,6 +375,7 @@ impl TestAlliance {
                 store,
                 gpus: vec![test_gpu()],
                 paused: false,
+                inbound: None,
             },
         );
         let (stop, stopped) = tokio::sync::oneshot::channel();

@@ -55,6 +55,8 @@ pub struct JobFile {
     pub info_binding: Option<u32>,
     #[serde(default)]
     pub inputs: Vec<InputFile>,
+    /// Buffers read back per task (state inputs come back too).
+    #[serde(default)]
     pub outputs: Vec<OutputFile>,
     #[serde(default)]
     pub requirements: Requirements,
@@ -366,6 +368,7 @@ impl Job {
             .iter()
             .map(|i| load_input(i, base, file.tasks))
             .collect::<Result<Vec<_>, _>>()?;
+        // A state buffer's final contents come back like an output.
         let outputs = file
             .outputs
             .iter()
@@ -374,6 +377,16 @@ impl Job {
                 elem: o.elem.into(),
                 len: o.len,
             })
+            .chain(
+                inputs
+                    .iter()
+                    .filter(|i: &&Input| i.kind == InputKind::State)
+                    .map(|i| Output {
+                        binding: i.binding,
+                        elem: i.elem,
+                        len: i.bytes(0).len() as u64 / i.elem.size(),
+                    }),
+            )
             .collect();
         Ok(Self {
             name,
@@ -417,11 +430,16 @@ impl Job {
                 }
             })
             .collect();
-        bindings.extend(self.outputs.iter().map(|o| Binding::Output {
-            binding: o.binding,
-            len: o.len,
-            elem: kernels_elem(o.elem),
-        }));
+        bindings.extend(
+            self.outputs
+                .iter()
+                .filter(|o| !self.is_state(o.binding))
+                .map(|o| Binding::Output {
+                    binding: o.binding,
+                    len: o.len,
+                    elem: kernels_elem(o.elem),
+                }),
+        );
         let mut task = Task::new(&self.kernel, &self.entry_point, bindings, self.dispatch);
         task.steps = self.steps;
         task.checkpoint_every = self.checkpoint_every;
@@ -429,6 +447,13 @@ impl Job {
         task.task_index = index;
         task.task_count = self.tasks;
         task
+    }
+
+    /// Whether `binding` is a state buffer (an input that comes back).
+    pub fn is_state(&self, binding: u32) -> bool {
+        self.inputs
+            .iter()
+            .any(|i| i.binding == binding && i.kind == InputKind::State)
     }
 
     /// Checks the job by a worker's intake rules with `limits`.

@@ -24,13 +24,19 @@ use alliance_protocol::advert::{GpuAdvert, GpuInfo, GpuState};
 use alliance_protocol::cert::{
     Chain, Institution, Member, RevocationSet, Revocations, Roles, TrustedCharter,
 };
-use alliance_protocol::wire::{AdvertGossip, Hello, Message, RevocationGossip};
+use alliance_protocol::wire::{
+    Ack, AdvertGossip, BlobRequest, BlobResponse, Hello, Message, OfferAnswer, OfferRequest,
+    RevocationGossip, TaskReport,
+};
 use alliance_protocol::{Identity, Signed, Timestamp};
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use libp2p::core::ConnectedPoint;
 use libp2p::core::transport::ListenerId;
 use libp2p::metrics::Registry;
 use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{
@@ -41,7 +47,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::codec::Inbound;
+use super::codec::Inbound as CodecInbound;
+
 use super::{Behaviour, BehaviourEvent, Network};
 use crate::store::Store;
 
@@ -69,7 +76,43 @@ pub struct Setup {
     /// The GPUs this node lends (empty for a node without the work role).
     pub gpus: Vec<GpuInfo>,
     pub paused: bool,
+    /// Where requests from members for the worker, the job scheduler and
+    /// the blob store go; `None` refuses them.
+    pub inbound: Option<mpsc::Sender<Inbound>>,
 }
+
+/// A request from a verified member, for the part of the node that answers
+/// it; dropping `reply` fails the request.
+#[derive(Debug)]
+pub enum Inbound {
+    Offer {
+        peer: PeerId,
+        member: Member,
+        request: Box<OfferRequest>,
+        reply: oneshot::Sender<OfferAnswer>,
+    },
+    Report {
+        peer: PeerId,
+        member: Member,
+        report: Box<TaskReport>,
+        reply: oneshot::Sender<Ack>,
+    },
+    Blob {
+        peer: PeerId,
+        request: BlobRequest,
+        reply: oneshot::Sender<BlobResponse>,
+    },
+}
+
+/// An answer the node's parts produced, on its way back to the peer.
+enum Answer {
+    Offer(Option<OfferAnswer>, ResponseChannel<OfferAnswer>),
+    Report(Option<Ack>, ResponseChannel<Ack>),
+    Blob(Option<BlobResponse>, ResponseChannel<BlobResponse>),
+}
+
+/// Outcome of a request to a peer: its answer, or why there is none.
+pub type Reply<T> = Result<T, String>;
 
 /// The node's own status.
 #[derive(Debug, Clone, Serialize)]
@@ -142,6 +185,18 @@ pub enum Command {
         Box<Signed<Revocations>>,
         oneshot::Sender<Result<(), String>>,
     ),
+    Offer(
+        PeerId,
+        Box<OfferRequest>,
+        oneshot::Sender<Reply<OfferAnswer>>,
+    ),
+    Report(PeerId, Box<TaskReport>, oneshot::Sender<Reply<Ack>>),
+    Blob(PeerId, BlobRequest, oneshot::Sender<Reply<BlobResponse>>),
+    /// The verified member behind a peer, if it is one and connected.
+    Member(PeerId, oneshot::Sender<Option<Member>>),
+    /// A member misbehaved (a bad result, a blob that fails its hash):
+    /// disconnect and block it, with the reason.
+    Punish(PeerId, String),
 }
 
 /// The handle the rest of the node uses.
@@ -185,6 +240,43 @@ impl Client {
 
     pub async fn revoke(&self, list: Signed<Revocations>) -> Result<Result<(), String>, Stopped> {
         self.ask(|tx| Command::Revoke(Box::new(list), tx)).await
+    }
+
+    /// Offers a task to `peer`.
+    pub async fn offer(
+        &self,
+        peer: PeerId,
+        req: OfferRequest,
+    ) -> Result<Reply<OfferAnswer>, Stopped> {
+        self.ask(|tx| Command::Offer(peer, Box::new(req), tx)).await
+    }
+
+    /// Reports a task's end to its submitter `peer`.
+    pub async fn report(&self, peer: PeerId, report: TaskReport) -> Result<Reply<Ack>, Stopped> {
+        self.ask(|tx| Command::Report(peer, Box::new(report), tx))
+            .await
+    }
+
+    /// Asks `peer` for a blob chunk.
+    pub async fn blob(
+        &self,
+        peer: PeerId,
+        req: BlobRequest,
+    ) -> Result<Reply<BlobResponse>, Stopped> {
+        self.ask(|tx| Command::Blob(peer, req, tx)).await
+    }
+
+    /// The verified member behind `peer`, if connected.
+    pub async fn member(&self, peer: PeerId) -> Result<Option<Member>, Stopped> {
+        self.ask(|tx| Command::Member(peer, tx)).await
+    }
+
+    /// Drops and blocks a member that misbehaved.
+    pub async fn punish(&self, peer: PeerId, reason: String) -> Result<(), Stopped> {
+        self.commands
+            .send(Command::Punish(peer, reason))
+            .await
+            .map_err(|_| Stopped)
     }
 }
 
@@ -236,6 +328,10 @@ pub struct EventLoop {
     last_discovery: Instant,
     redial_backoff: Duration,
     last_redial: Instant,
+    offers_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<OfferAnswer>>>,
+    reports_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<Ack>>>,
+    blobs_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<BlobResponse>>>,
+    answers: FuturesUnordered<BoxFuture<'static, Answer>>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -291,6 +387,10 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             last_discovery: now,
             redial_backoff: Duration::from_secs(1),
             last_redial: now,
+            offers_out: HashMap::new(),
+            reports_out: HashMap::new(),
+            blobs_out: HashMap::new(),
+            answers: FuturesUnordered::new(),
         },
     )
 }
@@ -343,6 +443,7 @@ impl EventLoop {
                     None => break,
                 },
                 _ = tick.tick() => self.on_tick(),
+                Some(answer) = self.answers.next(), if !self.answers.is_empty() => self.on_answer(answer),
                 _ = &mut shutdown => break,
             }
         }
@@ -575,6 +676,9 @@ impl EventLoop {
                 }
             },
             SwarmEvent::Behaviour(BehaviourEvent::Membership(e)) => self.on_membership(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Tasks(e)) => self.on_tasks(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Results(e)) => self.on_results(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Blobs(e)) => self.on_blobs(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -612,7 +716,7 @@ impl EventLoop {
         }
     }
 
-    fn on_membership(&mut self, event: request_response::Event<Inbound<Hello>, Hello>) {
+    fn on_membership(&mut self, event: request_response::Event<CodecInbound<Hello>, Hello>) {
         use request_response::{Event, Message as M, OutboundFailure};
         match event {
             Event::Message {
@@ -623,8 +727,8 @@ impl EventLoop {
                 ..
             } => {
                 let request = match request {
-                    Inbound::Message(hello) => hello,
-                    Inbound::Refused(why) => {
+                    CodecInbound::Message(hello) => hello,
+                    CodecInbound::Refused(why) => {
                         return self.reject(peer, format!("sent a bad membership request: {why}"));
                     }
                 };
@@ -689,6 +793,227 @@ impl EventLoop {
                 self.reject(peer, format!("sent a bad membership request: {error}"));
             }
             _ => {}
+        }
+    }
+
+    /// The member behind `peer` if it may use the job protocols; otherwise
+    /// the peer is rejected (a refused frame or no verified membership).
+    fn gate<T>(
+        &mut self,
+        peer: PeerId,
+        what: &str,
+        request: CodecInbound<T>,
+    ) -> Option<(Member, T)> {
+        match request {
+            CodecInbound::Refused(why) => {
+                self.reject(peer, format!("sent a bad {what}: {why}"));
+                None
+            }
+            CodecInbound::Message(m) => match self.members.get(&peer) {
+                Some((member, _)) => Some((member.clone(), m)),
+                None => {
+                    self.reject(peer, format!("sent a {what} before proving membership"));
+                    None
+                }
+            },
+        }
+    }
+
+    fn on_tasks(
+        &mut self,
+        event: request_response::Event<CodecInbound<OfferRequest>, OfferAnswer>,
+    ) {
+        use request_response::{Event, Message as M};
+        match event {
+            Event::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                let Some((member, request)) = self.gate(peer, "task offer", request) else {
+                    return;
+                };
+                let (reply, rx) = oneshot::channel();
+                let sent = self.setup.inbound.as_ref().is_some_and(|tx| {
+                    tx.try_send(Inbound::Offer {
+                        peer,
+                        member,
+                        request: Box::new(request),
+                        reply,
+                    })
+                    .is_ok()
+                });
+                if sent {
+                    self.answers.push(Box::pin(
+                        async move { Answer::Offer(rx.await.ok(), channel) },
+                    ));
+                } else {
+                    let no =
+                        OfferAnswer::Decline(alliance_protocol::wire::DeclineReason::BadOffer(
+                            "this node runs no worker".into(),
+                        ));
+                    let _ = self.swarm.behaviour_mut().tasks.send_response(channel, no);
+                }
+            }
+            Event::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(tx) = self.offers_out.remove(&request_id) {
+                    let _ = tx.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(tx) = self.offers_out.remove(&request_id) {
+                    let _ = tx.send(Err(error.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_results(&mut self, event: request_response::Event<CodecInbound<TaskReport>, Ack>) {
+        use request_response::{Event, Message as M};
+        match event {
+            Event::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                let Some((member, report)) = self.gate(peer, "task report", request) else {
+                    return;
+                };
+                let (reply, rx) = oneshot::channel();
+                let sent = self.setup.inbound.as_ref().is_some_and(|tx| {
+                    tx.try_send(Inbound::Report {
+                        peer,
+                        member,
+                        report: Box::new(report),
+                        reply,
+                    })
+                    .is_ok()
+                });
+                if sent {
+                    self.answers.push(Box::pin(
+                        async move { Answer::Report(rx.await.ok(), channel) },
+                    ));
+                } else {
+                    let no = Ack::Refused("this node has no jobs".into());
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .results
+                        .send_response(channel, no);
+                }
+            }
+            Event::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(tx) = self.reports_out.remove(&request_id) {
+                    let _ = tx.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(tx) = self.reports_out.remove(&request_id) {
+                    let _ = tx.send(Err(error.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_blobs(
+        &mut self,
+        event: request_response::Event<CodecInbound<BlobRequest>, BlobResponse>,
+    ) {
+        use request_response::{Event, Message as M};
+        match event {
+            Event::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                let Some((_, request)) = self.gate(peer, "blob request", request) else {
+                    return;
+                };
+                let (reply, rx) = oneshot::channel();
+                let sent = self.setup.inbound.as_ref().is_some_and(|tx| {
+                    tx.try_send(Inbound::Blob {
+                        peer,
+                        request,
+                        reply,
+                    })
+                    .is_ok()
+                });
+                if sent {
+                    self.answers.push(Box::pin(
+                        async move { Answer::Blob(rx.await.ok(), channel) },
+                    ));
+                } else {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .blobs
+                        .send_response(channel, BlobResponse::NotFound);
+                }
+            }
+            Event::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(tx) = self.blobs_out.remove(&request_id) {
+                    let _ = tx.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(tx) = self.blobs_out.remove(&request_id) {
+                    let _ = tx.send(Err(error.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_answer(&mut self, answer: Answer) {
+        let b = self.swarm.behaviour_mut();
+        match answer {
+            Answer::Offer(Some(a), ch) => {
+                let _ = b.tasks.send_response(ch, a);
+            }
+            Answer::Report(Some(a), ch) => {
+                let _ = b.results.send_response(ch, a);
+            }
+            Answer::Blob(Some(a), ch) => {
+                let _ = b.blobs.send_response(ch, a);
+            }
+            // The part that should answer gave up: the peer sees the
+            // stream close.
+            Answer::Offer(None, _) | Answer::Report(None, _) | Answer::Blob(None, _) => {}
         }
     }
 
@@ -1036,6 +1361,39 @@ impl EventLoop {
                 }
                 let _ = tx.send(());
             }
+            Command::Offer(peer, req, tx) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .tasks
+                    .send_request(&peer, (*req).into());
+                self.offers_out.insert(id, tx);
+            }
+            Command::Report(peer, report, tx) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .results
+                    .send_request(&peer, (*report).into());
+                self.reports_out.insert(id, tx);
+            }
+            Command::Blob(peer, req, tx) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .blobs
+                    .send_request(&peer, req.into());
+                self.blobs_out.insert(id, tx);
+            }
+            Command::Member(peer, tx) => {
+                let member = self
+                    .members
+                    .get(&peer)
+                    .filter(|_| self.connected.contains_key(&peer))
+                    .map(|(m, _)| m.clone());
+                let _ = tx.send(member);
+            }
+            Command::Punish(peer, reason) => self.reject(peer, reason),
             Command::Revoke(list, tx) => {
                 let result = self.apply_revocations(&list);
                 if result.is_ok() {

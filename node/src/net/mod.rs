@@ -24,7 +24,9 @@ pub mod codec;
 use std::time::Duration;
 
 use alliance_protocol::Hash;
-use alliance_protocol::wire::Hello;
+use alliance_protocol::wire::{
+    Ack, BlobRequest, BlobResponse, Hello, OfferAnswer, OfferRequest, TaskReport,
+};
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, OptionalTransport};
 use libp2p::core::upgrade::Version;
@@ -40,6 +42,12 @@ use libp2p::{
 
 /// The membership exchange protocol.
 pub const MEMBERSHIP_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/membership/1");
+/// Task offers, submitter to worker.
+pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/task/1");
+/// Task results and failures, worker to submitter.
+pub const RESULT_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/result/1");
+/// Blob chunks, either way.
+pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/blob/1");
 
 /// The network behaviour of an alliance node.
 #[derive(NetworkBehaviour)]
@@ -50,6 +58,9 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub membership: request_response::Behaviour<codec::Codec<Hello, Hello>>,
+    pub tasks: request_response::Behaviour<codec::Codec<OfferRequest, OfferAnswer>>,
+    pub results: request_response::Behaviour<codec::Codec<TaskReport, Ack>>,
+    pub blobs: request_response::Behaviour<codec::Codec<BlobRequest, BlobResponse>>,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub gossipsub: gossipsub::Behaviour,
     pub autonat: autonat::Behaviour,
@@ -306,6 +317,21 @@ impl Behaviour {
             membership: request_response::Behaviour::new(
                 [(MEMBERSHIP_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+            ),
+            tasks: request_response::Behaviour::new(
+                [(TASK_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+            ),
+            // A submitter fetches large outputs before it acknowledges.
+            results: request_response::Behaviour::new(
+                [(RESULT_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(600)),
+            ),
+            blobs: request_response::Behaviour::new(
+                [(BLOB_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(60))
+                    .with_max_concurrent_streams(64),
             ),
             kad,
             gossipsub,

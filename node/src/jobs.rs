@@ -1,0 +1,1389 @@
+//! The submitter: jobs this node submitted, their scheduling across the
+//! alliance's idle GPUs, and the checking of what comes back.
+//!
+//! - A job is loaded from its file ([`crate::job::Job`]), its large inputs
+//!   go into the blob store, and the job and one record per task are
+//!   written to sled before the job id is handed out.
+//! - The scheduler matches waiting tasks to live adverts (requirements,
+//!   state, free slots, no two replicas of a task on one worker, preferred
+//!   institutions first, then the least loaded and fastest GPU), offers
+//!   them signed, and re-offers a task whose worker declines, fails, lets
+//!   its lease run out or leaves the network, with backoff, up to a retry
+//!   limit. When nothing matches, the task says why.
+//! - A report is checked (signature by the worker that holds the task, the
+//!   attempt it was offered, the kernel, the submitter, every output
+//!   against its hash and declared size), outputs are kept as blobs, and a
+//!   task is verified when a quorum of replicas agrees under the job's
+//!   comparison. The acknowledgement is sent only after the database write
+//!   is flushed, so an acknowledged result is never lost.
+//! - Every state change is persisted, so a restarted node resumes its jobs:
+//!   leases it handed out still stand and results arriving for them count.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use alliance_kernels::compare::{self, Tolerance};
+use alliance_kernels::intake::Limits;
+use alliance_protocol::advert::GpuState;
+use alliance_protocol::cert::Member;
+use alliance_protocol::task::{
+    Binding, BindingKind, Comparison, Data, ElemType, JobId, OutputDigest, TaskOffer, TaskSpec,
+};
+use alliance_protocol::wire::{Ack, OfferAnswer, OfferRequest, TaskReport};
+use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::blobs::{self, Blobs};
+use crate::job::spec::{InputKind, Output, Requirements};
+use crate::job::{Job, npy};
+use crate::net::actor::{AdvertView, Client};
+
+/// Inputs up to this size ride inside the offer; larger ones are blobs.
+const INLINE_INPUT: usize = 64 * 1024;
+/// Offers a task may receive in all, per replica it needs.
+const ATTEMPTS_PER_REPLICA: u32 = 5;
+/// An offer not answered in this time counts as lost.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a worker that declined is left alone.
+const DECLINE_BACKOFF: Duration = Duration::from_secs(5);
+/// A worker gone from the network this long loses its tasks.
+const GONE_GRACE: Duration = Duration::from_secs(5);
+/// Scheduler passes, at most this far apart.
+const TICK: Duration = Duration::from_millis(250);
+
+/// A job input as stored: shared by every task, or one part per task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRecord {
+    pub binding: u32,
+    pub kind: InputKind,
+    pub elem: ElemType,
+    pub parts: Vec<Data>,
+    pub split: bool,
+}
+
+/// A job's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Active,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub name: String,
+    pub submitted_at: Timestamp,
+    pub kernel: String,
+    pub kernel_hash: Hash,
+    pub entry_point: String,
+    pub dispatch: [u32; 3],
+    pub tasks: u32,
+    pub steps: u32,
+    pub checkpoint_every: Option<u32>,
+    pub timeout_ms: u64,
+    pub redundancy: u32,
+    pub comparison: Comparison,
+    pub info_binding: Option<u32>,
+    pub inputs: Vec<InputRecord>,
+    pub outputs: Vec<Output>,
+    pub requirements: Requirements,
+    pub state: JobState,
+    pub finished_at: Option<Timestamp>,
+}
+
+/// One try of a task on one worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ReplicaState {
+    Offered,
+    Running {
+        lease_until: Timestamp,
+    },
+    Returned,
+    /// Agreed with the quorum.
+    Verified,
+    /// Disagreed with the quorum.
+    Outvoted,
+    Declined {
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
+    Lost {
+        reason: String,
+    },
+}
+
+/// A replica of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    pub attempt: u32,
+    pub worker: String,
+    pub institution: String,
+    #[serde(flatten)]
+    pub state: ReplicaState,
+    pub offered_at: Timestamp,
+    pub finished_at: Option<Timestamp>,
+    pub gpu_time_us: u64,
+    pub adapter: String,
+    pub outputs: Vec<OutputDigest>,
+}
+
+impl Replica {
+    fn in_flight(&self) -> bool {
+        matches!(
+            self.state,
+            ReplicaState::Offered | ReplicaState::Running { .. }
+        )
+    }
+    fn returned(&self) -> bool {
+        matches!(
+            self.state,
+            ReplicaState::Returned | ReplicaState::Verified | ReplicaState::Outvoted
+        )
+    }
+}
+
+/// A task's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Waiting,
+    Verified,
+    Failed,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub index: u32,
+    pub state: TaskState,
+    pub replicas: Vec<Replica>,
+    pub next_attempt: u32,
+    /// Why the task is not running now, when it waits.
+    pub waiting: Option<String>,
+    /// The verified outputs.
+    pub result: Option<Vec<OutputDigest>>,
+    /// Why it failed, when it did.
+    pub failure: Option<String>,
+}
+
+/// Counts of tasks by state, for progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub queued: u32,
+    pub running: u32,
+    pub verified: u32,
+    pub failed: u32,
+}
+
+/// What `GET /v1/jobs` lists.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: String,
+    pub name: String,
+    pub state: JobState,
+    pub tasks: u32,
+    pub redundancy: u32,
+    pub progress: Progress,
+    pub submitted_at: Timestamp,
+    pub finished_at: Option<Timestamp>,
+    /// Why tasks wait, most common first, with how many.
+    pub waiting: Vec<(String, u32)>,
+}
+
+/// What `GET /v1/jobs/ID` returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobDetail {
+    pub summary: JobSummary,
+    pub outputs: Vec<Output>,
+    pub tasks: Vec<TaskRecord>,
+}
+
+#[derive(Debug)]
+struct Live {
+    job: JobRecord,
+    tasks: Vec<TaskRecord>,
+}
+
+/// The submitter; cheap to clone.
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    identity: Arc<Identity>,
+    client: Client,
+    blobs: Blobs,
+    jobs: sled::Tree,
+    tasks: sled::Tree,
+    live: Mutex<BTreeMap<String, Live>>,
+    declined: Mutex<HashMap<String, Instant>>,
+    gone_since: Mutex<HashMap<String, Instant>>,
+    wake: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Jobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jobs").finish_non_exhaustive()
+    }
+}
+
+/// Why a request about jobs failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("no job {0} on this node (see `alliance job list`)")]
+    NotFound(String),
+    #[error("the job database failed: {0}")]
+    Db(String),
+}
+
+fn task_key(id: &str, index: u32) -> Vec<u8> {
+    let mut k = id.as_bytes().to_vec();
+    k.push(b'/');
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn db<E: std::fmt::Display>(e: E) -> JobsError {
+    JobsError::Db(e.to_string())
+}
+
+impl Jobs {
+    /// Opens the job tables and loads every job not yet finished.
+    pub fn open(
+        identity: Arc<Identity>,
+        client: Client,
+        blobs: Blobs,
+        jobs: sled::Tree,
+        tasks: sled::Tree,
+    ) -> Result<Self, JobsError> {
+        let mut live = BTreeMap::new();
+        for item in jobs.iter() {
+            let (_, v) = item.map_err(db)?;
+            let job: JobRecord = serde_json::from_slice(&v).map_err(db)?;
+            let mut list = Vec::with_capacity(job.tasks as usize);
+            for i in 0..job.tasks {
+                let v = tasks
+                    .get(task_key(&job.id, i))
+                    .map_err(db)?
+                    .ok_or_else(|| JobsError::Db(format!("job {} lacks task {i}", job.id)))?;
+                list.push(serde_json::from_slice(&v).map_err(db)?);
+            }
+            live.insert(job.id.clone(), Live { job, tasks: list });
+        }
+        if !live.is_empty() {
+            info!(jobs = live.len(), "jobs loaded from the database");
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                identity,
+                client,
+                blobs,
+                jobs,
+                tasks,
+                live: Mutex::new(live),
+                declined: Mutex::new(HashMap::new()),
+                gone_since: Mutex::new(HashMap::new()),
+                wake: tokio::sync::Notify::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, Live>>, JobsError> {
+        self.inner
+            .live
+            .lock()
+            .map_err(|_| JobsError::Db("job state poisoned".into()))
+    }
+
+    fn save_job(&self, job: &JobRecord) -> Result<(), JobsError> {
+        let v = serde_json::to_vec(job).map_err(db)?;
+        self.inner.jobs.insert(job.id.as_bytes(), v).map_err(db)?;
+        Ok(())
+    }
+
+    fn save_task(&self, id: &str, task: &TaskRecord) -> Result<(), JobsError> {
+        let v = serde_json::to_vec(task).map_err(db)?;
+        self.inner
+            .tasks
+            .insert(task_key(id, task.index), v)
+            .map_err(db)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), JobsError> {
+        self.inner.jobs.flush().map_err(db)?;
+        self.inner.tasks.flush().map_err(db)?;
+        Ok(())
+    }
+
+    /// Loads, checks and stores the job file at `path`; returns its id.
+    pub fn submit(&self, path: &Path, limits: &Limits) -> Result<String, JobsError> {
+        let job = Job::load(path, limits).map_err(|e| JobsError::Refused(e.to_string()))?;
+        let mut raw = [0u8; 16];
+        getrandom::fill(&mut raw).map_err(db)?;
+        let id = JobId(raw).to_string();
+        let mut inputs = Vec::new();
+        for i in &job.inputs {
+            let parts: Vec<&[u8]> = match &i.parts {
+                crate::job::spec::Parts::Shared(b) => vec![b.as_slice()],
+                crate::job::spec::Parts::Split(p) => p.iter().map(Vec::as_slice).collect(),
+            };
+            let mut stored = Vec::new();
+            for p in parts {
+                stored.push(if p.len() <= INLINE_INPUT {
+                    Data::Inline(p.to_vec())
+                } else {
+                    let hash = self.inner.blobs.put(p).map_err(db)?;
+                    Data::Blob {
+                        hash,
+                        len: p.len() as u64,
+                    }
+                });
+            }
+            inputs.push(InputRecord {
+                binding: i.binding,
+                kind: i.kind,
+                elem: i.elem,
+                split: matches!(i.parts, crate::job::spec::Parts::Split(_)),
+                parts: stored,
+            });
+        }
+        let record = JobRecord {
+            id: id.clone(),
+            name: job.name.clone(),
+            submitted_at: Timestamp::now(),
+            kernel_hash: Hash::of(job.kernel.as_bytes()),
+            kernel: job.kernel,
+            entry_point: job.entry_point,
+            dispatch: job.dispatch,
+            tasks: job.tasks,
+            steps: job.steps,
+            checkpoint_every: job.checkpoint_every,
+            timeout_ms: u64::try_from(job.timeout.as_millis()).unwrap_or(u64::MAX),
+            redundancy: job.redundancy,
+            comparison: job.comparison,
+            info_binding: job.info_binding,
+            inputs,
+            outputs: job.outputs,
+            requirements: job.requirements,
+            state: JobState::Active,
+            finished_at: None,
+        };
+        let tasks: Vec<TaskRecord> = (0..record.tasks)
+            .map(|index| TaskRecord {
+                index,
+                state: TaskState::Waiting,
+                replicas: Vec::new(),
+                next_attempt: 0,
+                waiting: Some("not scheduled yet".into()),
+                result: None,
+                failure: None,
+            })
+            .collect();
+        for t in &tasks {
+            self.save_task(&id, t)?;
+        }
+        self.save_job(&record)?;
+        self.flush()?;
+        info!(job = %id, name = %record.name, tasks = record.tasks, "job submitted");
+        self.lock()?.insert(id.clone(), Live { job: record, tasks });
+        self.inner.wake.notify_one();
+        Ok(id)
+    }
+
+    /// Every job, newest first.
+    pub fn list(&self) -> Result<Vec<JobSummary>, JobsError> {
+        let live = self.lock()?;
+        let mut out: Vec<JobSummary> = live.values().map(summary).collect();
+        out.sort_by(|a, b| b.submitted_at.cmp(&a.submitted_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// One job with its tasks.
+    pub fn detail(&self, id: &str) -> Result<JobDetail, JobsError> {
+        let live = self.lock()?;
+        let l = live
+            .get(id)
+            .ok_or_else(|| JobsError::NotFound(id.to_owned()))?;
+        Ok(JobDetail {
+            summary: summary(l),
+            outputs: l.job.outputs.clone(),
+            tasks: l.tasks.clone(),
+        })
+    }
+
+    /// Stops offering a job's tasks; results still on their way are refused.
+    pub fn cancel(&self, id: &str) -> Result<JobSummary, JobsError> {
+        let mut live = self.lock()?;
+        let l = live
+            .get_mut(id)
+            .ok_or_else(|| JobsError::NotFound(id.to_owned()))?;
+        if l.job.state == JobState::Active {
+            l.job.state = JobState::Cancelled;
+            l.job.finished_at = Some(Timestamp::now());
+            let job = l.job.clone();
+            self.save_job(&job)?;
+            self.flush()?;
+        }
+        Ok(summary(l))
+    }
+
+    /// Writes a job's verified outputs to `out` as `.npy` files: one per
+    /// output and task (`out<B>-task<N>.npy`), or with `concat` one per
+    /// output holding every task's part in task order (`out<B>.npy`).
+    pub fn export(&self, id: &str, out: &Path, concat: bool) -> Result<Vec<String>, JobsError> {
+        let (job, tasks) = {
+            let live = self.lock()?;
+            let l = live
+                .get(id)
+                .ok_or_else(|| JobsError::NotFound(id.to_owned()))?;
+            (l.job.clone(), l.tasks.clone())
+        };
+        std::fs::create_dir_all(out)
+            .map_err(|e| JobsError::Refused(format!("cannot create {}: {e}", out.display())))?;
+        let mut written = Vec::new();
+        for o in &job.outputs {
+            let mut all = Vec::new();
+            let mut complete = true;
+            for t in &tasks {
+                let Some(d) = t
+                    .result
+                    .as_ref()
+                    .and_then(|r| r.iter().find(|d| d.binding == o.binding))
+                else {
+                    complete = false;
+                    continue;
+                };
+                let bytes = self.inner.blobs.read(&d.hash).map_err(db)?;
+                if concat {
+                    all.extend_from_slice(&bytes);
+                } else {
+                    let name = format!("out{}-task{}.npy", o.binding, t.index);
+                    write_npy(out, &name, o.elem, &[o.len], &bytes)?;
+                    written.push(name);
+                }
+            }
+            if concat {
+                if !complete {
+                    return Err(JobsError::Refused(format!(
+                        "not every task of job {id} is verified yet; export them one per task, or wait"
+                    )));
+                }
+                let name = format!("out{}.npy", o.binding);
+                write_npy(out, &name, o.elem, &[u64::from(job.tasks), o.len], &all)?;
+                written.push(name);
+            }
+        }
+        Ok(written)
+    }
+
+    /// A task's verified output bytes (for the demo and tests).
+    pub fn output(&self, id: &str, task: u32, binding: u32) -> Result<Option<Vec<u8>>, JobsError> {
+        let hash = {
+            let live = self.lock()?;
+            let l = live
+                .get(id)
+                .ok_or_else(|| JobsError::NotFound(id.to_owned()))?;
+            l.tasks
+                .get(task as usize)
+                .and_then(|t| t.result.as_ref())
+                .and_then(|r| r.iter().find(|d| d.binding == binding))
+                .map(|d| d.hash)
+        };
+        hash.map(|h| self.inner.blobs.read(&h).map_err(db))
+            .transpose()
+    }
+
+    /// Runs the scheduler until the process ends.
+    pub async fn run(self) {
+        loop {
+            if let Err(e) = self.schedule().await {
+                warn!("scheduling pass failed: {e}");
+            }
+            let _ = tokio::time::timeout(TICK, self.inner.wake.notified()).await;
+        }
+    }
+
+    async fn schedule(&self) -> Result<(), JobsError> {
+        let Ok(adverts) = self.inner.client.gpus().await else {
+            return Ok(());
+        };
+        let Ok(peers) = self.inner.client.peers().await else {
+            return Ok(());
+        };
+        let connected: std::collections::HashSet<String> =
+            peers.into_iter().map(|p| p.peer_id).collect();
+        let now = Instant::now();
+        {
+            let mut gone = self
+                .inner
+                .gone_since
+                .lock()
+                .map_err(|_| JobsError::Db("poisoned".into()))?;
+            gone.retain(|w, _| !connected.contains(w));
+        }
+        let mut offers: Vec<(String, u32, u32, PeerId, Signed<TaskOffer>, String)> = Vec::new();
+        {
+            let mut live = self.lock()?;
+            let in_flight = in_flight_by_worker(&live);
+            let mut planned: HashMap<String, u32> = HashMap::new();
+            for l in live.values_mut() {
+                if l.job.state != JobState::Active {
+                    continue;
+                }
+                let job = l.job.clone();
+                for t in &mut l.tasks {
+                    if t.state != TaskState::Waiting {
+                        continue;
+                    }
+                    let mut changed = self.expire(t, &connected, now);
+                    let target = target_replicas(&job, t);
+                    let active = count(t.replicas.iter().filter(|r| r.in_flight()));
+                    let returned = count(t.replicas.iter().filter(|r| r.returned()));
+                    if t.next_attempt >= ATTEMPTS_PER_REPLICA * job.redundancy + 2 && active == 0 {
+                        t.state = TaskState::Failed;
+                        let reasons: Vec<String> = t
+                            .replicas
+                            .iter()
+                            .filter_map(|r| match &r.state {
+                                ReplicaState::Declined { reason }
+                                | ReplicaState::Failed { reason }
+                                | ReplicaState::Lost { reason } => {
+                                    Some(format!("{}: {reason}", short(&r.worker)))
+                                }
+                                _ => None,
+                            })
+                            .collect();
+                        t.failure = Some(format!(
+                            "gave up after {} offers: {}",
+                            t.next_attempt,
+                            reasons.join("; ")
+                        ));
+                        t.waiting = None;
+                        self.save_task(&job.id, t)?;
+                        continue;
+                    }
+                    let need = target.saturating_sub(active + returned);
+                    if need == 0 {
+                        if changed {
+                            self.save_task(&job.id, t)?;
+                        }
+                        continue;
+                    }
+                    for _ in 0..need {
+                        match self.choose(&job, t, &adverts, &connected, &in_flight, &planned) {
+                            Ok(advert) => {
+                                let Ok(peer) = advert.peer_id.parse::<PeerId>() else {
+                                    continue;
+                                };
+                                let Ok(worker_key) = PublicKey::from_peer_id(&peer) else {
+                                    continue;
+                                };
+                                let attempt = t.next_attempt;
+                                t.next_attempt += 1;
+                                let offer = TaskOffer {
+                                    spec: spec(&job, t.index),
+                                    worker: worker_key,
+                                    attempt,
+                                    expires_at: Timestamp::now().saturating_add_secs(60),
+                                };
+                                let signed = Signed::sign(&offer, &self.inner.identity)
+                                    .map_err(|e| JobsError::Refused(e.to_string()))?;
+                                t.replicas.push(Replica {
+                                    attempt,
+                                    worker: advert.peer_id.clone(),
+                                    institution: advert.institution.clone(),
+                                    state: ReplicaState::Offered,
+                                    offered_at: Timestamp::now(),
+                                    finished_at: None,
+                                    gpu_time_us: 0,
+                                    adapter: String::new(),
+                                    outputs: Vec::new(),
+                                });
+                                t.waiting = None;
+                                *planned.entry(advert.peer_id.clone()).or_default() += 1;
+                                offers.push((
+                                    job.id.clone(),
+                                    t.index,
+                                    attempt,
+                                    peer,
+                                    signed,
+                                    job.kernel.clone(),
+                                ));
+                                changed = true;
+                            }
+                            Err(why) => {
+                                if t.waiting.as_deref() != Some(why.as_str()) {
+                                    t.waiting = Some(why);
+                                    changed = true;
+                                }
+                                break;
+                            }
+                        }
+                    }
+                    if changed {
+                        self.save_task(&job.id, t)?;
+                    }
+                }
+                if l.tasks.iter().all(|t| t.state != TaskState::Waiting) {
+                    let failed = l.tasks.iter().any(|t| t.state == TaskState::Failed);
+                    l.job.state = if failed {
+                        JobState::Failed
+                    } else {
+                        JobState::Done
+                    };
+                    l.job.finished_at = Some(Timestamp::now());
+                    info!(job = %l.job.id, state = ?l.job.state, "job finished");
+                    self.save_job(&l.job)?;
+                }
+            }
+        }
+        self.flush()?;
+        for (id, index, attempt, peer, offer, kernel) in offers {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let answer = me
+                    .inner
+                    .client
+                    .offer(
+                        peer,
+                        OfferRequest {
+                            offer,
+                            kernel_source: Some(kernel),
+                        },
+                    )
+                    .await;
+                me.on_answer(
+                    &id,
+                    index,
+                    attempt,
+                    peer,
+                    answer.map_err(|e| e.to_string()).and_then(|a| a),
+                );
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends replicas whose lease ran out, whose offer went unanswered, or
+    /// whose worker left. Returns whether anything changed.
+    fn expire(
+        &self,
+        t: &mut TaskRecord,
+        connected: &std::collections::HashSet<String>,
+        now: Instant,
+    ) -> bool {
+        let wall = Timestamp::now();
+        let mut changed = false;
+        let Ok(mut gone) = self.inner.gone_since.lock() else {
+            return false;
+        };
+        for r in &mut t.replicas {
+            let reason = match &r.state {
+                ReplicaState::Running { lease_until } if *lease_until <= wall => {
+                    Some("no result before the lease ended".to_owned())
+                }
+                ReplicaState::Offered
+                    if r.offered_at.saturating_add_secs(OFFER_TIMEOUT.as_secs()) <= wall =>
+                {
+                    Some("no answer to the offer".to_owned())
+                }
+                ReplicaState::Offered | ReplicaState::Running { .. }
+                    if !connected.contains(&r.worker) =>
+                {
+                    let since = *gone.entry(r.worker.clone()).or_insert(now);
+                    (now.duration_since(since) >= GONE_GRACE)
+                        .then(|| "the worker left the network".to_owned())
+                }
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                info!(worker = %short(&r.worker), task = t.index, %reason, "task replica lost; offering it again");
+                r.state = ReplicaState::Lost { reason };
+                r.finished_at = Some(wall);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The best worker for another replica of `t`, or why there is none.
+    fn choose<'a>(
+        &self,
+        job: &JobRecord,
+        t: &TaskRecord,
+        adverts: &'a [AdvertView],
+        connected: &std::collections::HashSet<String>,
+        in_flight: &HashMap<String, u32>,
+        planned: &HashMap<String, u32>,
+    ) -> Result<&'a AdvertView, String> {
+        let req = &job.requirements;
+        let remote: Vec<&AdvertView> = adverts.iter().filter(|a| !a.local).collect();
+        if remote.is_empty() {
+            return Err("no other member advertises a GPU".into());
+        }
+        let needed_bytes = job_buffer_bytes(job);
+        let capable: Vec<&AdvertView> = remote
+            .iter()
+            .copied()
+            .filter(|a| !req.avoid_institutions.contains(&a.institution))
+            .filter(|a| {
+                a.gpus.iter().any(|g| {
+                    (req.backends.is_empty()
+                        || req
+                            .backends
+                            .iter()
+                            .any(|b| b.eq_ignore_ascii_case(&format!("{:?}", g.backend))))
+                        && (!req.hardware_only
+                            || g.device_type != alliance_protocol::advert::DeviceType::Cpu)
+                        && g.limits.max_buffer_size >= (req.min_memory_mib << 20).max(needed_bytes)
+                })
+            })
+            .collect();
+        if capable.is_empty() {
+            let mut what = Vec::new();
+            if req.min_memory_mib > 0 {
+                what.push(format!("{} MiB buffers", req.min_memory_mib));
+            }
+            if !req.backends.is_empty() {
+                what.push(format!("the {} backend", req.backends.join(" or ")));
+            }
+            if req.hardware_only {
+                what.push("a hardware GPU".into());
+            }
+            if what.is_empty() {
+                what.push(format!("buffers of {needed_bytes} bytes"));
+            }
+            return Err(format!(
+                "no member advertises a GPU with {} ({} advertise{} GPUs{})",
+                what.join(", "),
+                remote.len(),
+                if remote.len() == 1 { "s" } else { "" },
+                if req.avoid_institutions.is_empty() {
+                    String::new()
+                } else {
+                    format!(", avoiding {}", req.avoid_institutions.join(", "))
+                }
+            ));
+        }
+        let holders: std::collections::HashSet<&str> = t
+            .replicas
+            .iter()
+            .filter(|r| r.in_flight() || r.returned())
+            .map(|r| r.worker.as_str())
+            .collect();
+        let fresh: Vec<&AdvertView> = capable
+            .iter()
+            .copied()
+            .filter(|a| !holders.contains(a.peer_id.as_str()))
+            .collect();
+        if fresh.is_empty() {
+            return Err(format!(
+                "the {} matching worker{} already hold{} a replica of this task; redundancy {} needs more workers",
+                capable.len(),
+                if capable.len() == 1 { "" } else { "s" },
+                if capable.len() == 1 { "s" } else { "" },
+                job.redundancy
+            ));
+        }
+        let declined = self
+            .inner
+            .declined
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        let free: Vec<&AdvertView> = fresh
+            .iter()
+            .copied()
+            .filter(|a| connected.contains(&a.peer_id))
+            .filter(|a| {
+                declined
+                    .get(&a.peer_id)
+                    .is_none_or(|at| at.elapsed() >= DECLINE_BACKOFF)
+            })
+            .filter(|a| {
+                let slots: u32 = a
+                    .gpus
+                    .iter()
+                    .filter(|g| g.state == GpuState::Idle || g.state == GpuState::Busy)
+                    .map(|g| u32::from(g.free_slots))
+                    .sum();
+                let used = in_flight.get(&a.peer_id).copied().unwrap_or(0)
+                    + planned.get(&a.peer_id).copied().unwrap_or(0);
+                slots > used
+            })
+            .collect();
+        if free.is_empty() {
+            let paused = fresh
+                .iter()
+                .filter(|a| a.gpus.iter().all(|g| g.state == GpuState::Paused))
+                .count();
+            let recent: Vec<String> = t
+                .replicas
+                .iter()
+                .rev()
+                .filter_map(|r| match &r.state {
+                    ReplicaState::Declined { reason } => {
+                        Some(format!("{} declined: {reason}", short(&r.worker)))
+                    }
+                    _ => None,
+                })
+                .take(2)
+                .collect();
+            let mut why = format!(
+                "all {} matching GPU{} are busy or paused ({paused} paused)",
+                fresh.len(),
+                if fresh.len() == 1 { "" } else { "s" }
+            );
+            if !recent.is_empty() {
+                why.push_str(&format!("; {}", recent.join("; ")));
+            }
+            return Err(why);
+        }
+        let used_institutions: std::collections::HashSet<&str> = t
+            .replicas
+            .iter()
+            .filter(|r| r.in_flight() || r.returned())
+            .map(|r| r.institution.as_str())
+            .collect();
+        // Preferred institutions first, then institutions that hold no
+        // replica of this task yet, then the least loaded, then the fastest.
+        let best = free
+            .iter()
+            .copied()
+            .min_by_key(|x| {
+                let preferred = job
+                    .requirements
+                    .prefer_institutions
+                    .contains(&x.institution);
+                let spread = used_institutions.contains(x.institution.as_str());
+                let load = in_flight.get(&x.peer_id).copied().unwrap_or(0)
+                    + planned.get(&x.peer_id).copied().unwrap_or(0);
+                let speed = x
+                    .gpus
+                    .iter()
+                    .filter_map(|g| g.bench.as_ref().map(|b| b.fma_mflops))
+                    .max()
+                    .unwrap_or(0);
+                (
+                    !preferred,
+                    spread,
+                    load,
+                    std::cmp::Reverse(speed),
+                    x.peer_id.clone(),
+                )
+            })
+            .ok_or_else(|| "no worker".to_owned())?;
+        Ok(best)
+    }
+
+    fn on_answer(
+        &self,
+        id: &str,
+        index: u32,
+        attempt: u32,
+        peer: PeerId,
+        answer: Result<OfferAnswer, String>,
+    ) {
+        let worker = peer.to_string();
+        let Ok(mut live) = self.lock() else {
+            return;
+        };
+        let Some(l) = live.get_mut(id) else {
+            return;
+        };
+        let Some(t) = l.tasks.get_mut(index as usize) else {
+            return;
+        };
+        let Some(r) = t
+            .replicas
+            .iter_mut()
+            .find(|r| r.attempt == attempt && r.worker == worker)
+        else {
+            return;
+        };
+        if r.state != ReplicaState::Offered {
+            return;
+        }
+        r.state = match answer {
+            Ok(OfferAnswer::Accept { lease_until }) => ReplicaState::Running { lease_until },
+            Ok(OfferAnswer::Decline(reason)) => {
+                if let Ok(mut d) = self.inner.declined.lock() {
+                    d.insert(worker.clone(), Instant::now());
+                }
+                ReplicaState::Declined {
+                    reason: describe_decline(&reason),
+                }
+            }
+            Err(e) => ReplicaState::Lost {
+                reason: format!("the offer did not arrive: {e}"),
+            },
+        };
+        if !r.in_flight() {
+            r.finished_at = Some(Timestamp::now());
+        }
+        let t = t.clone();
+        if self.save_task(id, &t).and_then(|()| self.flush()).is_err() {
+            warn!(job = %id, "cannot save an offer's answer");
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// Checks and records a worker's report; the answer goes back to it.
+    pub async fn report(&self, peer: PeerId, _member: &Member, report: TaskReport) -> Ack {
+        match self.take_report(peer, report).await {
+            Ok(()) => {
+                self.inner.wake.notify_one();
+                Ack::Ok
+            }
+            Err(Refusal::Late(why)) => Ack::Refused(why),
+            Err(Refusal::Bad(why)) => {
+                warn!(%peer, %why, "bad report");
+                let _ = self.inner.client.punish(peer, why.clone()).await;
+                Ack::Refused(why)
+            }
+        }
+    }
+
+    async fn take_report(&self, peer: PeerId, report: TaskReport) -> Result<(), Refusal> {
+        let worker_key = PublicKey::from_peer_id(&peer).map_err(|e| Refusal::Bad(e.to_string()))?;
+        let me = self.inner.identity.public();
+        let (job_id, task, attempt, kernel, signer, submitter) = match &report {
+            TaskReport::Done(r) => {
+                let rec = r
+                    .receipt
+                    .verify()
+                    .map_err(|e| Refusal::Bad(format!("its receipt does not verify: {e}")))?;
+                (
+                    rec.job,
+                    rec.task,
+                    rec.attempt,
+                    rec.kernel,
+                    r.receipt.signer(),
+                    rec.submitter,
+                )
+            }
+            TaskReport::Failed(f) => {
+                let rec = f.verify().map_err(|e| {
+                    Refusal::Bad(format!("its failure report does not verify: {e}"))
+                })?;
+                (
+                    rec.job,
+                    rec.task,
+                    rec.attempt,
+                    rec.kernel,
+                    f.signer(),
+                    rec.submitter,
+                )
+            }
+        };
+        if signer != worker_key {
+            return Err(Refusal::Bad(
+                "signed a report with a key that is not its own".into(),
+            ));
+        }
+        if submitter != me {
+            return Err(Refusal::Late("the report is for another submitter".into()));
+        }
+        let id = job_id.to_string();
+        let job = self.expect_replica(&id, task, attempt, &peer.to_string())?;
+        if kernel != job.kernel_hash {
+            return Err(Refusal::Bad("the report names another kernel".into()));
+        }
+        match report {
+            TaskReport::Failed(f) => {
+                let reason = f.verify().map(|r| r.reason).unwrap_or_default();
+                self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
+                    r.state = ReplicaState::Failed { reason };
+                })
+            }
+            TaskReport::Done(result) => {
+                let receipt = result
+                    .receipt
+                    .verify()
+                    .map_err(|e| Refusal::Bad(e.to_string()))?;
+                let mut digests = Vec::new();
+                for o in &job.outputs {
+                    let d = receipt
+                        .outputs
+                        .iter()
+                        .find(|d| d.binding == o.binding)
+                        .ok_or_else(|| {
+                            Refusal::Bad(format!("the receipt lacks output {}", o.binding))
+                        })?;
+                    let expected = o.len * o.elem.size();
+                    if d.len != expected {
+                        return Err(Refusal::Bad(format!(
+                            "output {} has {} bytes, not the {expected} declared",
+                            o.binding, d.len
+                        )));
+                    }
+                    let data = result
+                        .outputs
+                        .iter()
+                        .find(|(b, _)| *b == o.binding)
+                        .map(|(_, d)| d)
+                        .ok_or_else(|| Refusal::Bad(format!("output {} is missing", o.binding)))?;
+                    match data {
+                        Data::Inline(bytes) => {
+                            if Hash::of(bytes) != d.hash || bytes.len() as u64 != d.len {
+                                return Err(Refusal::Bad(format!(
+                                    "output {} does not match its hash",
+                                    o.binding
+                                )));
+                            }
+                            self.inner.blobs.put(bytes).map_err(|e| {
+                                Refusal::Late(format!("cannot keep the output: {e}"))
+                            })?;
+                        }
+                        Data::Blob { hash, len } => {
+                            if *hash != d.hash || *len != d.len {
+                                return Err(Refusal::Bad(format!(
+                                    "output {} names another blob than its receipt",
+                                    o.binding
+                                )));
+                            }
+                            blobs::fetch(&self.inner.client, &self.inner.blobs, peer, *hash, *len)
+                                .await
+                                .map_err(|e| match e {
+                                    blobs::BlobError::HashMismatch { .. } => {
+                                        Refusal::Bad(e.to_string())
+                                    }
+                                    other => Refusal::Late(other.to_string()),
+                                })?;
+                        }
+                    }
+                    digests.push(d.clone());
+                }
+                let (gpu, adapter) = (receipt.gpu_time_us, receipt.adapter.clone());
+                self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
+                    r.state = ReplicaState::Returned;
+                    r.outputs = digests;
+                    r.gpu_time_us = gpu;
+                    r.adapter = adapter;
+                })
+            }
+        }
+    }
+
+    /// The job, if `worker` holds attempt `attempt` of task `task` now.
+    fn expect_replica(
+        &self,
+        id: &str,
+        task: u32,
+        attempt: u32,
+        worker: &str,
+    ) -> Result<JobRecord, Refusal> {
+        let live = self.lock().map_err(|e| Refusal::Late(e.to_string()))?;
+        let l = live
+            .get(id)
+            .ok_or_else(|| Refusal::Late("no such job here".into()))?;
+        if l.job.state != JobState::Active {
+            return Err(Refusal::Late("the job is no longer active".into()));
+        }
+        let t = l
+            .tasks
+            .get(task as usize)
+            .ok_or_else(|| Refusal::Bad("no such task in the job".into()))?;
+        let held = t
+            .replicas
+            .iter()
+            .any(|r| r.attempt == attempt && r.worker == worker && r.in_flight());
+        if !held || t.state != TaskState::Waiting {
+            return Err(Refusal::Late(
+                "this attempt is no longer wanted (it was offered elsewhere, or the task is done)"
+                    .into(),
+            ));
+        }
+        Ok(l.job.clone())
+    }
+
+    fn finish_replica(
+        &self,
+        id: &str,
+        task: u32,
+        attempt: u32,
+        worker: &str,
+        update: impl FnOnce(&mut Replica),
+    ) -> Result<(), Refusal> {
+        let late = |m: &str| Refusal::Late(m.to_owned());
+        let mut live = self.lock().map_err(|e| Refusal::Late(e.to_string()))?;
+        let l = live.get_mut(id).ok_or_else(|| late("no such job here"))?;
+        let job = l.job.clone();
+        let t = l
+            .tasks
+            .get_mut(task as usize)
+            .ok_or_else(|| late("no such task"))?;
+        let r = t
+            .replicas
+            .iter_mut()
+            .find(|r| r.attempt == attempt && r.worker == worker && r.in_flight())
+            .ok_or_else(|| late("this attempt is no longer wanted"))?;
+        update(r);
+        r.finished_at = Some(Timestamp::now());
+        self.vote(&job, t);
+        self.save_task(id, t)
+            .and_then(|()| self.flush())
+            .map_err(|e| Refusal::Late(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Verifies `t` when a quorum of its returned replicas agrees.
+    fn vote(&self, job: &JobRecord, t: &mut TaskRecord) {
+        let returned: Vec<usize> = (0..t.replicas.len())
+            .filter(|&i| t.replicas[i].state == ReplicaState::Returned)
+            .collect();
+        let quorum = quorum(job.redundancy);
+        // Group replicas that agree with each other's first member.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for &i in &returned {
+            match groups
+                .iter_mut()
+                .find(|g| self.agree(job, &t.replicas[g[0]], &t.replicas[i]))
+            {
+                Some(g) => g.push(i),
+                None => groups.push(vec![i]),
+            }
+        }
+        let Some(winner) = groups.iter().find(|g| count(g.iter()) >= quorum) else {
+            if count(returned.iter()) >= job.redundancy {
+                t.waiting = Some(format!(
+                    "{} replicas disagree; asking another worker",
+                    returned.len()
+                ));
+            }
+            return;
+        };
+        let winner = winner.clone();
+        t.result = Some(t.replicas[winner[0]].outputs.clone());
+        for &i in &returned {
+            t.replicas[i].state = if winner.contains(&i) {
+                ReplicaState::Verified
+            } else {
+                ReplicaState::Outvoted
+            };
+        }
+        t.state = TaskState::Verified;
+        t.waiting = None;
+        info!(job = %job.id, task = t.index, replicas = winner.len(), "task verified");
+    }
+
+    fn agree(&self, job: &JobRecord, a: &Replica, b: &Replica) -> bool {
+        if a.outputs == b.outputs {
+            return true;
+        }
+        let Comparison::Tolerance { abs, rel, ulps } = job.comparison else {
+            return false;
+        };
+        let tol = Tolerance { abs, rel, ulps };
+        job.outputs.iter().all(|o| {
+            let (Some(da), Some(db)) = (
+                a.outputs.iter().find(|d| d.binding == o.binding),
+                b.outputs.iter().find(|d| d.binding == o.binding),
+            ) else {
+                return false;
+            };
+            let (Ok(x), Ok(y)) = (
+                self.inner.blobs.read(&da.hash),
+                self.inner.blobs.read(&db.hash),
+            ) else {
+                return false;
+            };
+            match o.elem {
+                ElemType::F32 => compare::f32_within(&x, &y, &tol).is_ok(),
+                _ => x == y,
+            }
+        })
+    }
+}
+
+enum Refusal {
+    /// Nothing wrong with the worker: the result is simply not wanted.
+    Late(String),
+    /// The worker broke the protocol; it is dropped.
+    Bad(String),
+}
+
+/// How many items, as a u32 (saturating).
+fn count<T>(items: impl Iterator<Item = T>) -> u32 {
+    u32::try_from(items.count()).unwrap_or(u32::MAX)
+}
+
+/// Replicas that must agree: all of them for one or two, a majority above.
+fn quorum(redundancy: u32) -> u32 {
+    if redundancy <= 2 {
+        redundancy
+    } else {
+        redundancy / 2 + 1
+    }
+}
+
+/// Replicas a task should have returned or running now.
+fn target_replicas(job: &JobRecord, t: &TaskRecord) -> u32 {
+    let returned = count(t.replicas.iter().filter(|r| r.returned()));
+    if returned >= job.redundancy {
+        // Returned, no quorum yet: one more opinion.
+        returned + 1
+    } else {
+        job.redundancy
+    }
+}
+
+fn in_flight_by_worker(live: &BTreeMap<String, Live>) -> HashMap<String, u32> {
+    let mut m = HashMap::new();
+    for l in live.values() {
+        for t in &l.tasks {
+            for r in &t.replicas {
+                if r.in_flight() {
+                    *m.entry(r.worker.clone()).or_default() += 1;
+                }
+            }
+        }
+    }
+    m
+}
+
+fn job_buffer_bytes(job: &JobRecord) -> u64 {
+    let inputs = job
+        .inputs
+        .iter()
+        .flat_map(|i| i.parts.iter().map(Data::len));
+    let outputs = job.outputs.iter().map(|o| o.len * o.elem.size());
+    inputs.chain(outputs).max().unwrap_or(0)
+}
+
+fn spec(job: &JobRecord, index: u32) -> TaskSpec {
+    let mut bindings: Vec<Binding> = job
+        .inputs
+        .iter()
+        .map(|i| {
+            let data = if i.split {
+                i.parts
+                    .get(index as usize)
+                    .cloned()
+                    .unwrap_or(Data::Inline(Vec::new()))
+            } else {
+                i.parts.first().cloned().unwrap_or(Data::Inline(Vec::new()))
+            };
+            let kind = match i.kind {
+                InputKind::Storage => BindingKind::Input { data },
+                InputKind::Uniform => BindingKind::Uniform { data },
+                InputKind::State => BindingKind::State { data, elem: i.elem },
+            };
+            Binding {
+                binding: i.binding,
+                kind,
+            }
+        })
+        .collect();
+    let state: Vec<u32> = job
+        .inputs
+        .iter()
+        .filter(|i| i.kind == InputKind::State)
+        .map(|i| i.binding)
+        .collect();
+    bindings.extend(
+        job.outputs
+            .iter()
+            .filter(|o| !state.contains(&o.binding))
+            .map(|o| Binding {
+                binding: o.binding,
+                kind: BindingKind::Output {
+                    len: o.len,
+                    elem: o.elem,
+                },
+            }),
+    );
+    let mut id = [0u8; 16];
+    if let Ok(bytes) = hex::decode(&job.id) {
+        id.copy_from_slice(&bytes[..16.min(bytes.len())]);
+    }
+    TaskSpec {
+        job: JobId(id),
+        task: index,
+        task_count: job.tasks,
+        kernel: job.kernel_hash,
+        entry_point: job.entry_point.clone(),
+        bindings,
+        dispatch: job.dispatch,
+        steps: job.steps,
+        start_step: 0,
+        checkpoint_every: job.checkpoint_every,
+        timeout_ms: job.timeout_ms,
+        comparison: job.comparison,
+        info_binding: job.info_binding,
+    }
+}
+
+fn summary(l: &Live) -> JobSummary {
+    let mut p = Progress::default();
+    let mut waiting: BTreeMap<String, u32> = BTreeMap::new();
+    for t in &l.tasks {
+        match t.state {
+            TaskState::Verified => p.verified += 1,
+            TaskState::Failed => p.failed += 1,
+            TaskState::Waiting if t.replicas.iter().any(Replica::in_flight) => p.running += 1,
+            TaskState::Waiting => {
+                p.queued += 1;
+                if let Some(w) = &t.waiting {
+                    *waiting.entry(w.clone()).or_default() += 1;
+                }
+            }
+        }
+    }
+    let mut waiting: Vec<(String, u32)> = waiting.into_iter().collect();
+    waiting.sort_by_key(|w| std::cmp::Reverse(w.1));
+    JobSummary {
+        id: l.job.id.clone(),
+        name: l.job.name.clone(),
+        state: l.job.state.clone(),
+        tasks: l.job.tasks,
+        redundancy: l.job.redundancy,
+        progress: p,
+        submitted_at: l.job.submitted_at,
+        finished_at: l.job.finished_at,
+        waiting,
+    }
+}
+
+fn describe_decline(r: &alliance_protocol::wire::DeclineReason) -> String {
+    use alliance_protocol::wire::DeclineReason as D;
+    match r {
+        D::Busy => "no free GPU".into(),
+        D::Paused => "its owner paused sharing".into(),
+        D::PolicyRefuses => "its owner's policy refuses this submitter".into(),
+        D::Limits(m) => format!("the task breaks its limits: {m}"),
+        D::BadOffer(m) => format!("the offer was refused: {m}"),
+    }
+}
+
+fn short(peer: &str) -> String {
+    let n = peer.len();
+    peer[n.saturating_sub(8)..].to_owned()
+}
+
+fn write_npy(
+    dir: &Path,
+    name: &str,
+    elem: ElemType,
+    shape: &[u64],
+    data: &[u8],
+) -> Result<(), JobsError> {
+    let path = dir.join(name);
+    std::fs::write(&path, npy::write(elem, shape, data))
+        .map_err(|e| JobsError::Refused(format!("cannot write {}: {e}", path.display())))
+}

@@ -1,0 +1,457 @@
+//! The worker: takes task offers from members, runs them in the sandbox on
+//! one of this node's lent GPUs, and reports back.
+//!
+//! - An offer is accepted only when the node is not paused, a GPU is free,
+//!   the offer is signed by the peer that sent it (a member with the submit
+//!   role), names this node, has not expired, carries the kernel its hash
+//!   names, and the task passes intake against the owner's limits and the
+//!   GPU's own. Otherwise it is declined with the reason.
+//! - Inputs that travel as blobs are fetched from the submitter once and
+//!   kept (content-addressed), so tasks that share an input fetch it once.
+//! - Each GPU has one sandbox child, kept warm between tasks and restarted
+//!   when a task kills it.
+//! - The end of every accepted task is reported: a signed receipt with the
+//!   outputs (inline when small, else as blobs the submitter fetches), or a
+//!   signed failure with the reason. Reports are retried until the
+//!   submitter acknowledges them or half an hour passes.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use alliance_kernels::executor::{self, Outcome, Task, TaskError};
+use alliance_kernels::gpu::{AdapterReport, Selection};
+use alliance_kernels::intake::Limits;
+use alliance_kernels::sandbox::{self, ChildConfig, ResourceLimits, Sandbox};
+use alliance_protocol::cert::{Member, Roles};
+use alliance_protocol::task::{
+    Binding, BindingKind, Data, MAX_INLINE_BYTES, OutputDigest, Receipt, TaskFailure, TaskOffer,
+};
+use alliance_protocol::wire::{
+    Ack, DeclineReason, OfferAnswer, OfferRequest, TaskReport, TaskResult,
+};
+use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
+use libp2p::PeerId;
+use tracing::{info, warn};
+
+use crate::blobs::{self, Blobs};
+use crate::job::spec::kernels_elem;
+use crate::net::actor::Client;
+
+/// Time a worker allows beyond a task's own timeout before its lease ends.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(60);
+/// How long a worker keeps trying to deliver a report.
+const REPORT_PATIENCE: Duration = Duration::from_secs(30 * 60);
+
+struct Slot {
+    report: AdapterReport,
+    busy: bool,
+    sandbox: Arc<Mutex<Option<Sandbox>>>,
+}
+
+/// What the worker needs to start.
+#[derive(Debug)]
+pub struct WorkerSetup {
+    pub identity: Arc<Identity>,
+    pub client: Client,
+    pub blobs: Blobs,
+    /// The lent GPUs.
+    pub gpus: Vec<AdapterReport>,
+    pub limits: Limits,
+    pub rlimits: ResourceLimits,
+    /// Under this directory each GPU's sandbox gets a scratch directory.
+    pub scratch: PathBuf,
+    /// The sandbox program and its arguments (`alliance sandbox`).
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// The worker; cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    setup: WorkerSetup,
+    slots: Mutex<Vec<Slot>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("gpus", &self.inner.setup.gpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn decline(reason: DeclineReason) -> OfferAnswer {
+    OfferAnswer::Decline(reason)
+}
+
+impl Worker {
+    pub fn new(setup: WorkerSetup) -> Self {
+        let slots = setup
+            .gpus
+            .iter()
+            .map(|g| Slot {
+                report: g.clone(),
+                busy: false,
+                sandbox: Arc::new(Mutex::new(None)),
+            })
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                setup,
+                slots: Mutex::new(slots),
+            }),
+        }
+    }
+
+    /// Answers an offer from `peer`; on acceptance the task starts at once.
+    pub async fn offer(&self, peer: PeerId, member: &Member, req: OfferRequest) -> OfferAnswer {
+        let s = &self.inner.setup;
+        match s.client.status().await {
+            Ok(st) if st.paused => return decline(DeclineReason::Paused),
+            Err(_) => return decline(DeclineReason::Paused),
+            Ok(_) => {}
+        }
+        let offer = match self.check_offer(peer, member, &req) {
+            Ok(o) => o,
+            Err(reason) => return decline(reason),
+        };
+        let Some(source) = req.kernel_source else {
+            return decline(DeclineReason::BadOffer(
+                "the offer carries no kernel".into(),
+            ));
+        };
+        let check = to_task(&offer, &source, |_| PathBuf::new());
+        let Some(slot) = self.claim(&check) else {
+            return decline(DeclineReason::Busy);
+        };
+        let limits = slot.0.limits;
+        if let Err(e) = executor::check(&check, &s.limits, Some(&limits)) {
+            self.release(slot.1);
+            return decline(DeclineReason::Limits(e.to_string()));
+        }
+        let timeout = Duration::from_millis(offer.spec.timeout_ms);
+        let lease_until = Timestamp::now().saturating_add_secs((timeout + LEASE_MARGIN).as_secs());
+        info!(%peer, job = %offer.spec.job, task = offer.spec.task, attempt = offer.attempt, gpu = slot.1, "task accepted");
+        let me = self.clone();
+        tokio::spawn(async move {
+            let report = me.execute(peer, &offer, source, slot.1).await;
+            me.release(slot.1);
+            match report {
+                Some(r) => me.deliver(peer, r).await,
+                // Only a record too large to sign gets here; the lease
+                // runs out and the submitter offers the task again.
+                None => warn!(%peer, "the task's report could not be signed"),
+            }
+        });
+        OfferAnswer::Accept { lease_until }
+    }
+
+    fn check_offer(
+        &self,
+        peer: PeerId,
+        member: &Member,
+        req: &OfferRequest,
+    ) -> Result<TaskOffer, DeclineReason> {
+        let bad = |m: &str| DeclineReason::BadOffer(m.to_owned());
+        let offer = req
+            .offer
+            .verify()
+            .map_err(|e| DeclineReason::BadOffer(e.to_string()))?;
+        if PublicKey::from_peer_id(&peer).ok() != Some(req.offer.signer()) {
+            return Err(bad(
+                "the offer is signed by another node than the one that sent it",
+            ));
+        }
+        if !member.roles.contains(Roles::SUBMIT) {
+            return Err(DeclineReason::PolicyRefuses);
+        }
+        if offer.worker != self.inner.setup.identity.public() {
+            return Err(bad("the offer is for another worker"));
+        }
+        if offer.expires_at <= Timestamp::now() {
+            return Err(bad("the offer has expired"));
+        }
+        match &req.kernel_source {
+            Some(src) if Hash::of(src.as_bytes()) == offer.spec.kernel => Ok(offer),
+            Some(_) => Err(bad("the kernel does not match the hash in the offer")),
+            None => Err(bad("the offer carries no kernel")),
+        }
+    }
+
+    /// A free GPU, marked busy.
+    fn claim(&self, _task: &Task) -> Option<(AdapterReport, usize)> {
+        let mut slots = self.inner.slots.lock().ok()?;
+        let (i, slot) = slots.iter_mut().enumerate().find(|(_, s)| !s.busy)?;
+        slot.busy = true;
+        Some((slot.report.clone(), i))
+    }
+
+    fn release(&self, i: usize) {
+        if let Ok(mut slots) = self.inner.slots.lock()
+            && let Some(s) = slots.get_mut(i)
+        {
+            s.busy = false;
+        }
+    }
+
+    /// GPUs lent and GPUs busy now.
+    pub fn load(&self) -> (usize, usize) {
+        self.inner
+            .slots
+            .lock()
+            .map(|s| (s.len(), s.iter().filter(|x| x.busy).count()))
+            .unwrap_or((0, 0))
+    }
+
+    async fn execute(
+        &self,
+        peer: PeerId,
+        offer: &TaskOffer,
+        source: String,
+        slot: usize,
+    ) -> Option<TaskReport> {
+        let s = &self.inner.setup;
+        let spec = &offer.spec;
+        let result = self.run(peer, offer, source, slot).await;
+        let now = Timestamp::now();
+        let submitter = PublicKey::from_peer_id(&peer).unwrap_or(offer.worker);
+        match result {
+            Ok((outcome, adapter)) => {
+                let mut outputs = Vec::new();
+                let mut digests = Vec::new();
+                for o in &outcome.outputs {
+                    let hash = Hash::from_bytes(o.hash);
+                    digests.push(OutputDigest {
+                        binding: o.binding,
+                        hash,
+                        len: o.len,
+                    });
+                    let data = if o.data.len() <= MAX_INLINE_BYTES {
+                        Data::Inline(o.data.clone())
+                    } else {
+                        match s.blobs.put(&o.data) {
+                            Ok(h) => Data::Blob {
+                                hash: h,
+                                len: o.len,
+                            },
+                            Err(e) => {
+                                return self.failure(
+                                    offer,
+                                    submitter,
+                                    format!("cannot keep an output: {e}"),
+                                );
+                            }
+                        }
+                    };
+                    outputs.push((o.binding, data));
+                }
+                let receipt = Receipt {
+                    job: spec.job,
+                    task: spec.task,
+                    attempt: offer.attempt,
+                    kernel: spec.kernel,
+                    inputs: spec.bindings.iter().filter_map(input_hash).collect(),
+                    outputs: digests,
+                    gpu_time_us: u64::try_from(outcome.gpu_time.as_micros()).unwrap_or(u64::MAX),
+                    adapter,
+                    worker: s.identity.public(),
+                    submitter,
+                    finished_at: now,
+                };
+                match Signed::sign(&receipt, &s.identity) {
+                    Ok(r) => Some(TaskReport::Done(TaskResult {
+                        receipt: r,
+                        outputs,
+                    })),
+                    Err(e) => {
+                        self.failure(offer, submitter, format!("cannot sign the receipt: {e}"))
+                    }
+                }
+            }
+            Err(reason) => self.failure(offer, submitter, reason),
+        }
+    }
+
+    fn failure(
+        &self,
+        offer: &TaskOffer,
+        submitter: PublicKey,
+        mut reason: String,
+    ) -> Option<TaskReport> {
+        if reason.len() > 4096 {
+            let mut cut = 4096;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        let s = &self.inner.setup;
+        warn!(job = %offer.spec.job, task = offer.spec.task, %reason, "task failed");
+        let failure = TaskFailure {
+            job: offer.spec.job,
+            task: offer.spec.task,
+            attempt: offer.attempt,
+            kernel: offer.spec.kernel,
+            worker: s.identity.public(),
+            submitter,
+            reason,
+            failed_at: Timestamp::now(),
+        };
+        Signed::sign(&failure, &s.identity)
+            .ok()
+            .map(TaskReport::Failed)
+    }
+
+    async fn run(
+        &self,
+        peer: PeerId,
+        offer: &TaskOffer,
+        source: String,
+        slot: usize,
+    ) -> Result<(Outcome, String), String> {
+        let s = &self.inner.setup;
+        for b in &offer.spec.bindings {
+            if let Some(Data::Blob { hash, len }) = data_of(&b.kind) {
+                let got = blobs::fetch(&s.client, &s.blobs, peer, *hash, *len).await;
+                if let Err(e) = got {
+                    if matches!(e, blobs::BlobError::HashMismatch { .. }) {
+                        let _ = s.client.punish(peer, e.to_string()).await;
+                    }
+                    return Err(format!("cannot fetch an input: {e}"));
+                }
+            }
+        }
+        let blobs = s.blobs.clone();
+        let task = to_task(offer, &source, |h| blobs.path(h));
+        let timeout = Duration::from_millis(offer.spec.timeout_ms);
+        let (sandbox, config) = {
+            let slots = self
+                .inner
+                .slots
+                .lock()
+                .map_err(|_| "worker state poisoned".to_owned())?;
+            let slot_ref = slots.get(slot).ok_or("no such GPU")?;
+            (
+                Arc::clone(&slot_ref.sandbox),
+                self.sandbox_config(&slot_ref.report, slot),
+            )
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut guard = sandbox.lock().map_err(|_| "sandbox poisoned".to_owned())?;
+            if guard.is_none() {
+                *guard = Some(Sandbox::start(config).map_err(|e| e.to_string())?);
+            }
+            let sb = guard.as_mut().ok_or("no sandbox")?;
+            let adapter = sb.ready().map(|r| r.adapter.name).unwrap_or_default();
+            sb.run(&task, timeout, &mut |_| Ok(()))
+                .map(|o| (o, adapter))
+                .map_err(|e: TaskError| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("the task runner stopped: {e}"))?
+    }
+
+    fn sandbox_config(&self, report: &AdapterReport, slot: usize) -> sandbox::Config {
+        let s = &self.inner.setup;
+        let scratch = s.scratch.join(format!("gpu{slot}"));
+        let _ = std::fs::create_dir_all(&scratch);
+        sandbox::Config {
+            program: s.program.clone(),
+            args: s.args.clone(),
+            env: Vec::new(),
+            child: ChildConfig {
+                adapter: Selection::Indices(vec![report.index]),
+                limits: s.limits.clone(),
+                rlimits: s.rlimits,
+                scratch,
+            },
+            start_timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// Sends `report` to the submitter until it answers.
+    async fn deliver(&self, peer: PeerId, report: TaskReport) {
+        let s = &self.inner.setup;
+        let start = std::time::Instant::now();
+        let mut wait = Duration::from_millis(500);
+        loop {
+            match s.client.report(peer, report.clone()).await {
+                Ok(Ok(Ack::Ok)) => return,
+                Ok(Ok(Ack::Refused(why))) => {
+                    warn!(%peer, %why, "the submitter refused the report");
+                    return;
+                }
+                Ok(Err(e)) => warn!(%peer, error = %e, "report not delivered yet"),
+                Err(_) => return,
+            }
+            if start.elapsed() > REPORT_PATIENCE {
+                warn!(%peer, "giving up delivering a report");
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+fn data_of(kind: &BindingKind) -> Option<&Data> {
+    match kind {
+        BindingKind::Input { data }
+        | BindingKind::Uniform { data }
+        | BindingKind::State { data, .. } => Some(data),
+        BindingKind::Output { .. } => None,
+    }
+}
+
+fn input_hash(b: &Binding) -> Option<Hash> {
+    data_of(&b.kind).map(Data::hash)
+}
+
+/// The executor's task for an offer; blobs are read from `blob_path`.
+fn to_task(offer: &TaskOffer, source: &str, blob_path: impl Fn(&Hash) -> PathBuf) -> Task {
+    let spec = &offer.spec;
+    let data = |d: &Data| match d {
+        Data::Inline(bytes) => executor::Data::Bytes(bytes.clone()),
+        Data::Blob { hash, len } => executor::Data::File {
+            path: blob_path(hash),
+            len: *len,
+        },
+    };
+    let bindings = spec
+        .bindings
+        .iter()
+        .map(|b| match &b.kind {
+            BindingKind::Input { data: d } => executor::Binding::Input {
+                binding: b.binding,
+                data: data(d),
+            },
+            BindingKind::Uniform { data: d } => executor::Binding::Uniform {
+                binding: b.binding,
+                data: data(d),
+            },
+            BindingKind::Output { len, elem } => executor::Binding::Output {
+                binding: b.binding,
+                len: *len,
+                elem: kernels_elem(*elem),
+            },
+            BindingKind::State { data: d, elem } => executor::Binding::State {
+                binding: b.binding,
+                data: data(d),
+                elem: kernels_elem(*elem),
+            },
+        })
+        .collect();
+    let mut task = Task::new(source, &spec.entry_point, bindings, spec.dispatch);
+    task.steps = spec.steps;
+    task.start_step = spec.start_step;
+    task.checkpoint_every = spec.checkpoint_every;
+    task.info_binding = spec.info_binding;
+    task.task_index = spec.task;
+    task.task_count = spec.task_count;
+    task
+}

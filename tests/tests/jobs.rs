@@ -1,0 +1,371 @@
+//! Jobs end to end, with real `alliance node run` processes on 127.0.0.1:
+//! a submitter and three workers of two institutions run library kernels
+//! (an array job, a split input, a tolerance-compared replicated SGEMM),
+//! the outputs match CPU references, bad jobs are refused at submit with
+//! the reason, and a job no member can take says why it waits.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use alliance_kernels::library::{self, monte_carlo_pi, saxpy, sgemm};
+use alliance_node::job::npy;
+use alliance_protocol::cert::Roles;
+use alliance_protocol::task::ElemType;
+use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn alliance(args: &[&str], dir: &Path) -> Output {
+    std::process::Command::new(alliance_tests::alliance_bin())
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .expect("run alliance")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// Submits `job` and waits for it; returns the job id.
+fn run_job(sub: &NodeDir, job: &Path) -> String {
+    let out = alliance(&["submit", job.to_str().unwrap(), "--wait"], &sub.path);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    t.split_whitespace()
+        .skip_while(|w| *w != "job")
+        .nth(1)
+        .expect("a job id")
+        .to_owned()
+}
+
+fn results(sub: &NodeDir, id: &str, out: &Path, concat: bool) {
+    let mut args = vec!["job", "results", id, "--out", out.to_str().unwrap()];
+    if concat {
+        args.push("--concat");
+    }
+    let o = alliance(&args, &sub.path);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+fn read_npy(path: &Path) -> npy::Array {
+    npy::parse(&std::fs::read(path).unwrap()).unwrap()
+}
+
+struct Net {
+    a: TestAlliance,
+    _boot: Running,
+    workers: Vec<(NodeDir, Running)>,
+    sub_dir: NodeDir,
+    sub: Running,
+}
+
+fn alliance_of_three() -> Net {
+    let a = TestAlliance::new(
+        "Jobs Test",
+        &[
+            ("University North", Roles::ALL),
+            ("University South", Roles::WORK | Roles::SUBMIT),
+        ],
+        30,
+    );
+    let boot_dir = a.node("boot", 0, Roles::BOOTSTRAP);
+    let boot = boot_dir.start(true);
+    let addr = boot.address();
+    let workers: Vec<(NodeDir, Running)> = (0..3)
+        .map(|i| {
+            let d = a.node(&format!("w{i}"), i % 2, Roles::WORK);
+            d.set_bootstrap(std::slice::from_ref(&addr));
+            let r = d.start(false);
+            (d, r)
+        })
+        .collect();
+    let sub_dir = a.node("sub", 1, Roles::SUBMIT);
+    sub_dir.set_bootstrap(std::slice::from_ref(&addr));
+    let sub = sub_dir.start(false);
+    wait_for(LIMIT, "the submitter to see three workers", || {
+        sub.advertisers().len() == 3
+    });
+    Net {
+        a,
+        _boot: boot,
+        workers,
+        sub_dir,
+        sub,
+    }
+}
+
+#[test]
+fn library_jobs_run_across_three_workers_and_match_the_cpu() {
+    let net = alliance_of_three();
+    let dir = net.a.dir.path().join("jobs");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Monte Carlo π as an array job: every task its own stream.
+    let (seed, wg, samples, tasks) = (11u32, 4u32, 32u32, 6u32);
+    let pi = write(
+        &dir,
+        "pi.toml",
+        format!(
+            r#"
+kernel = "library:monte_carlo_pi"
+dispatch = [{wg}, 1, 1]
+tasks = {tasks}
+info_binding = 0
+timeout_secs = 120
+[[inputs]]
+binding = 1
+kind = "uniform"
+type = "u32"
+values = [{seed}, {samples}]
+[[outputs]]
+binding = 2
+type = "u32"
+len = {wg}
+"#
+        ),
+    );
+    let id = run_job(&net.sub_dir, &pi);
+    let out = dir.join("pi-out");
+    results(&net.sub_dir, &id, &out, false);
+    for t in 0..tasks {
+        let a = read_npy(&out.join(format!("out2-task{t}.npy")));
+        assert_eq!(a.elem, ElemType::U32);
+        assert_eq!(
+            library::to_u32(&a.data),
+            monte_carlo_pi::cpu(seed, wg, samples, t),
+            "task {t}"
+        );
+    }
+    // Who computed what: the tasks went to more than one worker.
+    let status = net.sub.get(&format!("/v1/jobs/{id}")).unwrap();
+    let workers: std::collections::BTreeSet<String> = status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["replicas"].as_array().unwrap().clone())
+        .filter(|r| r["state"] == "verified")
+        .map(|r| r["worker"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(workers.len() >= 2, "all tasks on {workers:?}");
+
+    // saxpy with x and y split across 4 tasks from .npy files; y is a
+    // state buffer and comes back updated.
+    let n = 1024usize;
+    let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+    let y: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    write(
+        &dir,
+        "x.npy",
+        npy::write(ElemType::F32, &[n as u64], &library::f32_bytes(&x)),
+    );
+    write(
+        &dir,
+        "y.npy",
+        npy::write(ElemType::F32, &[n as u64], &library::f32_bytes(&y)),
+    );
+    let mut params = library::f32_bytes(&[3.0]);
+    params.extend(library::u32_bytes(&[u32::try_from(n / 4).unwrap()]));
+    write(&dir, "params.bin", params);
+    // No [[outputs]]: the state buffer comes back.
+    let sx = write(
+        &dir,
+        "saxpy.toml",
+        r#"
+kernel = "library:saxpy"
+dispatch = [1, 1, 1]
+tasks = 4
+[[inputs]]
+binding = 0
+kind = "uniform"
+file = "params.bin"
+[[inputs]]
+binding = 1
+file = "x.npy"
+type = "f32"
+split = true
+[[inputs]]
+binding = 2
+kind = "state"
+file = "y.npy"
+type = "f32"
+split = true
+"#,
+    );
+    let id = run_job(&net.sub_dir, &sx);
+    let out = dir.join("saxpy-out");
+    results(&net.sub_dir, &id, &out, true);
+    let all = read_npy(&out.join("out2.npy"));
+    assert_eq!(all.shape, vec![4, (n / 4) as u64]);
+    assert_eq!(library::to_f32(&all.data), saxpy::cpu(3.0, &x, &y));
+
+    // A 64×64 SGEMM run twice on different workers, compared with a
+    // tolerance.
+    let m = 64usize;
+    let a: Vec<f32> = (0..m * m).map(|i| ((i * 7) % 13) as f32 / 13.0).collect();
+    let b: Vec<f32> = (0..m * m).map(|i| ((i * 5) % 11) as f32 / 11.0).collect();
+    write(
+        &dir,
+        "a.npy",
+        npy::write(
+            ElemType::F32,
+            &[m as u64, m as u64],
+            &library::f32_bytes(&a),
+        ),
+    );
+    write(
+        &dir,
+        "b.npy",
+        npy::write(
+            ElemType::F32,
+            &[m as u64, m as u64],
+            &library::f32_bytes(&b),
+        ),
+    );
+    let sg = write(
+        &dir,
+        "sgemm.toml",
+        format!(
+            r#"
+kernel = "library:sgemm"
+dispatch = [1, 1, 1]
+redundancy = 2
+compare = {{ rel = 1e-5, abs = 1e-6 }}
+[[inputs]]
+binding = 0
+kind = "uniform"
+type = "u32"
+values = [{m}, {m}, {m}]
+[[inputs]]
+binding = 1
+file = "a.npy"
+[[inputs]]
+binding = 2
+file = "b.npy"
+[[outputs]]
+binding = 3
+type = "f32"
+len = {}
+"#,
+            m * m
+        ),
+    );
+    let id = run_job(&net.sub_dir, &sg);
+    let out = dir.join("sgemm-out");
+    results(&net.sub_dir, &id, &out, false);
+    let c = library::to_f32(&read_npy(&out.join("out3-task0.npy")).data);
+    let want = sgemm::cpu(m, m, m, &a, &b);
+    for (i, (g, w)) in c.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+            "element {i}: {g} vs {w}"
+        );
+    }
+    let status = net.sub.get(&format!("/v1/jobs/{id}")).unwrap();
+    let verified = status["tasks"][0]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "verified")
+        .count();
+    assert_eq!(verified, 2, "{status}");
+    drop(net.workers);
+}
+
+#[test]
+fn bad_jobs_are_refused_at_submit_and_waiting_jobs_say_why() {
+    let net = alliance_of_three();
+    let dir = net.a.dir.path().join("jobs");
+    std::fs::create_dir_all(&dir).unwrap();
+    write(
+        &dir,
+        "texture.wgsl",
+        "@group(0) @binding(0) var t: texture_2d<f32>;\n@group(0) @binding(1) var<storage, read_write> o: array<u32>;\n@compute @workgroup_size(1) fn main() { o[0] = u32(textureDimensions(t).x); }\n",
+    );
+    let cases = [
+        (
+            "syntax.toml",
+            "kernel = \"library:saxpy\"\ndispatch = [1, 1\n",
+            "not a valid job file",
+        ),
+        (
+            "texture.toml",
+            "kernel = \"texture.wgsl\"\ndispatch = [1, 1, 1]\n[[outputs]]\nbinding = 1\ntype = \"u32\"\nlen = 1\n",
+            "texture",
+        ),
+        (
+            "big.toml",
+            "kernel = \"library:mandelbrot\"\ndispatch = [1, 1, 1]\n[[outputs]]\nbinding = 1\ntype = \"u32\"\nlen = 4000000000\n",
+            "max_buffer_bytes",
+        ),
+        (
+            "missing.toml",
+            "kernel = \"library:saxpy\"\ndispatch = [1, 1, 1]\n[[inputs]]\nbinding = 1\nfile = \"nope.npy\"\n[[outputs]]\nbinding = 2\ntype = \"f32\"\nlen = 1\n",
+            "nope.npy",
+        ),
+    ];
+    for (name, body, expect) in cases {
+        let job = write(&dir, name, body);
+        let out = alliance(&["submit", job.to_str().unwrap()], &net.sub_dir.path);
+        let t = text(&out);
+        assert!(!out.status.success(), "{name} was accepted: {t}");
+        assert!(t.contains(expect), "{name}: {t}");
+    }
+    // Nothing was sent: the node holds no job.
+    assert_eq!(net.sub.get("/v1/jobs").unwrap(), serde_json::json!([]));
+
+    // A job whose requirements no member meets waits, and says why.
+    let job = write(
+        &dir,
+        "huge.toml",
+        "kernel = \"library:monte_carlo_pi\"\ndispatch = [1, 1, 1]\ninfo_binding = 0\n[requirements]\nmin_memory_mib = 10000000\n[[inputs]]\nbinding = 1\nkind = \"uniform\"\ntype = \"u32\"\nvalues = [1, 1]\n[[outputs]]\nbinding = 2\ntype = \"u32\"\nlen = 1\n",
+    );
+    let out = alliance(&["submit", job.to_str().unwrap()], &net.sub_dir.path);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for(LIMIT, "the job to say why it waits", || {
+        let list = alliance(&["job", "list"], &net.sub_dir.path);
+        text(&list).contains("no member advertises a GPU with 10000000 MiB buffers")
+    });
+
+    // Paused workers: the job says they are paused.
+    for (_, w) in &net.workers {
+        w.post("/v1/worker/pause", "").unwrap();
+    }
+    wait_for(LIMIT, "the submitter to see every worker paused", || {
+        net.workers
+            .iter()
+            .all(|(d, _)| net.sub.gpu_state(&d.peer()).as_deref() == Some("Paused"))
+    });
+    let job = write(
+        &dir,
+        "small.toml",
+        "kernel = \"library:monte_carlo_pi\"\ndispatch = [1, 1, 1]\ninfo_binding = 0\n[[inputs]]\nbinding = 1\nkind = \"uniform\"\ntype = \"u32\"\nvalues = [1, 1]\n[[outputs]]\nbinding = 2\ntype = \"u32\"\nlen = 1\n",
+    );
+    let out = alliance(&["submit", job.to_str().unwrap()], &net.sub_dir.path);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for(LIMIT, "the job to say every worker is paused", || {
+        text(&alliance(&["job", "list"], &net.sub_dir.path)).contains("(3 paused)")
+    });
+    // Resuming brings the work back.
+    for (_, w) in &net.workers {
+        w.post("/v1/worker/resume", "").unwrap();
+    }
+    let id = text(&out).split_whitespace().nth(1).unwrap().to_owned();
+    wait_for(LIMIT, "the job to finish once the workers resume", || {
+        net.sub
+            .get(&format!("/v1/jobs/{id}"))
+            .is_some_and(|d| d["summary"]["state"] == "done")
+    });
+}

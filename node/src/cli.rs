@@ -61,6 +61,9 @@ pub enum Command {
     Pause(DataDirArg),
     /// Lend this node's GPUs again.
     Resume(DataDirArg),
+    /// Run the whole alliance on this machine: a charter, a bootstrap node,
+    /// three workers and a submitter as processes, two jobs, checked results.
+    Demo(crate::demo::DemoArgs),
     /// Submit a job file to this node; `--wait` shows progress until it ends.
     Submit(crate::jobcli::SubmitArgs),
     /// This node's jobs: list, status, results, cancel.
@@ -328,6 +331,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cert(CertCommand::PublishRevocations { file, node }) => {
             publish_revocations(&file, &node, json)
         }
+        Command::Demo(a) => crate::demo::run(&a),
         Command::Submit(a) => crate::jobcli::submit(&a, json),
         Command::Job(c) => crate::jobcli::job(c, json),
         Command::Sandbox => std::process::exit(i32::from(alliance_kernels::sandbox::child_main())),

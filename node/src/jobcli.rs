@@ -76,19 +76,28 @@ fn limits(dir: &Path) -> Limits {
         .unwrap_or_default()
 }
 
+/// Checks the job file locally, then hands it to the node at `dir`;
+/// returns the job and its id.
+pub fn submit_file(dir: &Path, file: &Path) -> Result<(Job, String)> {
+    let file = file
+        .canonicalize()
+        .with_context(|| format!("cannot find the job file {}", file.display()))?;
+    // The same checks the node and every worker make, before anything is sent.
+    let job = Job::load(&file, &limits(dir)).map_err(|e| anyhow!("job refused: {e}"))?;
+    let body = json!({ "file": file }).to_string();
+    let answer = crate::api::request(dir, "POST", "/v1/jobs", &body)?;
+    let id = answer["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the node gave no job id"))?
+        .to_owned();
+    Ok((job, id))
+}
+
 pub fn submit(a: &SubmitArgs, json: bool) -> Result<()> {
     let dir = node_dir(a.data_dir.as_deref())?;
-    let file = a
-        .file
-        .canonicalize()
-        .with_context(|| format!("cannot find the job file {}", a.file.display()))?;
-    // The same checks the node and every worker make, before anything is sent.
-    let job = Job::load(&file, &limits(&dir)).map_err(|e| anyhow!("job refused: {e}"))?;
-    let body = json!({ "file": file }).to_string();
-    let answer = crate::api::request(&dir, "POST", "/v1/jobs", &body)?;
-    let id = answer["id"].as_str().unwrap_or("?").to_owned();
+    let (job, id) = submit_file(&dir, &a.file)?;
     if json && !a.wait {
-        println!("{answer}");
+        println!("{}", json!({ "id": id }));
         return Ok(());
     }
     if !json {
@@ -101,12 +110,13 @@ pub fn submit(a: &SubmitArgs, json: bool) -> Result<()> {
         );
     }
     if a.wait {
-        return wait(&dir, &id, json);
+        return wait_for_job(&dir, &id, json);
     }
     Ok(())
 }
 
-fn wait(dir: &Path, id: &str, json: bool) -> Result<()> {
+/// Shows a job's progress until it ends; an error unless it is done.
+pub fn wait_for_job(dir: &Path, id: &str, json: bool) -> Result<()> {
     let start = Instant::now();
     let mut last_reason = String::new();
     loop {

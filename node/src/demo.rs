@@ -1,0 +1,379 @@
+//! `alliance demo`: the whole alliance on one machine.
+//!
+//! Founds an alliance of three institutions, starts a bootstrap node, three
+//! workers and a submitting node as separate `alliance node run` processes
+//! on 127.0.0.1, submits two jobs (Monte Carlo π as an array job, and an
+//! SGEMM run on two workers and compared with a tolerance), shows their
+//! progress, checks every output against a CPU reference, prints who
+//! computed what, and stops every process with SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use alliance_kernels::library::{self, monte_carlo_pi, sgemm};
+use alliance_protocol::armor::Label;
+use alliance_protocol::cert::{Chain, Charter, CharterDefaults, InstitutionCert, NodeCert, Roles};
+use alliance_protocol::task::ElemType;
+use alliance_protocol::{Identity, Signed, Timestamp};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+
+use crate::job::npy;
+use crate::{api, config, trust};
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the demo's directory (keys, logs, databases, results) afterwards.
+    #[arg(long)]
+    pub keep: bool,
+    /// Tasks in the Monte Carlo π job.
+    #[arg(long, default_value_t = 12)]
+    pub tasks: u32,
+}
+
+struct Node {
+    name: &'static str,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+/// SIGTERM, then SIGKILL after 10 s.
+fn stop(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on the pid of a child this process started and
+        // has not reaped; it touches no memory of ours.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn step(text: &str) {
+    println!("\n== {text}");
+}
+
+pub fn run(a: &DemoArgs) -> Result<()> {
+    let root_dir = std::env::temp_dir().join(format!("alliance-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&root_dir)
+        .with_context(|| format!("cannot create {}", root_dir.display()))?;
+    let result = demo(&root_dir, a);
+    if a.keep || result.is_err() {
+        println!("\nthe demo's files are in {}", root_dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&root_dir);
+    }
+    result
+}
+
+fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find this program")?;
+    step("founding an alliance of three institutions");
+    let root = Identity::generate();
+    let now = Timestamp::now();
+    let charter = Signed::sign(
+        &Charter::new(
+            "Demo Alliance",
+            root.public(),
+            vec![],
+            CharterDefaults {
+                advert_ttl_secs: 30,
+                ..CharterDefaults::default()
+            },
+            now,
+        ),
+        &root,
+    )?
+    .verify_charter()?;
+    let institutions = [
+        ("University North", Roles::ALL),
+        ("University South", Roles::WORK | Roles::SUBMIT),
+        ("Institute East", Roles::WORK),
+    ]
+    .map(|(n, r)| (n, r, Identity::generate()));
+    for (name, roles, _) in &institutions {
+        println!("  {name} (roles {roles})");
+    }
+    let make = |name: &str, inst: usize, roles: Roles| -> Result<PathBuf> {
+        let (iname, iroles, ikey) = &institutions[inst];
+        let node_dir = dir.join(name);
+        std::fs::create_dir_all(&node_dir)?;
+        let id = Identity::generate();
+        id.save(&node_dir.join("node.key"))?;
+        let icert = InstitutionCert::new(
+            &charter,
+            (*iname).to_owned(),
+            ikey.public(),
+            *iroles,
+            now,
+            30,
+        );
+        let ncert = NodeCert::new(&charter, ikey.public(), id.public(), roles, now, 7);
+        let chain = Chain::new(Signed::sign(&icert, &root)?, Signed::sign(&ncert, ikey)?);
+        std::fs::write(
+            node_dir.join("node.chain"),
+            trust::armored(Label::InstitutionCertificate, &chain.institution)
+                + &trust::armored(Label::NodeCertificate, &chain.node),
+        )?;
+        std::fs::write(
+            node_dir.join("charter.alliance"),
+            trust::armored(Label::Charter, &charter.signed),
+        )?;
+        let cfg = config::EXAMPLE
+            .replace(
+                "listen = [\"/ip4/0.0.0.0/tcp/4001\", \"/ip4/0.0.0.0/udp/4001/quic-v1\"]",
+                "listen = [\"/ip4/127.0.0.1/tcp/0\"]",
+            )
+            .replace("mdns = true", "mdns = false")
+            .replace("listen = \"127.0.0.1:7878\"", "listen = \"127.0.0.1:0\"");
+        std::fs::write(node_dir.join(config::FILE_NAME), cfg)?;
+        Ok(node_dir)
+    };
+    let start = |name: &'static str, node_dir: PathBuf, bootstrap: Option<&str>| -> Result<Node> {
+        if let Some(b) = bootstrap {
+            let path = node_dir.join(config::FILE_NAME);
+            let text = std::fs::read_to_string(&path)?;
+            std::fs::write(
+                &path,
+                text.replace("bootstrap = []", &format!("bootstrap = [{b:?}]")),
+            )?;
+        }
+        let log = std::fs::File::create(node_dir.join("node.log"))?;
+        let mut cmd = Command::new(&exe);
+        cmd.args(["node", "run", "--data-dir"]).arg(&node_dir);
+        if bootstrap.is_none() {
+            cmd.arg("--bootstrap");
+        }
+        let child = cmd
+            .env("RUST_LOG", "info,wgpu_hal=off,wgpu_core=off,naga=off")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let node = Node {
+            name,
+            dir: node_dir,
+            child,
+        };
+        wait(Duration::from_secs(60), &format!("{name} to start"), || {
+            api::request(&node.dir, "GET", "/v1/status", "").is_ok()
+        })?;
+        Ok(node)
+    };
+
+    step("starting a bootstrap node, three workers and a submitting node (separate processes)");
+    let boot = start("bootstrap", make("boot", 0, Roles::BOOTSTRAP)?, None)?;
+    let s = api::request(&boot.dir, "GET", "/v1/status", "")?;
+    let boot_addr = format!(
+        "{}/p2p/{}",
+        s["listen_addrs"][0].as_str().unwrap_or_default(),
+        s["peer_id"].as_str().unwrap_or_default()
+    );
+    println!("  bootstrap  {boot_addr}");
+    let mut nodes = vec![boot];
+    for (name, inst) in [("worker-north", 0), ("worker-south", 1), ("worker-east", 2)] {
+        let n = start(name, make(name, inst, Roles::WORK)?, Some(&boot_addr))?;
+        nodes.push(n);
+    }
+    let sub = start(
+        "submitter",
+        make("submitter", 1, Roles::SUBMIT)?,
+        Some(&boot_addr),
+    )?;
+    wait(
+        Duration::from_secs(60),
+        "the submitter to see three workers",
+        || {
+            api::request(&sub.dir, "GET", "/v1/gpus", "")
+                .ok()
+                .and_then(|v| v.as_array().map(Vec::len))
+                == Some(3)
+        },
+    )?;
+    let names = peer_names(&nodes)?;
+    let gpus = api::request(&sub.dir, "GET", "/v1/gpus", "")?;
+    for g in gpus.as_array().into_iter().flatten() {
+        let who = names
+            .iter()
+            .find(|(p, _)| g["peer_id"] == p.as_str())
+            .map_or("?", |(_, n)| n.as_str());
+        println!(
+            "  {who:<13} {:<17} lends {}",
+            g["institution"].as_str().unwrap_or("?"),
+            g["gpus"][0]["name"].as_str().unwrap_or("?")
+        );
+    }
+
+    let jobs = dir.join("jobs");
+    std::fs::create_dir_all(&jobs)?;
+    let (seed, wg, samples) = (2026u32, 16u32, 64u32);
+    std::fs::write(
+        jobs.join("pi.toml"),
+        format!(
+            "name = \"monte-carlo-pi\"\nkernel = \"library:monte_carlo_pi\"\ndispatch = [{wg}, 1, 1]\ntasks = {}\ninfo_binding = 0\n\n[[inputs]]\nbinding = 1\nkind = \"uniform\"\ntype = \"u32\"\nvalues = [{seed}, {samples}]\n\n[[outputs]]\nbinding = 2\ntype = \"u32\"\nlen = {wg}\n",
+            a.tasks
+        ),
+    )?;
+    step(&format!(
+        "job 1: Monte Carlo π, an array job of {} tasks, exact comparison",
+        a.tasks
+    ));
+    let pi_id = submit_and_wait(&sub.dir, &jobs.join("pi.toml"))?;
+    let out = jobs.join("pi-results");
+    export(&sub.dir, &pi_id, &out, true)?;
+    let counts = npy::parse(&std::fs::read(out.join("out2.npy"))?)?;
+    let got = library::to_u32(&counts.data);
+    let want: Vec<u32> = (0..a.tasks)
+        .flat_map(|t| monte_carlo_pi::cpu(seed, wg, samples, t))
+        .collect();
+    if got != want {
+        bail!("the π counts differ from the CPU reference");
+    }
+    let total = u64::from(a.tasks)
+        * u64::from(wg)
+        * u64::from(monte_carlo_pi::WORKGROUP)
+        * u64::from(samples);
+    println!(
+        "  every count equals the CPU reference; π ≈ {:.5} from {total} samples",
+        monte_carlo_pi::estimate(&got, total)
+    );
+    who_computed(&sub.dir, &pi_id, &names)?;
+
+    let m = 128usize;
+    let am: Vec<f32> = (0..m * m)
+        .map(|i| ((i * 7) % 17) as f32 / 17.0 - 0.5)
+        .collect();
+    let bm: Vec<f32> = (0..m * m).map(|i| ((i * 3) % 19) as f32 / 19.0).collect();
+    let shape = [m as u64, m as u64];
+    std::fs::write(
+        jobs.join("a.npy"),
+        npy::write(ElemType::F32, &shape, &library::f32_bytes(&am)),
+    )?;
+    std::fs::write(
+        jobs.join("b.npy"),
+        npy::write(ElemType::F32, &shape, &library::f32_bytes(&bm)),
+    )?;
+    std::fs::write(
+        jobs.join("sgemm.toml"),
+        format!(
+            "name = \"sgemm-{m}\"\nkernel = \"library:sgemm\"\ndispatch = [{g}, {g}, 1]\nredundancy = 2\ncompare = {{ rel = 1e-5, abs = 1e-6 }}\n\n[[inputs]]\nbinding = 0\nkind = \"uniform\"\ntype = \"u32\"\nvalues = [{m}, {m}, {m}]\n\n[[inputs]]\nbinding = 1\nfile = \"a.npy\"\n\n[[inputs]]\nbinding = 2\nfile = \"b.npy\"\n\n[[outputs]]\nbinding = 3\ntype = \"f32\"\nlen = {}\n",
+            m * m,
+            g = m.div_ceil(64)
+        ),
+    )?;
+    step(&format!(
+        "job 2: a {m}×{m} SGEMM on two workers, replicas compared within a tolerance"
+    ));
+    let sg_id = submit_and_wait(&sub.dir, &jobs.join("sgemm.toml"))?;
+    let out = jobs.join("sgemm-results");
+    export(&sub.dir, &sg_id, &out, false)?;
+    let c = library::to_f32(&npy::parse(&std::fs::read(out.join("out3-task0.npy"))?)?.data);
+    let want = sgemm::cpu(m, m, m, &am, &bm);
+    let worst = c
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| f64::from((g - w).abs()) / f64::from(w.abs()).max(1.0))
+        .fold(0.0f64, f64::max);
+    if worst > 1e-4 {
+        bail!("the SGEMM result is {worst:e} away from the CPU reference");
+    }
+    println!("  C matches the CPU reference (largest relative difference {worst:.1e})");
+    who_computed(&sub.dir, &sg_id, &names)?;
+
+    step("stopping every node (SIGTERM)");
+    for mut n in std::iter::once(sub).chain(nodes.into_iter().rev()) {
+        stop(&mut n.child);
+        println!("  {} stopped", n.name);
+    }
+    println!("\ndemo complete");
+    Ok(())
+}
+
+fn wait(limit: Duration, what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn peer_names(nodes: &[Node]) -> Result<Vec<(String, String)>> {
+    nodes
+        .iter()
+        .map(|n| {
+            let s = api::request(&n.dir, "GET", "/v1/status", "")?;
+            Ok((
+                s["peer_id"].as_str().unwrap_or_default().to_owned(),
+                n.name.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn submit_and_wait(sub: &Path, job: &Path) -> Result<String> {
+    let (job, id) = crate::jobcli::submit_file(sub, job)?;
+    println!(
+        "  job {id}: {} task{}, redundancy {}",
+        job.tasks,
+        if job.tasks == 1 { "" } else { "s" },
+        job.redundancy
+    );
+    crate::jobcli::wait_for_job(sub, &id, false)?;
+    Ok(id)
+}
+
+fn export(sub: &Path, id: &str, out: &Path, concat: bool) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let body = json!({ "out": out, "concat": concat }).to_string();
+    api::request(sub, "POST", &format!("/v1/jobs/{id}/export"), &body)?;
+    Ok(())
+}
+
+fn who_computed(sub: &Path, id: &str, names: &[(String, String)]) -> Result<()> {
+    let d: Value = api::request(sub, "GET", &format!("/v1/jobs/{id}"), "")?;
+    println!("  who computed what:");
+    for t in d["tasks"].as_array().into_iter().flatten() {
+        let by: Vec<String> = t["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["state"] == "verified")
+            .map(|r| {
+                let who = names
+                    .iter()
+                    .find(|(p, _)| r["worker"] == p.as_str())
+                    .map_or("?", |(_, n)| n.as_str());
+                format!(
+                    "{who} ({}, {:.1} ms GPU)",
+                    r["institution"].as_str().unwrap_or("?"),
+                    r["gpu_time_us"].as_f64().unwrap_or(0.0) / 1000.0
+                )
+            })
+            .collect();
+        println!("    task {:>2}: {}", t["index"], by.join(" and "));
+    }
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! `alliance demo` runs its whole alliance and checks its own results.
+
+#[test]
+fn the_demo_runs_to_completion() {
+    let out = std::process::Command::new(alliance_tests::alliance_bin())
+        .args(["demo", "--tasks", "6"])
+        .output()
+        .expect("run the demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    for expected in [
+        "every count equals the CPU reference",
+        "C matches the CPU reference",
+        "who computed what",
+        "submitter stopped",
+        "demo complete",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}

@@ -9,6 +9,7 @@
 //! | `GET /v1/status` | PeerId, alliance, institution, listen and external addresses, NAT status, peers, rejections |
 //! | `GET /v1/peers` | verified, connected members |
 //! | `GET /v1/gpus` | the live advert table |
+//! | `GET /v1/worker` | the worker's GPUs and counts: offers accepted and declined, tasks run, input blobs fetched and reused |
 //! | `POST /v1/worker/pause`, `POST /v1/worker/resume` | stop or start lending this node's GPUs |
 //! | `POST /v1/revocations` | apply and gossip a revocation list (body: the armored file) |
 //! | `POST /v1/jobs` | submit a job: `{"file": "/abs/path/job.toml"}` → `{"id": …}` |
@@ -43,6 +44,8 @@ pub struct ApiState {
     pub client: Client,
     /// The job scheduler, on nodes with the submit role.
     pub jobs: Option<Jobs>,
+    /// The worker, on nodes that lend GPUs.
+    pub worker: Option<crate::worker::Worker>,
     /// The intake limits jobs are checked against at submission.
     pub limits: alliance_kernels::intake::Limits,
 }
@@ -80,6 +83,17 @@ fn body_json(body: &str) -> Result<serde_json::Value, ApiError> {
             format!("the body is not JSON: {e}"),
         )
     })
+}
+
+async fn worker_stats(State(s): State<ApiState>) -> Answer {
+    let w = s.worker.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "this node lends no GPU (its certificate lacks the work role, or it found no GPU)"
+                .into(),
+        )
+    })?;
+    Ok(Json(json!(w.stats())))
 }
 
 async fn submit(State(s): State<ApiState>, body: String) -> Answer {
@@ -229,6 +243,7 @@ async fn not_found() -> ApiError {
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
     Router::new()
+        .route("/v1/worker", get(worker_stats))
         .route("/v1/jobs", post(submit).get(job_list))
         .route("/v1/jobs/{id}", get(job_detail))
         .route("/v1/jobs/{id}/cancel", post(job_cancel))

@@ -52,6 +52,8 @@ const OFFER_TIMEOUT: Duration = Duration::from_secs(60);
 const DECLINE_BACKOFF: Duration = Duration::from_secs(5);
 /// A worker gone from the network this long loses its tasks.
 const GONE_GRACE: Duration = Duration::from_secs(5);
+/// After a restart, how long workers have to reconnect.
+const RECONNECT_GRACE: Duration = Duration::from_secs(30);
 /// Scheduler passes, at most this far apart.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -231,6 +233,9 @@ struct Inner {
     declined: Mutex<HashMap<String, Instant>>,
     gone_since: Mutex<HashMap<String, Instant>>,
     wake: tokio::sync::Notify,
+    /// When this node started: after a restart, workers get time to
+    /// reconnect before their tasks count as lost.
+    started: Instant,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -298,6 +303,7 @@ impl Jobs {
                 declined: Mutex::new(HashMap::new()),
                 gone_since: Mutex::new(HashMap::new()),
                 wake: tokio::sync::Notify::new(),
+                started: Instant::now(),
             }),
         })
     }
@@ -703,7 +709,8 @@ impl Jobs {
                     Some("no answer to the offer".to_owned())
                 }
                 ReplicaState::Offered | ReplicaState::Running { .. }
-                    if !connected.contains(&r.worker) =>
+                    if !connected.contains(&r.worker)
+                        && now.duration_since(self.inner.started) >= RECONNECT_GRACE =>
                 {
                     let since = *gone.entry(r.worker.clone()).or_insert(now);
                     (now.duration_since(since) >= GONE_GRACE)

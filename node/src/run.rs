@@ -224,7 +224,12 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     } else {
         None
     };
-    tokio::spawn(serve_requests(requests, worker, jobs.clone(), blobs));
+    tokio::spawn(serve_requests(
+        requests,
+        worker.clone(),
+        jobs.clone(),
+        blobs,
+    ));
 
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
@@ -240,6 +245,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     let state = api::ApiState {
         client,
         jobs,
+        worker,
         limits: cfg.worker.limits.clone(),
     };
     axum::serve(listener, api::router(state))

@@ -15,6 +15,7 @@
 //!   signed failure with the reason. Reports are retried until the
 //!   submitter acknowledges them or half an hour passes.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -75,6 +76,26 @@ pub struct Worker {
 struct Inner {
     setup: WorkerSetup,
     slots: Mutex<Vec<Slot>>,
+    stats: Mutex<Stats>,
+    /// One fetch per blob at a time: tasks that need a blob being fetched
+    /// wait for it instead of fetching it again.
+    fetching: tokio::sync::Mutex<HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// What the worker has done since it started.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Stats {
+    pub gpus: usize,
+    pub busy: usize,
+    pub accepted: u64,
+    pub declined: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Input blobs fetched over the network, and their bytes.
+    pub blobs_fetched: u64,
+    pub bytes_fetched: u64,
+    /// Input blobs found already in the store.
+    pub blobs_cached: u64,
 }
 
 impl std::fmt::Debug for Worker {
@@ -104,12 +125,43 @@ impl Worker {
             inner: Arc::new(Inner {
                 setup,
                 slots: Mutex::new(slots),
+                stats: Mutex::new(Stats::default()),
+                fetching: tokio::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
 
+    fn count(&self, f: impl FnOnce(&mut Stats)) {
+        if let Ok(mut s) = self.inner.stats.lock() {
+            f(&mut s);
+        }
+    }
+
+    /// What the worker has done, and its GPUs now.
+    pub fn stats(&self) -> Stats {
+        let (gpus, busy) = self.load();
+        let mut s = self
+            .inner
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        s.gpus = gpus;
+        s.busy = busy;
+        s
+    }
+
     /// Answers an offer from `peer`; on acceptance the task starts at once.
     pub async fn offer(&self, peer: PeerId, member: &Member, req: OfferRequest) -> OfferAnswer {
+        let answer = self.consider(peer, member, req).await;
+        match answer {
+            OfferAnswer::Accept { .. } => self.count(|s| s.accepted += 1),
+            OfferAnswer::Decline(_) => self.count(|s| s.declined += 1),
+        }
+        answer
+    }
+
+    async fn consider(&self, peer: PeerId, member: &Member, req: OfferRequest) -> OfferAnswer {
         let s = &self.inner.setup;
         match s.client.status().await {
             Ok(st) if st.paused => return decline(DeclineReason::Paused),
@@ -141,6 +193,10 @@ impl Worker {
         tokio::spawn(async move {
             let report = me.execute(peer, &offer, source, slot.1).await;
             me.release(slot.1);
+            match &report {
+                Some(TaskReport::Done(_)) => me.count(|s| s.succeeded += 1),
+                _ => me.count(|s| s.failed += 1),
+            }
             match report {
                 Some(r) => me.deliver(peer, r).await,
                 // Only a record too large to sign gets here; the lease
@@ -317,12 +373,24 @@ impl Worker {
         let s = &self.inner.setup;
         for b in &offer.spec.bindings {
             if let Some(Data::Blob { hash, len }) = data_of(&b.kind) {
+                let lock = {
+                    let mut map = self.inner.fetching.lock().await;
+                    Arc::clone(map.entry(*hash).or_default())
+                };
+                let _held = lock.lock().await;
                 let got = blobs::fetch(&s.client, &s.blobs, peer, *hash, *len).await;
-                if let Err(e) = got {
-                    if matches!(e, blobs::BlobError::HashMismatch { .. }) {
-                        let _ = s.client.punish(peer, e.to_string()).await;
+                match got {
+                    Ok(0) => self.count(|s| s.blobs_cached += 1),
+                    Ok(n) => self.count(|s| {
+                        s.blobs_fetched += 1;
+                        s.bytes_fetched += n;
+                    }),
+                    Err(e) => {
+                        if matches!(e, blobs::BlobError::HashMismatch { .. }) {
+                            let _ = s.client.punish(peer, e.to_string()).await;
+                        }
+                        return Err(format!("cannot fetch an input: {e}"));
                     }
-                    return Err(format!("cannot fetch an input: {e}"));
                 }
             }
         }

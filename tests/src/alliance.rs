@@ -279,6 +279,11 @@ impl Running {
 
     /// Stops the process (SIGKILL).
     pub fn kill(mut self) {
+        self.kill_in_place();
+    }
+
+    /// Stops the process (SIGKILL) and waits for it; the value stays.
+    pub fn kill_in_place(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

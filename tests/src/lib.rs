@@ -50,6 +50,7 @@ pub fn dependency_names(package: &str) -> Result<Vec<String>, String> {
 }
 
 pub mod alliance;
+pub mod jobs;
 
 /// The `alliance` binary of this build, built first when missing.
 pub fn alliance_bin() -> PathBuf {

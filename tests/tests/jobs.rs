@@ -4,108 +4,13 @@
 //! the outputs match CPU references, bad jobs are refused at submit with
 //! the reason, and a job no member can take says why it waits.
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::time::Duration;
-
 use alliance_kernels::library::{self, monte_carlo_pi, saxpy, sgemm};
 use alliance_node::job::npy;
-use alliance_protocol::cert::Roles;
 use alliance_protocol::task::ElemType;
-use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
-
-const LIMIT: Duration = Duration::from_secs(120);
-
-fn alliance(args: &[&str], dir: &Path) -> Output {
-    std::process::Command::new(alliance_tests::alliance_bin())
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .output()
-        .expect("run alliance")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
-    p
-}
-
-/// Submits `job` and waits for it; returns the job id.
-fn run_job(sub: &NodeDir, job: &Path) -> String {
-    let out = alliance(&["submit", job.to_str().unwrap(), "--wait"], &sub.path);
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
-    t.split_whitespace()
-        .skip_while(|w| *w != "job")
-        .nth(1)
-        .expect("a job id")
-        .to_owned()
-}
-
-fn results(sub: &NodeDir, id: &str, out: &Path, concat: bool) {
-    let mut args = vec!["job", "results", id, "--out", out.to_str().unwrap()];
-    if concat {
-        args.push("--concat");
-    }
-    let o = alliance(&args, &sub.path);
-    assert!(o.status.success(), "{}", text(&o));
-}
-
-fn read_npy(path: &Path) -> npy::Array {
-    npy::parse(&std::fs::read(path).unwrap()).unwrap()
-}
-
-struct Net {
-    a: TestAlliance,
-    _boot: Running,
-    workers: Vec<(NodeDir, Running)>,
-    sub_dir: NodeDir,
-    sub: Running,
-}
-
-fn alliance_of_three() -> Net {
-    let a = TestAlliance::new(
-        "Jobs Test",
-        &[
-            ("University North", Roles::ALL),
-            ("University South", Roles::WORK | Roles::SUBMIT),
-        ],
-        30,
-    );
-    let boot_dir = a.node("boot", 0, Roles::BOOTSTRAP);
-    let boot = boot_dir.start(true);
-    let addr = boot.address();
-    let workers: Vec<(NodeDir, Running)> = (0..3)
-        .map(|i| {
-            let d = a.node(&format!("w{i}"), i % 2, Roles::WORK);
-            d.set_bootstrap(std::slice::from_ref(&addr));
-            let r = d.start(false);
-            (d, r)
-        })
-        .collect();
-    let sub_dir = a.node("sub", 1, Roles::SUBMIT);
-    sub_dir.set_bootstrap(std::slice::from_ref(&addr));
-    let sub = sub_dir.start(false);
-    wait_for(LIMIT, "the submitter to see three workers", || {
-        sub.advertisers().len() == 3
-    });
-    Net {
-        a,
-        _boot: boot,
-        workers,
-        sub_dir,
-        sub,
-    }
-}
+use alliance_tests::alliance::wait_for;
+use alliance_tests::jobs::{
+    LIMIT, alliance, alliance_of_three, read_npy, results, run_job, text, write,
+};
 
 #[test]
 fn library_jobs_run_across_three_workers_and_match_the_cpu() {

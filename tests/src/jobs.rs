@@ -1,0 +1,107 @@
+//! Helpers for job tests: an alliance of a bootstrap node, three workers
+//! and a submitter as processes, and the `alliance` commands a researcher
+//! would type.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use alliance_node::job::npy;
+use alliance_protocol::cert::Roles;
+
+use crate::alliance::{NodeDir, Running, TestAlliance, wait_for};
+
+/// How long job tests wait for anything.
+pub const LIMIT: Duration = Duration::from_secs(120);
+
+pub fn alliance(args: &[&str], dir: &Path) -> Output {
+    std::process::Command::new(crate::alliance_bin())
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .expect("run alliance")
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// Submits `job` and waits for it; returns the job id.
+pub fn run_job(sub: &NodeDir, job: &Path) -> String {
+    let out = alliance(&["submit", job.to_str().unwrap(), "--wait"], &sub.path);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    t.split_whitespace()
+        .skip_while(|w| *w != "job")
+        .nth(1)
+        .expect("a job id")
+        .to_owned()
+}
+
+pub fn results(sub: &NodeDir, id: &str, out: &Path, concat: bool) {
+    let mut args = vec!["job", "results", id, "--out", out.to_str().unwrap()];
+    if concat {
+        args.push("--concat");
+    }
+    let o = alliance(&args, &sub.path);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+pub fn read_npy(path: &Path) -> npy::Array {
+    npy::parse(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[derive(Debug)]
+pub struct Net {
+    pub a: TestAlliance,
+    pub boot: Running,
+    pub workers: Vec<(NodeDir, Running)>,
+    pub sub_dir: NodeDir,
+    pub sub: Running,
+}
+
+pub fn alliance_of_three() -> Net {
+    let a = TestAlliance::new(
+        "Jobs Test",
+        &[
+            ("University North", Roles::ALL),
+            ("University South", Roles::WORK | Roles::SUBMIT),
+        ],
+        30,
+    );
+    let boot_dir = a.node("boot", 0, Roles::BOOTSTRAP);
+    let boot = boot_dir.start(true);
+    let addr = boot.address();
+    let workers: Vec<(NodeDir, Running)> = (0..3)
+        .map(|i| {
+            let d = a.node(&format!("w{i}"), i % 2, Roles::WORK);
+            d.set_bootstrap(std::slice::from_ref(&addr));
+            let r = d.start(false);
+            (d, r)
+        })
+        .collect();
+    let sub_dir = a.node("sub", 1, Roles::SUBMIT);
+    sub_dir.set_bootstrap(std::slice::from_ref(&addr));
+    let sub = sub_dir.start(false);
+    wait_for(LIMIT, "the submitter to see three workers", || {
+        sub.advertisers().len() == 3
+    });
+    Net {
+        a,
+        boot,
+        workers,
+        sub_dir,
+        sub,
+    }
+}

@@ -1,0 +1,228 @@
+//! Jobs survive their nodes: a worker killed mid-task has its task run
+//! elsewhere; a submitter killed mid-job and restarted finishes the job
+//! with every task's output exactly once; an input shared by 50 tasks
+//! crosses the network once per worker.
+
+use std::time::Duration;
+
+use alliance_kernels::library::{self, monte_carlo_pi, reduce};
+use alliance_node::job::npy;
+use alliance_protocol::task::ElemType;
+use alliance_tests::alliance::wait_for;
+use alliance_tests::jobs::{LIMIT, alliance, alliance_of_three, read_npy, results, text, write};
+use serde_json::Value;
+
+/// A Monte Carlo π job whose tasks repeat their dispatch `steps` times, so
+/// they run for seconds on a software GPU; counts add up over the steps.
+fn long_pi(tasks: u32, steps: u32) -> String {
+    format!(
+        r#"
+kernel = "library:monte_carlo_pi"
+dispatch = [64, 1, 1]
+tasks = {tasks}
+steps = {steps}
+info_binding = 0
+timeout_secs = 600
+[[inputs]]
+binding = 1
+kind = "uniform"
+type = "u32"
+values = [5, 256]
+[[outputs]]
+binding = 2
+type = "u32"
+len = 64
+"#
+    )
+}
+
+fn pi_reference(task: u32, steps: u32) -> Vec<u32> {
+    monte_carlo_pi::cpu(5, 64, 256, task)
+        .into_iter()
+        .map(|c| c * steps)
+        .collect()
+}
+
+fn submit(sub: &std::path::Path, job: &std::path::Path) -> String {
+    let out = alliance(&["submit", job.to_str().unwrap()], sub);
+    assert!(out.status.success(), "{}", text(&out));
+    text(&out).split_whitespace().nth(1).unwrap().to_owned()
+}
+
+fn replicas(detail: &Value) -> Vec<Value> {
+    detail["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["replicas"].as_array().unwrap().clone())
+        .collect()
+}
+
+#[test]
+fn a_task_whose_worker_is_killed_completes_elsewhere() {
+    let mut net = alliance_of_three();
+    let dir = net.a.dir.path().join("jobs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let steps = 4000;
+    let job = write(&dir, "long.toml", long_pi(2, steps));
+    let id = submit(&net.sub_dir.path, &job);
+
+    // Wait until a worker runs a task, then kill -9 that worker.
+    let mut victim = String::new();
+    wait_for(LIMIT, "a worker to run a task", || {
+        let d = net.sub.get(&format!("/v1/jobs/{id}")).unwrap();
+        match replicas(&d).iter().find(|r| r["state"] == "running") {
+            Some(r) => {
+                victim = r["worker"].as_str().unwrap().to_owned();
+                true
+            }
+            None => false,
+        }
+    });
+    let at = net
+        .workers
+        .iter()
+        .position(|(d, _)| d.peer() == victim)
+        .unwrap();
+    let (_, running) = net.workers.remove(at);
+    running.kill();
+
+    wait_for(
+        Duration::from_secs(300),
+        "the job to finish without that worker",
+        || {
+            net.sub
+                .get(&format!("/v1/jobs/{id}"))
+                .is_some_and(|d| d["summary"]["state"] == "done")
+        },
+    );
+    let d = net.sub.get(&format!("/v1/jobs/{id}")).unwrap();
+    let all = replicas(&d);
+    assert!(
+        all.iter()
+            .any(|r| r["worker"] == victim.as_str() && r["state"] == "lost"),
+        "the killed worker's replica is not marked lost: {d}"
+    );
+    assert!(
+        all.iter()
+            .filter(|r| r["state"] == "verified")
+            .all(|r| r["worker"] != victim.as_str()),
+        "{d}"
+    );
+    let out = dir.join("out");
+    results(&net.sub_dir, &id, &out, false);
+    for t in 0..2 {
+        let a = read_npy(&out.join(format!("out2-task{t}.npy")));
+        assert_eq!(library::to_u32(&a.data), pi_reference(t, steps), "task {t}");
+    }
+}
+
+#[test]
+fn a_submitter_killed_mid_job_finishes_it_after_a_restart() {
+    let mut net = alliance_of_three();
+    let dir = net.a.dir.path().join("jobs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (tasks, steps) = (6u32, 1500u32);
+    let job = write(&dir, "long.toml", long_pi(tasks, steps));
+    let id = submit(&net.sub_dir.path, &job);
+    wait_for(LIMIT, "some tasks to run", || {
+        net.sub
+            .get(&format!("/v1/jobs/{id}"))
+            .is_some_and(|d| d["summary"]["progress"]["running"].as_u64().unwrap_or(0) >= 2)
+    });
+    // kill -9, then start it again on the same data directory.
+    net.sub.kill_in_place();
+    net.sub = net.sub_dir.start(false);
+
+    wait_for(
+        Duration::from_secs(300),
+        "the restarted submitter to finish the job",
+        || {
+            net.sub
+                .get(&format!("/v1/jobs/{id}"))
+                .is_some_and(|d| d["summary"]["state"] == "done")
+        },
+    );
+    let d = net.sub.get(&format!("/v1/jobs/{id}")).unwrap();
+    for t in d["tasks"].as_array().unwrap() {
+        let verified = t["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["state"] == "verified")
+            .count();
+        assert_eq!(
+            verified, 1,
+            "task {} verified {verified} times: {t}",
+            t["index"]
+        );
+    }
+    let out = dir.join("out");
+    results(&net.sub_dir, &id, &out, true);
+    let all = read_npy(&out.join("out2.npy"));
+    assert_eq!(all.shape, vec![u64::from(tasks), 64]);
+    let want: Vec<u32> = (0..tasks).flat_map(|t| pi_reference(t, steps)).collect();
+    assert_eq!(library::to_u32(&all.data), want);
+}
+
+#[test]
+fn an_input_shared_by_fifty_tasks_crosses_the_network_once_per_worker() {
+    let net = alliance_of_three();
+    let dir = net.a.dir.path().join("jobs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let x: Vec<u32> = (0..65_536u32)
+        .map(|i| i.wrapping_mul(2_654_435_761))
+        .collect();
+    let bytes = library::u32_bytes(&x);
+    write(
+        &dir,
+        "x.npy",
+        npy::write(ElemType::U32, &[x.len() as u64], &bytes),
+    );
+    let job = write(
+        &dir,
+        "shared.toml",
+        r#"
+kernel = "library:reduce_u32"
+dispatch = [128, 1, 1]
+tasks = 50
+[[inputs]]
+binding = 0
+kind = "uniform"
+type = "u32"
+values = [65536]
+[[inputs]]
+binding = 1
+file = "x.npy"
+[[outputs]]
+binding = 2
+type = "u32"
+len = 128
+"#,
+    );
+    let out = alliance(
+        &["submit", job.to_str().unwrap(), "--wait"],
+        &net.sub_dir.path,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let id = text(&out).split_whitespace().nth(1).unwrap().to_owned();
+    let o = dir.join("out");
+    results(&net.sub_dir, &id, &o, true);
+    let all = library::to_u32(&read_npy(&o.join("out2.npy")).data);
+    let want = reduce::u32_cpu(&x);
+    for t in 0..50 {
+        assert_eq!(all[t * 128..(t + 1) * 128], want[..], "task {t}");
+    }
+    let mut ran = 0;
+    for (d, w) in &net.workers {
+        let s = w.get("/v1/worker").unwrap();
+        let succeeded = s["succeeded"].as_u64().unwrap();
+        if succeeded > 0 {
+            ran += 1;
+            assert_eq!(s["blobs_fetched"], 1, "{}: {s}", d.path.display());
+            assert_eq!(s["bytes_fetched"], bytes.len() as u64, "{s}");
+            assert_eq!(s["blobs_cached"].as_u64().unwrap(), succeeded - 1, "{s}");
+        }
+    }
+    assert!(ran >= 2, "the 50 tasks ran on {ran} worker(s)");
+}

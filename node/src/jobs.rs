@@ -44,7 +44,8 @@ use crate::net::actor::{AdvertView, Client};
 
 /// Inputs up to this size ride inside the offer; larger ones are blobs.
 const INLINE_INPUT: usize = 64 * 1024;
-/// Offers a task may receive in all, per replica it needs.
+/// Offers a task may receive: this many per replica it needs, and as
+/// many again for settling disagreements.
 const ATTEMPTS_PER_REPLICA: u32 = 5;
 /// An offer not answered in this time counts as lost.
 const OFFER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -560,7 +561,8 @@ impl Jobs {
                     let target = target_replicas(&job, t);
                     let active = count(t.replicas.iter().filter(|r| r.in_flight()));
                     let returned = count(t.replicas.iter().filter(|r| r.returned()));
-                    if t.next_attempt >= ATTEMPTS_PER_REPLICA * job.redundancy + 2 && active == 0 {
+                    if t.next_attempt >= ATTEMPTS_PER_REPLICA * (job.redundancy + 1) && active == 0
+                    {
                         t.state = TaskState::Failed;
                         let reasons: Vec<String> = t
                             .replicas

@@ -186,6 +186,35 @@ len = {}
         .filter(|r| r["state"] == "verified")
         .count();
     assert_eq!(verified, 2, "{status}");
+
+    // The committed examples run as they are and match their references.
+    let examples = alliance_tests::workspace_root().join("examples");
+    for name in ["pi", "saxpy", "sgemm"] {
+        let id = run_job(&net.sub_dir, &examples.join(name).join("job.toml"));
+        let out = dir.join(format!("example-{name}"));
+        results(&net.sub_dir, &id, &out, true);
+        let f32s = |f: &str| library::to_f32(&read_npy(&examples.join(name).join(f)).data);
+        match name {
+            "pi" => {
+                let got = library::to_u32(&read_npy(&out.join("out2.npy")).data);
+                let want: Vec<u32> = (0..16)
+                    .flat_map(|t| monte_carlo_pi::cpu(2026, 64, 256, t))
+                    .collect();
+                assert_eq!(got, want);
+            }
+            "saxpy" => {
+                let got = library::to_f32(&read_npy(&out.join("out2.npy")).data);
+                assert_eq!(got, saxpy::cpu(2.0, &f32s("x.npy"), &f32s("y.npy")));
+            }
+            _ => {
+                let got = library::to_f32(&read_npy(&out.join("out3.npy")).data);
+                let want = sgemm::cpu(128, 128, 128, &f32s("a.npy"), &f32s("b.npy"));
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+                }
+            }
+        }
+    }
     drop(net.workers);
 }
 

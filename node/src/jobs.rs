@@ -53,6 +53,9 @@ const OFFER_TIMEOUT: Duration = Duration::from_secs(60);
 const DECLINE_BACKOFF: Duration = Duration::from_secs(5);
 /// A worker gone from the network this long loses its tasks.
 const GONE_GRACE: Duration = Duration::from_secs(5);
+/// A running task's lease: renewed by every progress report (workers send
+/// one every [`crate::worker::PROGRESS_EVERY`]), lost without.
+pub const LEASE: Duration = Duration::from_secs(30);
 /// After a restart, how long workers have to reconnect.
 const RECONNECT_GRACE: Duration = Duration::from_secs(30);
 /// Scheduler passes, at most this far apart.
@@ -553,11 +556,27 @@ impl Jobs {
                     continue;
                 }
                 let job = l.job.clone();
+                // Workers that already hold this job's inputs.
+                let warm: std::collections::HashSet<String> = l
+                    .tasks
+                    .iter()
+                    .flat_map(|t| &t.replicas)
+                    .filter(|r| r.in_flight() || r.returned())
+                    .map(|r| r.worker.clone())
+                    .collect();
                 for t in &mut l.tasks {
                     if t.state != TaskState::Waiting {
                         continue;
                     }
                     let mut changed = self.expire(t, &connected, now);
+                    if let Some(wait) = backoff(t) {
+                        let why = format!("offered again in {wait} s, after a failed attempt");
+                        if t.waiting.as_deref() != Some(why.as_str()) {
+                            t.waiting = Some(why);
+                            self.save_task(&job.id, t)?;
+                        }
+                        continue;
+                    }
                     let target = target_replicas(&job, t);
                     let active = count(t.replicas.iter().filter(|r| r.in_flight()));
                     let returned = count(t.replicas.iter().filter(|r| r.returned()));
@@ -593,7 +612,9 @@ impl Jobs {
                         continue;
                     }
                     for _ in 0..need {
-                        match self.choose(&job, t, &adverts, &connected, &in_flight, &planned) {
+                        match self
+                            .choose(&job, t, &adverts, &connected, &in_flight, &planned, &warm)
+                        {
                             Ok(advert) => {
                                 let Ok(peer) = advert.peer_id.parse::<PeerId>() else {
                                     continue;
@@ -702,7 +723,10 @@ impl Jobs {
         };
         for r in &mut t.replicas {
             let reason = match &r.state {
-                ReplicaState::Running { lease_until } if *lease_until <= wall => {
+                ReplicaState::Running { lease_until }
+                    if *lease_until <= wall
+                        && now.duration_since(self.inner.started) >= RECONNECT_GRACE =>
+                {
                     Some("no result before the lease ended".to_owned())
                 }
                 ReplicaState::Offered
@@ -739,6 +763,7 @@ impl Jobs {
         connected: &std::collections::HashSet<String>,
         in_flight: &HashMap<String, u32>,
         planned: &HashMap<String, u32>,
+        warm: &std::collections::HashSet<String>,
     ) -> Result<&'a AdvertView, String> {
         let req = &job.requirements;
         let remote: Vec<&AdvertView> = adverts.iter().filter(|a| !a.local).collect();
@@ -870,7 +895,8 @@ impl Jobs {
             .map(|r| r.institution.as_str())
             .collect();
         // Preferred institutions first, then institutions that hold no
-        // replica of this task yet, then the least loaded, then the fastest.
+        // replica of this task yet, then workers that already hold the
+        // job's inputs, then the least loaded, then the fastest.
         let best = free
             .iter()
             .copied()
@@ -891,6 +917,7 @@ impl Jobs {
                 (
                     !preferred,
                     spread,
+                    !warm.contains(&x.peer_id),
                     load,
                     std::cmp::Reverse(speed),
                     x.peer_id.clone(),
@@ -929,7 +956,10 @@ impl Jobs {
             return;
         }
         r.state = match answer {
-            Ok(OfferAnswer::Accept { lease_until }) => ReplicaState::Running { lease_until },
+            // The lease runs on this node's clock; progress reports renew it.
+            Ok(OfferAnswer::Accept { .. }) => ReplicaState::Running {
+                lease_until: lease_from_now(),
+            },
             Ok(OfferAnswer::Decline(reason)) => {
                 if let Ok(mut d) = self.inner.declined.lock() {
                     d.insert(worker.clone(), Instant::now());
@@ -950,6 +980,42 @@ impl Jobs {
             warn!(job = %id, "cannot save an offer's answer");
         }
         self.inner.wake.notify_one();
+    }
+
+    /// A worker says a task still runs: its lease is renewed.
+    pub fn progress(&self, peer: PeerId, p: &alliance_protocol::wire::Progress) -> Ack {
+        let alliance_protocol::wire::Progress::Running {
+            job, task, attempt, ..
+        } = p
+        else {
+            return Ack::Refused("checkpoints are not taken yet".into());
+        };
+        let worker = peer.to_string();
+        let id = job.to_string();
+        let Ok(mut live) = self.lock() else {
+            return Ack::Refused("job state unavailable".into());
+        };
+        let Some(r) = live
+            .get_mut(&id)
+            .filter(|l| l.job.state == JobState::Active)
+            .and_then(|l| l.tasks.get_mut(*task as usize))
+            .and_then(|t| {
+                t.replicas
+                    .iter_mut()
+                    .find(|r| r.attempt == *attempt && r.worker == worker)
+            })
+        else {
+            return Ack::Refused("no such task here".into());
+        };
+        match r.state {
+            ReplicaState::Running { .. } | ReplicaState::Offered => {
+                r.state = ReplicaState::Running {
+                    lease_until: lease_from_now(),
+                };
+                Ack::Ok
+            }
+            _ => Ack::Refused("this attempt is no longer wanted".into()),
+        }
     }
 
     /// Checks and records a worker's report; the answer goes back to it.
@@ -1225,6 +1291,32 @@ enum Refusal {
     Late(String),
     /// The worker broke the protocol; it is dropped.
     Bad(String),
+}
+
+/// Seconds left before a task that failed or was lost may be offered
+/// again: 1 s after the first setback, doubling, at most 30 s.
+fn backoff(t: &TaskRecord) -> Option<u64> {
+    let setbacks: Vec<&Replica> = t
+        .replicas
+        .iter()
+        .filter(|r| {
+            matches!(
+                r.state,
+                ReplicaState::Failed { .. } | ReplicaState::Lost { .. }
+            )
+        })
+        .collect();
+    let last = setbacks.iter().filter_map(|r| r.finished_at).max()?;
+    let n = u32::try_from(setbacks.len()).unwrap_or(u32::MAX);
+    let delay = 1u64.checked_shl(n.saturating_sub(1)).unwrap_or(30).min(30);
+    let ready = last.saturating_add_secs(delay);
+    let now = Timestamp::now();
+    (ready > now).then(|| ready.as_secs() - now.as_secs())
+}
+
+/// A lease that lapses after [`LEASE`] without progress.
+fn lease_from_now() -> Timestamp {
+    Timestamp::now().saturating_add_secs(LEASE.as_secs())
 }
 
 /// How many items, as a u32 (saturating).

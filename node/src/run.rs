@@ -304,6 +304,17 @@ async fn serve_requests(
                     let _ = reply.send(Ack::Refused("this node submits no jobs".into()));
                 }
             },
+            Inbound::Progress {
+                peer,
+                progress,
+                reply,
+            } => {
+                let answer = match &jobs {
+                    Some(j) => j.progress(peer, &progress),
+                    None => Ack::Refused("this node submits no jobs".into()),
+                };
+                let _ = reply.send(answer);
+            }
             Inbound::Blob { request, reply, .. } => {
                 let b = blobs.clone();
                 tokio::task::spawn_blocking(move || {

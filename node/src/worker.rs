@@ -29,7 +29,7 @@ use alliance_protocol::task::{
     Binding, BindingKind, Data, MAX_INLINE_BYTES, OutputDigest, Receipt, TaskFailure, TaskOffer,
 };
 use alliance_protocol::wire::{
-    Ack, DeclineReason, OfferAnswer, OfferRequest, TaskReport, TaskResult,
+    Ack, DeclineReason, OfferAnswer, OfferRequest, Progress, TaskReport, TaskResult,
 };
 use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
 use libp2p::PeerId;
@@ -39,8 +39,8 @@ use crate::blobs::{self, Blobs};
 use crate::job::spec::kernels_elem;
 use crate::net::actor::Client;
 
-/// Time a worker allows beyond a task's own timeout before its lease ends.
-pub const LEASE_MARGIN: Duration = Duration::from_secs(60);
+/// How often a worker tells the submitter that a task still runs.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How long a worker keeps trying to deliver a report.
 const REPORT_PATIENCE: Duration = Duration::from_secs(30 * 60);
 
@@ -186,12 +186,23 @@ impl Worker {
             self.release(slot.1);
             return decline(DeclineReason::Limits(e.to_string()));
         }
-        let timeout = Duration::from_millis(offer.spec.timeout_ms);
-        let lease_until = Timestamp::now().saturating_add_secs((timeout + LEASE_MARGIN).as_secs());
+        let lease_until = Timestamp::now().saturating_add_secs(crate::jobs::LEASE.as_secs());
         info!(%peer, job = %offer.spec.job, task = offer.spec.task, attempt = offer.attempt, gpu = slot.1, "task accepted");
         let me = self.clone();
         tokio::spawn(async move {
+            let beat = tokio::spawn(heartbeat(
+                me.inner.setup.client.clone(),
+                peer,
+                Progress::Running {
+                    job: offer.spec.job,
+                    task: offer.spec.task,
+                    attempt: offer.attempt,
+                    step: offer.spec.start_step,
+                    steps: offer.spec.steps,
+                },
+            ));
             let report = me.execute(peer, &offer, source, slot.1).await;
+            beat.abort();
             me.release(slot.1);
             match &report {
                 Some(TaskReport::Done(_)) => me.count(|s| s.succeeded += 1),
@@ -463,6 +474,20 @@ impl Worker {
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+/// Sends `progress` to the submitter every [`PROGRESS_EVERY`] until aborted.
+async fn heartbeat(client: Client, peer: PeerId, progress: Progress) {
+    loop {
+        tokio::time::sleep(PROGRESS_EVERY).await;
+        match client.progress(peer, progress.clone()).await {
+            Ok(Ok(Ack::Refused(why))) => {
+                info!(%peer, %why, "the submitter no longer wants the task");
+            }
+            Err(_) => return,
+            _ => {}
         }
     }
 }

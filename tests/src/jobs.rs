@@ -72,6 +72,12 @@ pub struct Net {
 }
 
 pub fn alliance_of_three() -> Net {
+    alliance_of_three_with(|_| {})
+}
+
+/// Like [`alliance_of_three`], with `prepare` applied to each worker's
+/// directory before it starts.
+pub fn alliance_of_three_with(prepare: impl Fn(&NodeDir)) -> Net {
     let a = TestAlliance::new(
         "Jobs Test",
         &[
@@ -87,6 +93,7 @@ pub fn alliance_of_three() -> Net {
         .map(|i| {
             let d = a.node(&format!("w{i}"), i % 2, Roles::WORK);
             d.set_bootstrap(std::slice::from_ref(&addr));
+            prepare(&d);
             let r = d.start(false);
             (d, r)
         })

@@ -9,7 +9,8 @@ use alliance_node::job::npy;
 use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::wait_for;
 use alliance_tests::jobs::{
-    LIMIT, alliance, alliance_of_three, read_npy, results, run_job, text, write,
+    LIMIT, alliance, alliance_of_three, alliance_of_three_with, read_npy, results, run_job, text,
+    write,
 };
 
 #[test]
@@ -302,4 +303,32 @@ fn bad_jobs_are_refused_at_submit_and_waiting_jobs_say_why() {
             .get(&format!("/v1/jobs/{id}"))
             .is_some_and(|d| d["summary"]["state"] == "done")
     });
+}
+
+#[test]
+fn workers_that_decline_everything_are_named_and_the_job_fails_with_their_reasons() {
+    // Every worker's owner allows one step per task.
+    let net = alliance_of_three_with(|d| d.edit_config("max_steps = 1000000", "max_steps = 1"));
+    let dir = net.a.dir.path().join("jobs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let job = write(
+        &dir,
+        "steps.toml",
+        "kernel = \"library:monte_carlo_pi\"\ndispatch = [1, 1, 1]\nsteps = 4\ninfo_binding = 0\n[[inputs]]\nbinding = 1\nkind = \"uniform\"\ntype = \"u32\"\nvalues = [1, 1]\n[[outputs]]\nbinding = 2\ntype = \"u32\"\nlen = 1\n",
+    );
+    let out = alliance(&["submit", job.to_str().unwrap()], &net.sub_dir.path);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = text(&out).split_whitespace().nth(1).unwrap().to_owned();
+    wait_for(LIMIT, "the job to name the declines", || {
+        text(&alliance(&["job", "list"], &net.sub_dir.path))
+            .contains("declined: the task breaks its limits")
+    });
+    wait_for(LIMIT, "the job to give up", || {
+        net.sub
+            .get(&format!("/v1/jobs/{id}"))
+            .is_some_and(|d| d["summary"]["state"] == "failed")
+    });
+    let status = text(&alliance(&["job", "status", &id], &net.sub_dir.path));
+    assert!(status.contains("task 0 failed: gave up after"), "{status}");
+    assert!(status.contains("max_steps"), "{status}");
 }

@@ -25,8 +25,8 @@ use alliance_protocol::cert::{
     Chain, Institution, Member, RevocationSet, Revocations, Roles, TrustedCharter,
 };
 use alliance_protocol::wire::{
-    Ack, AdvertGossip, BlobRequest, BlobResponse, Hello, Message, OfferAnswer, OfferRequest,
-    RevocationGossip, TaskReport,
+    Ack, AdvertGossip, BlobRequest, BlobResponse, DeclineReason, Hello, Message, OfferAnswer,
+    OfferRequest, Progress, RevocationGossip, TaskReport,
 };
 use alliance_protocol::{Identity, Signed, Timestamp};
 use futures::StreamExt;
@@ -47,7 +47,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::codec::Inbound as CodecInbound;
+use super::codec::{Codec, Inbound as CodecInbound};
 
 use super::{Behaviour, BehaviourEvent, Network};
 use crate::store::Store;
@@ -97,6 +97,11 @@ pub enum Inbound {
         report: Box<TaskReport>,
         reply: oneshot::Sender<Ack>,
     },
+    Progress {
+        peer: PeerId,
+        progress: Box<Progress>,
+        reply: oneshot::Sender<Ack>,
+    },
     Blob {
         peer: PeerId,
         request: BlobRequest,
@@ -108,6 +113,7 @@ pub enum Inbound {
 enum Answer {
     Offer(Option<OfferAnswer>, ResponseChannel<OfferAnswer>),
     Report(Option<Ack>, ResponseChannel<Ack>),
+    Progress(Option<Ack>, ResponseChannel<Ack>),
     Blob(Option<BlobResponse>, ResponseChannel<BlobResponse>),
 }
 
@@ -191,6 +197,7 @@ pub enum Command {
         oneshot::Sender<Reply<OfferAnswer>>,
     ),
     Report(PeerId, Box<TaskReport>, oneshot::Sender<Reply<Ack>>),
+    Progress(PeerId, Box<Progress>, oneshot::Sender<Reply<Ack>>),
     Blob(PeerId, BlobRequest, oneshot::Sender<Reply<BlobResponse>>),
     /// The verified member behind a peer, if it is one and connected.
     Member(PeerId, oneshot::Sender<Option<Member>>),
@@ -254,6 +261,12 @@ impl Client {
     /// Reports a task's end to its submitter `peer`.
     pub async fn report(&self, peer: PeerId, report: TaskReport) -> Result<Reply<Ack>, Stopped> {
         self.ask(|tx| Command::Report(peer, Box::new(report), tx))
+            .await
+    }
+
+    /// Tells the submitter `peer` that a task still runs.
+    pub async fn progress(&self, peer: PeerId, p: Progress) -> Result<Reply<Ack>, Stopped> {
+        self.ask(|tx| Command::Progress(peer, Box::new(p), tx))
             .await
     }
 
@@ -330,6 +343,7 @@ pub struct EventLoop {
     last_redial: Instant,
     offers_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<OfferAnswer>>>,
     reports_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<Ack>>>,
+    progress_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<Ack>>>,
     blobs_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<BlobResponse>>>,
     answers: FuturesUnordered<BoxFuture<'static, Answer>>,
 }
@@ -389,6 +403,7 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             last_redial: now,
             offers_out: HashMap::new(),
             reports_out: HashMap::new(),
+            progress_out: HashMap::new(),
             blobs_out: HashMap::new(),
             answers: FuturesUnordered::new(),
         },
@@ -676,9 +691,60 @@ impl EventLoop {
                 }
             },
             SwarmEvent::Behaviour(BehaviourEvent::Membership(e)) => self.on_membership(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Tasks(e)) => self.on_tasks(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Results(e)) => self.on_results(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Blobs(e)) => self.on_blobs(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Tasks(e)) => self.on_service(
+                e,
+                "task offer",
+                |b| &mut b.tasks,
+                |me| &mut me.offers_out,
+                |peer, member, request, reply| Inbound::Offer {
+                    peer,
+                    member,
+                    request: Box::new(request),
+                    reply,
+                },
+                Answer::Offer,
+                || OfferAnswer::Decline(DeclineReason::BadOffer("this node runs no worker".into())),
+            ),
+            SwarmEvent::Behaviour(BehaviourEvent::Results(e)) => self.on_service(
+                e,
+                "task report",
+                |b| &mut b.results,
+                |me| &mut me.reports_out,
+                |peer, member, report, reply| Inbound::Report {
+                    peer,
+                    member,
+                    report: Box::new(report),
+                    reply,
+                },
+                Answer::Report,
+                || Ack::Refused("this node has no jobs".into()),
+            ),
+            SwarmEvent::Behaviour(BehaviourEvent::Progress(e)) => self.on_service(
+                e,
+                "progress report",
+                |b| &mut b.progress,
+                |me| &mut me.progress_out,
+                |peer, _, progress, reply| Inbound::Progress {
+                    peer,
+                    progress: Box::new(progress),
+                    reply,
+                },
+                Answer::Progress,
+                || Ack::Refused("this node has no jobs".into()),
+            ),
+            SwarmEvent::Behaviour(BehaviourEvent::Blobs(e)) => self.on_service(
+                e,
+                "blob request",
+                |b| &mut b.blobs,
+                |me| &mut me.blobs_out,
+                |peer, _, request, reply| Inbound::Blob {
+                    peer,
+                    request,
+                    reply,
+                },
+                Answer::Blob,
+                || BlobResponse::NotFound,
+            ),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -819,10 +885,23 @@ impl EventLoop {
         }
     }
 
-    fn on_tasks(
+    /// One of the job protocols: a request from a member goes to the part
+    /// of the node that answers it (or is refused at once when there is
+    /// none); an answer to our own request goes to whoever asked.
+    #[allow(clippy::too_many_arguments)]
+    fn on_service<Req, Resp>(
         &mut self,
-        event: request_response::Event<CodecInbound<OfferRequest>, OfferAnswer>,
-    ) {
+        event: request_response::Event<CodecInbound<Req>, Resp>,
+        what: &str,
+        behaviour: fn(&mut Behaviour) -> &mut request_response::Behaviour<Codec<Req, Resp>>,
+        waiting: fn(&mut Self) -> &mut HashMap<OutboundRequestId, oneshot::Sender<Reply<Resp>>>,
+        inbound: fn(PeerId, Member, Req, oneshot::Sender<Resp>) -> Inbound,
+        answer: fn(Option<Resp>, ResponseChannel<Resp>) -> Answer,
+        refusal: fn() -> Resp,
+    ) where
+        Req: alliance_protocol::wire::Message + Send + Sync + 'static,
+        Resp: alliance_protocol::wire::Message + Send + Sync + 'static,
+    {
         use request_response::{Event, Message as M};
         match event {
             Event::Message {
@@ -832,29 +911,19 @@ impl EventLoop {
                 },
                 ..
             } => {
-                let Some((member, request)) = self.gate(peer, "task offer", request) else {
+                let Some((member, request)) = self.gate(peer, what, request) else {
                     return;
                 };
                 let (reply, rx) = oneshot::channel();
-                let sent = self.setup.inbound.as_ref().is_some_and(|tx| {
-                    tx.try_send(Inbound::Offer {
-                        peer,
-                        member,
-                        request: Box::new(request),
-                        reply,
-                    })
-                    .is_ok()
-                });
+                let sent =
+                    self.setup.inbound.as_ref().is_some_and(|tx| {
+                        tx.try_send(inbound(peer, member, request, reply)).is_ok()
+                    });
                 if sent {
-                    self.answers.push(Box::pin(
-                        async move { Answer::Offer(rx.await.ok(), channel) },
-                    ));
+                    self.answers
+                        .push(Box::pin(async move { answer(rx.await.ok(), channel) }));
                 } else {
-                    let no =
-                        OfferAnswer::Decline(alliance_protocol::wire::DeclineReason::BadOffer(
-                            "this node runs no worker".into(),
-                        ));
-                    let _ = self.swarm.behaviour_mut().tasks.send_response(channel, no);
+                    let _ = behaviour(self.swarm.behaviour_mut()).send_response(channel, refusal());
                 }
             }
             Event::Message {
@@ -865,133 +934,14 @@ impl EventLoop {
                     },
                 ..
             } => {
-                if let Some(tx) = self.offers_out.remove(&request_id) {
+                if let Some(tx) = waiting(self).remove(&request_id) {
                     let _ = tx.send(Ok(response));
                 }
             }
             Event::OutboundFailure {
                 request_id, error, ..
             } => {
-                if let Some(tx) = self.offers_out.remove(&request_id) {
-                    let _ = tx.send(Err(error.to_string()));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn on_results(&mut self, event: request_response::Event<CodecInbound<TaskReport>, Ack>) {
-        use request_response::{Event, Message as M};
-        match event {
-            Event::Message {
-                peer,
-                message: M::Request {
-                    request, channel, ..
-                },
-                ..
-            } => {
-                let Some((member, report)) = self.gate(peer, "task report", request) else {
-                    return;
-                };
-                let (reply, rx) = oneshot::channel();
-                let sent = self.setup.inbound.as_ref().is_some_and(|tx| {
-                    tx.try_send(Inbound::Report {
-                        peer,
-                        member,
-                        report: Box::new(report),
-                        reply,
-                    })
-                    .is_ok()
-                });
-                if sent {
-                    self.answers.push(Box::pin(
-                        async move { Answer::Report(rx.await.ok(), channel) },
-                    ));
-                } else {
-                    let no = Ack::Refused("this node has no jobs".into());
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .results
-                        .send_response(channel, no);
-                }
-            }
-            Event::Message {
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(tx) = self.reports_out.remove(&request_id) {
-                    let _ = tx.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some(tx) = self.reports_out.remove(&request_id) {
-                    let _ = tx.send(Err(error.to_string()));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn on_blobs(
-        &mut self,
-        event: request_response::Event<CodecInbound<BlobRequest>, BlobResponse>,
-    ) {
-        use request_response::{Event, Message as M};
-        match event {
-            Event::Message {
-                peer,
-                message: M::Request {
-                    request, channel, ..
-                },
-                ..
-            } => {
-                let Some((_, request)) = self.gate(peer, "blob request", request) else {
-                    return;
-                };
-                let (reply, rx) = oneshot::channel();
-                let sent = self.setup.inbound.as_ref().is_some_and(|tx| {
-                    tx.try_send(Inbound::Blob {
-                        peer,
-                        request,
-                        reply,
-                    })
-                    .is_ok()
-                });
-                if sent {
-                    self.answers.push(Box::pin(
-                        async move { Answer::Blob(rx.await.ok(), channel) },
-                    ));
-                } else {
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .blobs
-                        .send_response(channel, BlobResponse::NotFound);
-                }
-            }
-            Event::Message {
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(tx) = self.blobs_out.remove(&request_id) {
-                    let _ = tx.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some(tx) = self.blobs_out.remove(&request_id) {
+                if let Some(tx) = waiting(self).remove(&request_id) {
                     let _ = tx.send(Err(error.to_string()));
                 }
             }
@@ -1008,12 +958,18 @@ impl EventLoop {
             Answer::Report(Some(a), ch) => {
                 let _ = b.results.send_response(ch, a);
             }
+            Answer::Progress(Some(a), ch) => {
+                let _ = b.progress.send_response(ch, a);
+            }
             Answer::Blob(Some(a), ch) => {
                 let _ = b.blobs.send_response(ch, a);
             }
             // The part that should answer gave up: the peer sees the
             // stream close.
-            Answer::Offer(None, _) | Answer::Report(None, _) | Answer::Blob(None, _) => {}
+            Answer::Offer(None, _)
+            | Answer::Report(None, _)
+            | Answer::Progress(None, _)
+            | Answer::Blob(None, _) => {}
         }
     }
 
@@ -1376,6 +1332,14 @@ impl EventLoop {
                     .results
                     .send_request(&peer, (*report).into());
                 self.reports_out.insert(id, tx);
+            }
+            Command::Progress(peer, p, tx) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .progress
+                    .send_request(&peer, (*p).into());
+                self.progress_out.insert(id, tx);
             }
             Command::Blob(peer, req, tx) => {
                 let id = self

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use alliance_protocol::Hash;
 use alliance_protocol::wire::{
-    Ack, BlobRequest, BlobResponse, Hello, OfferAnswer, OfferRequest, TaskReport,
+    Ack, BlobRequest, BlobResponse, Hello, OfferAnswer, OfferRequest, Progress, TaskReport,
 };
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, OptionalTransport};
@@ -46,6 +46,8 @@ pub const MEMBERSHIP_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/m
 pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/task/1");
 /// Task results and failures, worker to submitter.
 pub const RESULT_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/result/1");
+/// Progress of running tasks, worker to submitter (renews the lease).
+pub const PROGRESS_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/progress/1");
 /// Blob chunks, either way.
 pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/blob/1");
 
@@ -60,6 +62,7 @@ pub struct Behaviour {
     pub membership: request_response::Behaviour<codec::Codec<Hello, Hello>>,
     pub tasks: request_response::Behaviour<codec::Codec<OfferRequest, OfferAnswer>>,
     pub results: request_response::Behaviour<codec::Codec<TaskReport, Ack>>,
+    pub progress: request_response::Behaviour<codec::Codec<Progress, Ack>>,
     pub blobs: request_response::Behaviour<codec::Codec<BlobRequest, BlobResponse>>,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub gossipsub: gossipsub::Behaviour,
@@ -326,6 +329,10 @@ impl Behaviour {
             results: request_response::Behaviour::new(
                 [(RESULT_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(600)),
+            ),
+            progress: request_response::Behaviour::new(
+                [(PROGRESS_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
             ),
             blobs: request_response::Behaviour::new(
                 [(BLOB_PROTOCOL, request_response::ProtocolSupport::Full)],

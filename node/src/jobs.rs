@@ -612,9 +612,17 @@ impl Jobs {
                         continue;
                     }
                     for _ in 0..need {
-                        match self
-                            .choose(&job, t, &adverts, &connected, &in_flight, &planned, &warm)
-                        {
+                        match self.choose(
+                            &job,
+                            t,
+                            &Market {
+                                adverts: &adverts,
+                                connected: &connected,
+                                in_flight: &in_flight,
+                                planned: &planned,
+                                warm: &warm,
+                            },
+                        ) {
                             Ok(advert) => {
                                 let Ok(peer) = advert.peer_id.parse::<PeerId>() else {
                                     continue;
@@ -759,12 +767,15 @@ impl Jobs {
         &self,
         job: &JobRecord,
         t: &TaskRecord,
-        adverts: &'a [AdvertView],
-        connected: &std::collections::HashSet<String>,
-        in_flight: &HashMap<String, u32>,
-        planned: &HashMap<String, u32>,
-        warm: &std::collections::HashSet<String>,
+        market: &Market<'a>,
     ) -> Result<&'a AdvertView, String> {
+        let Market {
+            adverts,
+            connected,
+            in_flight,
+            planned,
+            warm,
+        } = *market;
         let req = &job.requirements;
         let remote: Vec<&AdvertView> = adverts.iter().filter(|a| !a.local).collect();
         if remote.is_empty() {
@@ -1284,6 +1295,20 @@ impl Jobs {
             }
         })
     }
+}
+
+/// What the scheduler knows of the workers during one pass.
+#[derive(Clone, Copy)]
+struct Market<'a> {
+    adverts: &'a [AdvertView],
+    /// Members connected now.
+    connected: &'a std::collections::HashSet<String>,
+    /// This node's tasks running at each worker.
+    in_flight: &'a HashMap<String, u32>,
+    /// Offers made in this pass, per worker.
+    planned: &'a HashMap<String, u32>,
+    /// Workers that hold the current job's inputs.
+    warm: &'a std::collections::HashSet<String>,
 }
 
 enum Refusal {

@@ -129,8 +129,9 @@ pub async fn fetch(
     }
     let fail = |reason: String| BlobError::Fetch { peer, hash, reason };
     let tmp = blobs.temp_path();
-    let mut file = File::create(&tmp)?;
-    let mut hasher = blake3::Hasher::new();
+    // Hashing and writing happen off the async threads, one chunk at a
+    // time in order, while the next requests are in flight.
+    let mut sink = Some((File::create(&tmp)?, blake3::Hasher::new()));
     let chunk = MAX_CHUNK as u64;
     let mut next = 0u64;
     let mut pending = futures::stream::FuturesOrdered::new();
@@ -164,20 +165,33 @@ pub async fn fetch(
                             offset + data.len() as u64
                         )));
                     }
-                    hasher.update(&data);
-                    file.write_all(&data)?;
                     received += data.len() as u64;
+                    let (mut file, mut hasher) = sink.take().ok_or_else(|| fail("no sink".into()))?;
+                    sink = Some(
+                        tokio::task::spawn_blocking(move || {
+                            hasher.update(&data);
+                            file.write_all(&data).map(|()| (file, hasher))
+                        })
+                        .await
+                        .map_err(|e| fail(e.to_string()))??,
+                    );
                 }
                 BlobResponse::NotFound => return Err(BlobError::NotFound { peer, hash }),
                 BlobResponse::Refused(why) => return Err(fail(why)),
             }
         }
+        let (file, hasher) = sink.take().ok_or_else(|| fail("no sink".into()))?;
         let got = Hash::from(hasher.finalize());
         if got != hash || received != len {
             return Err(BlobError::HashMismatch { peer, hash, got });
         }
-        file.sync_all()?;
-        fs::rename(&tmp, blobs.path(&hash))?;
+        let (tmp2, dest) = (tmp.clone(), blobs.path(&hash));
+        tokio::task::spawn_blocking(move || {
+            file.sync_all()?;
+            fs::rename(&tmp2, dest)
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))??;
         Ok(())
     }
     .await;

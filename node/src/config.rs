@@ -45,11 +45,14 @@ pub struct Config {
 }
 
 /// What this node lends and on what terms.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
     /// Which GPUs are lent.
     pub gpus: Selection,
+    /// Tasks each GPU takes at once: one runs, the rest wait their turn.
+    /// More than one hides the network round trips between small tasks.
+    pub tasks_per_gpu: u16,
     /// Limits on kernels and tasks run for others.
     pub limits: Limits,
     /// OS limits on the sandbox process.
@@ -121,6 +124,17 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             network: NetworkConfig::default(),
             api: ApiConfig::default(),
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            gpus: Selection::default(),
+            tasks_per_gpu: 4,
+            limits: Limits::default(),
+            sandbox: ResourceLimits::default(),
         }
     }
 }
@@ -198,6 +212,12 @@ impl Config {
                     why,
                 })?;
             }
+        }
+        if config.worker.tasks_per_gpu == 0 {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: "worker.tasks_per_gpu = 0: a GPU must take at least one task".into(),
+            });
         }
         let l = &config.network.limits;
         if l.max_memory_percent == 0 || l.max_memory_percent > 100 {

@@ -58,6 +58,8 @@ const GONE_GRACE: Duration = Duration::from_secs(5);
 pub const LEASE: Duration = Duration::from_secs(30);
 /// After a restart, how long workers have to reconnect.
 const RECONNECT_GRACE: Duration = Duration::from_secs(30);
+/// How long the scheduler waits after an event for the ones that follow.
+const COALESCE: Duration = Duration::from_millis(2);
 /// Scheduler passes, at most this far apart.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -233,7 +235,16 @@ struct Inner {
     blobs: Blobs,
     jobs: sled::Tree,
     tasks: sled::Tree,
+    /// Small outputs by hash: durable with the same flush as the task
+    /// record that names them, without a file (and its sync) each.
+    outputs: sled::Tree,
     live: Mutex<BTreeMap<String, Live>>,
+    /// Written since the last flush.
+    dirty: std::sync::atomic::AtomicBool,
+    /// Writes made, and writes known to be on disk (group commit).
+    writes: std::sync::atomic::AtomicU64,
+    flushed: std::sync::atomic::AtomicU64,
+    flushing: tokio::sync::Mutex<()>,
     declined: Mutex<HashMap<String, Instant>>,
     gone_since: Mutex<HashMap<String, Instant>>,
     wake: tokio::sync::Notify,
@@ -278,6 +289,7 @@ impl Jobs {
         blobs: Blobs,
         jobs: sled::Tree,
         tasks: sled::Tree,
+        outputs: sled::Tree,
     ) -> Result<Self, JobsError> {
         let mut live = BTreeMap::new();
         for item in jobs.iter() {
@@ -303,7 +315,12 @@ impl Jobs {
                 blobs,
                 jobs,
                 tasks,
+                outputs,
                 live: Mutex::new(live),
+                dirty: std::sync::atomic::AtomicBool::new(false),
+                writes: std::sync::atomic::AtomicU64::new(0),
+                flushed: std::sync::atomic::AtomicU64::new(0),
+                flushing: tokio::sync::Mutex::new(()),
                 declined: Mutex::new(HashMap::new()),
                 gone_since: Mutex::new(HashMap::new()),
                 wake: tokio::sync::Notify::new(),
@@ -322,6 +339,9 @@ impl Jobs {
     fn save_job(&self, job: &JobRecord) -> Result<(), JobsError> {
         let v = serde_json::to_vec(job).map_err(db)?;
         self.inner.jobs.insert(job.id.as_bytes(), v).map_err(db)?;
+        self.inner
+            .dirty
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -331,13 +351,39 @@ impl Jobs {
             .tasks
             .insert(task_key(id, task.index), v)
             .map_err(db)?;
+        self.inner
+            .dirty
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.inner
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(())
     }
 
+    /// Makes every write so far durable. The trees share one database
+    /// log, so one flush covers them all.
     fn flush(&self) -> Result<(), JobsError> {
-        self.inner.jobs.flush().map_err(db)?;
+        self.inner
+            .dirty
+            .store(false, std::sync::atomic::Ordering::Release);
         self.inner.tasks.flush().map_err(db)?;
         Ok(())
+    }
+
+    /// Flushes when something was written since the last flush.
+    fn flush_if_dirty(&self) -> Result<(), JobsError> {
+        if self.inner.dirty.load(std::sync::atomic::Ordering::Acquire) {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// An output's bytes, small (in the database) or large (a blob).
+    fn read_output(&self, hash: &Hash) -> Result<Vec<u8>, JobsError> {
+        match self.inner.outputs.get(hash.as_bytes()).map_err(db)? {
+            Some(v) => Ok(v.to_vec()),
+            None => self.inner.blobs.read(hash).map_err(db),
+        }
     }
 
     /// Loads, checks and stores the job file at `path`; returns its id.
@@ -478,7 +524,7 @@ impl Jobs {
                     complete = false;
                     continue;
                 };
-                let bytes = self.inner.blobs.read(&d.hash).map_err(db)?;
+                let bytes = self.read_output(&d.hash)?;
                 if concat {
                     all.extend_from_slice(&bytes);
                 } else {
@@ -514,8 +560,7 @@ impl Jobs {
                 .and_then(|r| r.iter().find(|d| d.binding == binding))
                 .map(|d| d.hash)
         };
-        hash.map(|h| self.inner.blobs.read(&h).map_err(db))
-            .transpose()
+        hash.map(|h| self.read_output(&h)).transpose()
     }
 
     /// Runs the scheduler until the process ends.
@@ -524,7 +569,14 @@ impl Jobs {
             if let Err(e) = self.schedule().await {
                 warn!("scheduling pass failed: {e}");
             }
-            let _ = tokio::time::timeout(TICK, self.inner.wake.notified()).await;
+            if tokio::time::timeout(TICK, self.inner.wake.notified())
+                .await
+                .is_ok()
+            {
+                // Woken by an answer or a report: let the burst it belongs
+                // to arrive, and schedule once for all of it.
+                tokio::time::sleep(COALESCE).await;
+            }
         }
     }
 
@@ -689,7 +741,7 @@ impl Jobs {
                 }
             }
         }
-        self.flush()?;
+        self.flush_if_dirty()?;
         for (id, index, attempt, peer, offer, kernel) in offers {
             let me = self.clone();
             tokio::spawn(async move {
@@ -1034,7 +1086,10 @@ impl Jobs {
         match self.take_report(peer, report).await {
             Ok(()) => {
                 self.inner.wake.notify_one();
-                Ack::Ok
+                match self.durable().await {
+                    Ok(()) => Ack::Ok,
+                    Err(e) => Ack::Refused(format!("cannot record the result: {e}")),
+                }
             }
             Err(Refusal::Late(why)) => Ack::Refused(why),
             Err(Refusal::Bad(why)) => {
@@ -1132,9 +1187,13 @@ impl Jobs {
                                     o.binding
                                 )));
                             }
-                            self.inner.blobs.put(bytes).map_err(|e| {
-                                Refusal::Late(format!("cannot keep the output: {e}"))
-                            })?;
+                            self.inner
+                                .outputs
+                                .insert(d.hash.as_bytes(), bytes.as_slice())
+                                .map(|_| ())
+                                .map_err(|e| {
+                                    Refusal::Late(format!("cannot keep the output: {e}"))
+                                })?;
                         }
                         Data::Blob { hash, len } => {
                             if *hash != d.hash || *len != d.len {
@@ -1222,9 +1281,29 @@ impl Jobs {
         update(r);
         r.finished_at = Some(Timestamp::now());
         self.vote(&job, t);
+        // Durable before the acknowledgement: the caller awaits `durable`.
         self.save_task(id, t)
-            .and_then(|()| self.flush())
             .map_err(|e| Refusal::Late(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Returns once every write made before the call is on disk. Callers
+    /// that arrive while a flush runs share the next one (group commit), so
+    /// many acknowledgements cost one disk sync.
+    async fn durable(&self) -> Result<(), JobsError> {
+        use std::sync::atomic::Ordering;
+        let mine = self.inner.writes.load(Ordering::Acquire);
+        let _turn = self.inner.flushing.lock().await;
+        if self.inner.flushed.load(Ordering::Acquire) >= mine {
+            return Ok(());
+        }
+        let upto = self.inner.writes.load(Ordering::Acquire);
+        let tasks = self.inner.tasks.clone();
+        tokio::task::spawn_blocking(move || tasks.flush())
+            .await
+            .map_err(db)?
+            .map_err(db)?;
+        self.inner.flushed.fetch_max(upto, Ordering::AcqRel);
         Ok(())
     }
 
@@ -1283,10 +1362,7 @@ impl Jobs {
             ) else {
                 return false;
             };
-            let (Ok(x), Ok(y)) = (
-                self.inner.blobs.read(&da.hash),
-                self.inner.blobs.read(&db.hash),
-            ) else {
+            let (Ok(x), Ok(y)) = (self.read_output(&da.hash), self.read_output(&db.hash)) else {
                 return false;
             };
             match o.elem {
@@ -1321,18 +1397,16 @@ enum Refusal {
 /// Seconds left before a task that failed or was lost may be offered
 /// again: 1 s after the first setback, doubling, at most 30 s.
 fn backoff(t: &TaskRecord) -> Option<u64> {
-    let setbacks: Vec<&Replica> = t
-        .replicas
-        .iter()
-        .filter(|r| {
+    let setbacks = || {
+        t.replicas.iter().filter(|r| {
             matches!(
                 r.state,
                 ReplicaState::Failed { .. } | ReplicaState::Lost { .. }
             )
         })
-        .collect();
-    let last = setbacks.iter().filter_map(|r| r.finished_at).max()?;
-    let n = u32::try_from(setbacks.len()).unwrap_or(u32::MAX);
+    };
+    let last = setbacks().filter_map(|r| r.finished_at).max()?;
+    let n = count(setbacks());
     let delay = 1u64.checked_shl(n.saturating_sub(1)).unwrap_or(30).min(30);
     let ready = last.saturating_add_secs(delay);
     let now = Timestamp::now();

@@ -120,11 +120,15 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     };
     let lent = lent_gpus
         .iter()
-        .map(|g| gpus::advert_entry(g, None, GpuState::Idle, 1))
+        .map(|g| gpus::advert_entry(g, None, GpuState::Idle, cfg.worker.tasks_per_gpu))
         .collect();
     let blobs = Blobs::open(&data_dir.join("blobs"))
         .with_context(|| format!("cannot open the blob store in {}", data_dir.display()))?;
-    let job_tables = (store.tree("jobs")?, store.tree("tasks")?);
+    let job_tables = (
+        store.tree("jobs")?,
+        store.tree("tasks")?,
+        store.tree("outputs")?,
+    );
     let submits = member.roles.contains(Roles::SUBMIT);
 
     let psk = match &cfg.network.psk_file {
@@ -204,6 +208,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             blobs: blobs.clone(),
             gpus: lent_gpus.clone(),
             limits: cfg.worker.limits.clone(),
+            tasks_per_gpu: usize::from(cfg.worker.tasks_per_gpu),
             rlimits: cfg.worker.sandbox,
             scratch: data_dir.join("scratch"),
             program: std::env::current_exe().unwrap_or_else(|_| "alliance".into()),
@@ -217,6 +222,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             blobs.clone(),
             job_tables.0,
             job_tables.1,
+            job_tables.2,
         )
         .context("cannot load this node's jobs")?;
         tokio::spawn(j.clone().run());

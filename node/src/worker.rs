@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use alliance_kernels::executor::{self, Outcome, Task, TaskError};
-use alliance_kernels::gpu::{AdapterReport, Selection};
-use alliance_kernels::intake::Limits;
+use alliance_kernels::gpu::{AdapterReport, ComputeLimits, Selection};
+use alliance_kernels::intake::{self, Limits};
 use alliance_kernels::sandbox::{self, ChildConfig, ResourceLimits, Sandbox};
 use alliance_protocol::cert::{Member, Roles};
 use alliance_protocol::task::{
@@ -46,7 +46,8 @@ const REPORT_PATIENCE: Duration = Duration::from_secs(30 * 60);
 
 struct Slot {
     report: AdapterReport,
-    busy: bool,
+    /// Tasks accepted for this GPU and not finished (one runs at a time).
+    taken: usize,
     sandbox: Arc<Mutex<Option<Sandbox>>>,
 }
 
@@ -59,6 +60,8 @@ pub struct WorkerSetup {
     /// The lent GPUs.
     pub gpus: Vec<AdapterReport>,
     pub limits: Limits,
+    /// Tasks each GPU takes at once.
+    pub tasks_per_gpu: usize,
     pub rlimits: ResourceLimits,
     /// Under this directory each GPU's sandbox gets a scratch directory.
     pub scratch: PathBuf,
@@ -77,6 +80,8 @@ struct Inner {
     setup: WorkerSetup,
     slots: Mutex<Vec<Slot>>,
     stats: Mutex<Stats>,
+    /// Intake verdicts by kernel hash and entry point.
+    kernels: Mutex<HashMap<(Hash, String), Result<intake::Kernel, String>>>,
     /// One fetch per blob at a time: tasks that need a blob being fetched
     /// wait for it instead of fetching it again.
     fetching: tokio::sync::Mutex<HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
@@ -117,7 +122,7 @@ impl Worker {
             .iter()
             .map(|g| Slot {
                 report: g.clone(),
-                busy: false,
+                taken: 0,
                 sandbox: Arc::new(Mutex::new(None)),
             })
             .collect();
@@ -126,6 +131,7 @@ impl Worker {
                 setup,
                 slots: Mutex::new(slots),
                 stats: Mutex::new(Stats::default()),
+                kernels: Mutex::new(HashMap::new()),
                 fetching: tokio::sync::Mutex::new(HashMap::new()),
             }),
         }
@@ -163,10 +169,8 @@ impl Worker {
 
     async fn consider(&self, peer: PeerId, member: &Member, req: OfferRequest) -> OfferAnswer {
         let s = &self.inner.setup;
-        match s.client.status().await {
-            Ok(st) if st.paused => return decline(DeclineReason::Paused),
-            Err(_) => return decline(DeclineReason::Paused),
-            Ok(_) => {}
+        if s.client.paused().await.unwrap_or(true) {
+            return decline(DeclineReason::Paused);
         }
         let offer = match self.check_offer(peer, member, &req) {
             Ok(o) => o,
@@ -178,13 +182,12 @@ impl Worker {
             ));
         };
         let check = to_task(&offer, &source, |_| PathBuf::new());
-        let Some(slot) = self.claim(&check) else {
+        let Some(slot) = self.claim() else {
             return decline(DeclineReason::Busy);
         };
-        let limits = slot.0.limits;
-        if let Err(e) = executor::check(&check, &s.limits, Some(&limits)) {
+        if let Err(e) = self.kernel_ok(&check, offer.spec.kernel, &slot.0.limits) {
             self.release(slot.1);
-            return decline(DeclineReason::Limits(e.to_string()));
+            return decline(DeclineReason::Limits(e));
         }
         let lease_until = Timestamp::now().saturating_add_secs(crate::jobs::LEASE.as_secs());
         info!(%peer, job = %offer.spec.job, task = offer.spec.task, attempt = offer.attempt, gpu = slot.1, "task accepted");
@@ -250,11 +253,16 @@ impl Worker {
         }
     }
 
-    /// A free GPU, marked busy.
-    fn claim(&self, _task: &Task) -> Option<(AdapterReport, usize)> {
+    /// The least loaded GPU with room for another task, which it takes.
+    fn claim(&self) -> Option<(AdapterReport, usize)> {
+        let depth = self.inner.setup.tasks_per_gpu.max(1);
         let mut slots = self.inner.slots.lock().ok()?;
-        let (i, slot) = slots.iter_mut().enumerate().find(|(_, s)| !s.busy)?;
-        slot.busy = true;
+        let (i, slot) = slots
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, s)| s.taken < depth)
+            .min_by_key(|(_, s)| s.taken)?;
+        slot.taken += 1;
         Some((slot.report.clone(), i))
     }
 
@@ -262,17 +270,50 @@ impl Worker {
         if let Ok(mut slots) = self.inner.slots.lock()
             && let Some(s) = slots.get_mut(i)
         {
-            s.busy = false;
+            s.taken = s.taken.saturating_sub(1);
         }
     }
 
-    /// GPUs lent and GPUs busy now.
+    /// GPUs lent and GPUs with work now.
     pub fn load(&self) -> (usize, usize) {
         self.inner
             .slots
             .lock()
-            .map(|s| (s.len(), s.iter().filter(|x| x.busy).count()))
+            .map(|s| (s.len(), s.iter().filter(|x| x.taken > 0).count()))
             .unwrap_or((0, 0))
+    }
+
+    /// `check`'s kernel passes intake: the answer is kept by kernel hash
+    /// and entry point, so a job's tasks parse their kernel once.
+    fn kernel_ok(&self, check: &Task, hash: Hash, device: &ComputeLimits) -> Result<(), String> {
+        let key = (hash, check.entry_point.clone());
+        let known = self
+            .inner
+            .kernels
+            .lock()
+            .ok()
+            .and_then(|k| k.get(&key).cloned());
+        let kernel = match known {
+            Some(k) => k,
+            None => {
+                let k = intake::check_kernel(
+                    &check.kernel,
+                    &check.entry_point,
+                    &self.inner.setup.limits,
+                    Some(device),
+                )
+                .map_err(|e| e.to_string());
+                if let Ok(mut map) = self.inner.kernels.lock() {
+                    if map.len() >= 256 {
+                        map.clear();
+                    }
+                    map.insert(key, k.clone());
+                }
+                k
+            }
+        }?;
+        executor::check_bindings(&kernel, check, &self.inner.setup.limits, Some(device))
+            .map_err(|e| e.to_string())
     }
 
     async fn execute(

@@ -348,6 +348,17 @@ pub fn test_gpu() -> alliance_protocol::advert::GpuInfo {
 impl TestAlliance {
     /// Starts a node of institution `inst` inside this process.
     pub async fn spawn(&self, inst: usize, bootstrap: Vec<libp2p::Multiaddr>) -> InProcess {
+        self.spawn_with(inst, bootstrap, None).await
+    }
+
+    /// Like [`Self::spawn`], with members' job and blob requests sent to
+    /// `inbound`.
+    pub async fn spawn_with(
+        &self,
+        inst: usize,
+        bootstrap: Vec<libp2p::Multiaddr>,
+        inbound: Option<tokio::sync::mpsc::Sender<alliance_node::net::actor::Inbound>>,
+    ) -> InProcess {
         use alliance_node::net::{self, actor};
         use alliance_protocol::cert::RevocationSet;
         use std::sync::Arc;
@@ -380,7 +391,7 @@ impl TestAlliance {
                 store,
                 gpus: vec![test_gpu()],
                 paused: false,
-                inbound: None,
+                inbound,
             },
         );
         let (stop, stopped) = tokio::sync::oneshot::channel();

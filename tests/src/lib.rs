@@ -67,6 +67,7 @@ pub fn alliance_bin() -> PathBuf {
         let status = Command::new(cargo)
             .current_dir(workspace_root())
             .args(["build", "-p", "alliance-node", "--bin", "alliance"])
+            .args(dir.ends_with("release").then_some("--release"))
             .status();
         assert!(
             status.is_ok_and(|s| s.success()),

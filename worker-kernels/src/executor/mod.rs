@@ -426,7 +426,9 @@ fn supplied(task: &Task) -> Vec<Supplied> {
     supplied
 }
 
-fn check_bindings(
+/// Checks `task`'s bindings, dispatch and steps against a kernel already
+/// checked by [`intake::check_kernel`] (a worker keeps those by hash).
+pub fn check_bindings(
     kernel: &intake::Kernel,
     task: &Task,
     limits: &Limits,

@@ -1,0 +1,390 @@
+//! Jobs across the network against the same work done locally, each pair
+//! measured side by side in one run:
+//!
+//! 1. Remote efficiency: a job of 20 tasks of about 100 ms of kernel time
+//!    each, through a submitter and one remote worker (processes of the
+//!    real binary), against the same tasks run one after another through a
+//!    local sandbox. Target ≥ 0.9.
+//! 2. Small-task rate: tiny tasks per second through one submitter and
+//!    three workers, against a local sandbox's rate for the same tasks.
+//!    Target ≥ 0.5.
+//! 3. Blob transfer: a 1 GiB input fetched between two nodes (blob
+//!    protocol, hashed and written to the blob store), against one bare
+//!    libp2p stream between two swarms with the same transport stack, and
+//!    against raw TCP on loopback. Target ≥ 0.9 of bare libp2p.
+//!
+//! Run: `cargo bench -p alliance-tests --bench jobs`
+//! (`JOBS_BENCH=remote,small,blob` picks the parts.)
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation
+)]
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use alliance_kernels::gpu::Selection;
+use alliance_kernels::intake::Limits;
+use alliance_kernels::sandbox::{ChildConfig, Config, ResourceLimits, Sandbox};
+use alliance_node::blobs::{self, Blobs};
+use alliance_node::job::Job;
+use alliance_node::net::actor::Inbound;
+use alliance_protocol::Hash;
+use alliance_protocol::cert::Roles;
+use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
+use alliance_tests::jobs::{alliance, text, write};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+
+fn local_sandbox(scratch: &Path) -> Sandbox {
+    Sandbox::start(Config {
+        program: alliance_tests::alliance_bin(),
+        args: vec!["sandbox".into()],
+        env: vec![],
+        child: ChildConfig {
+            adapter: Selection::All,
+            limits: Limits::default(),
+            rlimits: ResourceLimits::default(),
+            scratch: scratch.to_owned(),
+        },
+        start_timeout: Duration::from_secs(120),
+    })
+    .unwrap()
+}
+
+fn pi_job(tasks: u32, wg: u32, samples: u32, steps: u32) -> String {
+    format!(
+        "kernel = \"library:monte_carlo_pi\"\ndispatch = [{wg}, 1, 1]\ntasks = {tasks}\nsteps = {steps}\ninfo_binding = 0\ntimeout_secs = 600\n[[inputs]]\nbinding = 1\nkind = \"uniform\"\ntype = \"u32\"\nvalues = [9, {samples}]\n[[outputs]]\nbinding = 2\ntype = \"u32\"\nlen = {wg}\n"
+    )
+}
+
+/// Seconds to run every task of the job file at `path` through `sb`, one
+/// after another.
+fn run_locally(sb: &mut Sandbox, path: &Path) -> f64 {
+    let job = Job::load(path, &Limits::default()).unwrap();
+    let start = Instant::now();
+    for i in 0..job.tasks {
+        sb.run(&job.task(i), Duration::from_secs(600), &mut |_| Ok(()))
+            .unwrap();
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// Seconds from submitting the job file at `path` to its end.
+fn run_remotely(sub: &NodeDir, node: &Running, path: &Path) -> f64 {
+    let start = Instant::now();
+    let out = alliance(&["submit", path.to_str().unwrap()], &sub.path);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = text(&out).split_whitespace().nth(1).unwrap().to_owned();
+    loop {
+        let d = node.get(&format!("/v1/jobs/{id}")).unwrap();
+        match d["summary"]["state"].as_str() {
+            Some("done") => return start.elapsed().as_secs_f64(),
+            Some("active") => std::thread::sleep(Duration::from_millis(5)),
+            other => panic!("job {id} ended {other:?}: {d}"),
+        }
+    }
+}
+
+struct Alliance {
+    a: TestAlliance,
+    sub_dir: NodeDir,
+    sub: Running,
+    _workers: Vec<Running>,
+}
+
+fn start(workers: usize) -> Alliance {
+    let a = TestAlliance::new(
+        "Bench",
+        &[
+            ("North", Roles::ALL),
+            ("South", Roles::WORK | Roles::SUBMIT),
+        ],
+        30,
+    );
+    let sub_dir = a.node("sub", 1, Roles::SUBMIT);
+    let sub = sub_dir.start(false);
+    let addr = sub.address();
+    let runs: Vec<Running> = (0..workers)
+        .map(|i| {
+            let d = a.node(&format!("w{i}"), i % 2, Roles::WORK);
+            d.set_bootstrap(std::slice::from_ref(&addr));
+            d.start(false)
+        })
+        .collect();
+    wait_for(Duration::from_secs(60), "the workers' adverts", || {
+        sub.advertisers().len() == workers
+    });
+    Alliance {
+        a,
+        sub_dir,
+        sub,
+        _workers: runs,
+    }
+}
+
+fn remote_efficiency() {
+    println!("remote efficiency: 20 tasks of about 100 ms, one remote worker vs a local sandbox");
+    let net = start(1);
+    let dir = net.a.dir.path().join("jobs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = dir.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let mut sb = local_sandbox(&scratch);
+    // Calibrate the steps for about 100 ms per task on this machine.
+    let probe = write(&dir, "probe.toml", pi_job(3, 64, 256, 20));
+    run_locally(&mut sb, &probe);
+    let per_step = run_locally(&mut sb, &probe) / 60.0;
+    let steps = ((0.1 / per_step).round() as u32).max(1);
+    let job = write(&dir, "job.toml", pi_job(20, 64, 256, steps));
+    let warm = write(&dir, "warm.toml", pi_job(1, 64, 256, 1));
+    run_remotely(&net.sub_dir, &net.sub, &warm);
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        local.push(run_locally(&mut sb, &job));
+        remote.push(run_remotely(&net.sub_dir, &net.sub, &job));
+    }
+    local.sort_by(f64::total_cmp);
+    remote.sort_by(f64::total_cmp);
+    let (l, r) = (local[1], remote[1]);
+    println!(
+        "  {steps} steps per task; median of 3: local {l:.2} s ({:.0} ms per task), remote {r:.2} s; efficiency {:.3} (target >= 0.9)",
+        l / 20.0 * 1e3,
+        l / r
+    );
+}
+
+fn small_task_rate() {
+    println!(
+        "small-task rate: tiny tasks through one submitter and three workers vs a local sandbox"
+    );
+    let net = start(3);
+    let dir = net.a.dir.path().join("jobs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = dir.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let mut sb = local_sandbox(&scratch);
+    let n = 300;
+    let job = write(&dir, "tiny.toml", pi_job(n, 1, 1, 1));
+    let warm = write(&dir, "warm.toml", pi_job(6, 1, 1, 1));
+    run_locally(&mut sb, &warm);
+    run_remotely(&net.sub_dir, &net.sub, &warm);
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        local.push(f64::from(n) / run_locally(&mut sb, &job));
+        remote.push(f64::from(n) / run_remotely(&net.sub_dir, &net.sub, &job));
+    }
+    local.sort_by(f64::total_cmp);
+    remote.sort_by(f64::total_cmp);
+    let (l, r) = (local[1], remote[1]);
+    println!(
+        "  median of 3 jobs of {n} tasks: local {l:.0} tasks/s, remote {r:.0} tasks/s; ratio {:.3} (target >= 0.5)",
+        r / l
+    );
+}
+
+const GIB: usize = 1 << 30;
+
+async fn blob_transfer() {
+    println!(
+        "blob transfer: 1 GiB between two nodes vs a bare libp2p stream vs raw TCP (loopback)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..GIB as u64)
+        .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+        .collect();
+
+    // Raw TCP.
+    let tcp = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reader = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0usize;
+            loop {
+                let k = s.read(&mut buf).unwrap();
+                if k == 0 {
+                    break n;
+                }
+                n += k;
+            }
+        });
+        let start = Instant::now();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        for chunk in data.chunks(1 << 20) {
+            s.write_all(chunk).unwrap();
+        }
+        drop(s);
+        assert_eq!(reader.join().unwrap(), GIB);
+        GIB as f64 / start.elapsed().as_secs_f64()
+    };
+
+    // A bare libp2p stream over the same transport stack (TCP, noise, yamux).
+    let bare = {
+        let protocol = libp2p::StreamProtocol::new("/bench/bytes/1");
+        let swarm = || {
+            libp2p::SwarmBuilder::with_new_identity()
+                .with_tokio()
+                .with_tcp(
+                    libp2p::tcp::Config::default().nodelay(true),
+                    libp2p::noise::Config::new,
+                    libp2p::yamux::Config::default,
+                )
+                .unwrap()
+                .with_behaviour(|_| libp2p_stream::Behaviour::new())
+                .unwrap()
+                .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+                .build()
+        };
+        let (mut a, mut b) = (swarm(), swarm());
+        b.listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .unwrap();
+        let addr = loop {
+            if let libp2p::swarm::SwarmEvent::NewListenAddr { address, .. } =
+                b.select_next_some().await
+            {
+                break address;
+            }
+        };
+        let b_peer = *b.local_peer_id();
+        let mut incoming = b
+            .behaviour()
+            .new_control()
+            .accept(protocol.clone())
+            .unwrap();
+        let mut control = a.behaviour().new_control();
+        a.dial(addr.with(libp2p::multiaddr::Protocol::P2p(b_peer)))
+            .unwrap();
+        tokio::spawn(async move {
+            loop {
+                a.select_next_some().await;
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                b.select_next_some().await;
+            }
+        });
+        let reader = tokio::spawn(async move {
+            let (_, mut stream) = incoming.next().await.unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0usize;
+            loop {
+                let k = stream.read(&mut buf).await.unwrap();
+                if k == 0 {
+                    break n;
+                }
+                n += k;
+            }
+        });
+        let mut stream = loop {
+            match control.open_stream(b_peer, protocol.clone()).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let start = Instant::now();
+        for chunk in data.chunks(1 << 20) {
+            stream.write_all(chunk).await.unwrap();
+        }
+        stream.close().await.unwrap();
+        assert_eq!(reader.await.unwrap(), GIB);
+        GIB as f64 / start.elapsed().as_secs_f64()
+    };
+
+    // The blob protocol between two alliance nodes: chunked requests,
+    // hashed and written to the fetching node's blob store.
+    let blob = {
+        let a = TestAlliance::new("Blob Bench", &[("North", Roles::ALL)], 60);
+        let src_blobs = Blobs::open(&tmp.path().join("src")).unwrap();
+        let hash: Hash = src_blobs.put(&data).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+        let serving = src_blobs.clone();
+        tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                if let Inbound::Blob { request, reply, .. } = req {
+                    let b = serving.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = reply.send(b.answer(&request));
+                    });
+                }
+            }
+        });
+        let src = a.spawn_with(0, vec![], Some(tx)).await;
+        let dst = a.spawn(0, vec![src.address.clone()]).await;
+        loop {
+            if dst.client.member(src.peer).await.unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let dst_blobs = Blobs::open(&tmp.path().join("dst")).unwrap();
+        let start = Instant::now();
+        let moved = blobs::fetch(&dst.client, &dst_blobs, src.peer, hash, GIB as u64)
+            .await
+            .unwrap();
+        let rate = GIB as f64 / start.elapsed().as_secs_f64();
+        assert_eq!(moved, GIB as u64);
+        assert!(dst_blobs.has(&hash, GIB as u64));
+        rate
+    };
+    let mb = |r: f64| r / 1e6;
+    println!("  raw TCP          {:>8.0} MB/s", mb(tcp));
+    println!(
+        "  bare libp2p      {:>8.0} MB/s  ({:.3} of raw TCP)",
+        mb(bare),
+        bare / tcp
+    );
+    println!(
+        "  blob protocol    {:>8.0} MB/s  ({:.3} of bare libp2p, target >= 0.9; {:.3} of raw TCP)",
+        mb(blob),
+        blob / bare,
+        blob / tcp
+    );
+}
+
+fn build_alliance() {
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(alliance_tests::workspace_root())
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "alliance-node",
+                "--bin",
+                "alliance",
+            ])
+            .status()
+            .unwrap();
+    assert!(status.success(), "cannot build the alliance binary");
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let parts = std::env::var("JOBS_BENCH").unwrap_or_else(|_| "remote,small,blob".into());
+    // The node processes must be this build's.
+    if parts.contains("remote") || parts.contains("small") {
+        build_alliance();
+    }
+    if parts.contains("remote") {
+        remote_efficiency();
+    }
+    if parts.contains("small") {
+        small_task_rate();
+    }
+    if parts.contains("blob") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(blob_transfer());
+    }
+}

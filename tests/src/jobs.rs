@@ -112,3 +112,27 @@ pub fn alliance_of_three_with(prepare: impl Fn(&NodeDir)) -> Net {
         sub,
     }
 }
+
+/// A Monte Carlo π job file: `tasks` tasks of `wg` workgroups drawing
+/// `samples` per invocation from seed `seed`, repeating `steps` times
+/// (counts add up over the steps, so long tasks have known answers).
+pub fn pi_job(seed: u32, tasks: u32, wg: u32, samples: u32, steps: u32) -> String {
+    format!(
+        r#"kernel = "library:monte_carlo_pi"
+dispatch = [{wg}, 1, 1]
+tasks = {tasks}
+steps = {steps}
+info_binding = 0
+timeout_secs = 600
+[[inputs]]
+binding = 1
+kind = "uniform"
+type = "u32"
+values = [{seed}, {samples}]
+[[outputs]]
+binding = 2
+type = "u32"
+len = {wg}
+"#
+    )
+}

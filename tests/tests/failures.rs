@@ -9,31 +9,15 @@ use alliance_kernels::library::{self, monte_carlo_pi, reduce};
 use alliance_node::job::npy;
 use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::wait_for;
-use alliance_tests::jobs::{LIMIT, alliance, alliance_of_three, read_npy, results, text, write};
+use alliance_tests::jobs::{
+    LIMIT, alliance, alliance_of_three, pi_job, read_npy, results, text, write,
+};
 use serde_json::Value;
 
 /// A Monte Carlo π job whose tasks repeat their dispatch `steps` times, so
 /// they run for seconds on a software GPU; counts add up over the steps.
 fn long_pi(tasks: u32, steps: u32) -> String {
-    format!(
-        r#"
-kernel = "library:monte_carlo_pi"
-dispatch = [64, 1, 1]
-tasks = {tasks}
-steps = {steps}
-info_binding = 0
-timeout_secs = 600
-[[inputs]]
-binding = 1
-kind = "uniform"
-type = "u32"
-values = [5, 256]
-[[outputs]]
-binding = 2
-type = "u32"
-len = 64
-"#
-    )
+    pi_job(5, tasks, 64, 256, steps)
 }
 
 fn pi_reference(task: u32, steps: u32) -> Vec<u32> {

@@ -9,8 +9,8 @@ use alliance_node::job::npy;
 use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::wait_for;
 use alliance_tests::jobs::{
-    LIMIT, alliance, alliance_of_three, alliance_of_three_with, read_npy, results, run_job, text,
-    write,
+    LIMIT, alliance, alliance_of_three, alliance_of_three_with, pi_job, read_npy, results, run_job,
+    text, write,
 };
 
 #[test]
@@ -21,28 +21,7 @@ fn library_jobs_run_across_three_workers_and_match_the_cpu() {
 
     // Monte Carlo π as an array job: every task its own stream.
     let (seed, wg, samples, tasks) = (11u32, 4u32, 32u32, 6u32);
-    let pi = write(
-        &dir,
-        "pi.toml",
-        format!(
-            r#"
-kernel = "library:monte_carlo_pi"
-dispatch = [{wg}, 1, 1]
-tasks = {tasks}
-info_binding = 0
-timeout_secs = 120
-[[inputs]]
-binding = 1
-kind = "uniform"
-type = "u32"
-values = [{seed}, {samples}]
-[[outputs]]
-binding = 2
-type = "u32"
-len = {wg}
-"#
-        ),
-    );
+    let pi = write(&dir, "pi.toml", pi_job(seed, tasks, wg, samples, 1));
     let id = run_job(&net.sub_dir, &pi);
     let out = dir.join("pi-out");
     results(&net.sub_dir, &id, &out, false);

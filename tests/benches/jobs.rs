@@ -14,7 +14,8 @@
 //!    against raw TCP on loopback. Target ≥ 0.9 of bare libp2p.
 //!
 //! Run: `cargo bench -p alliance-tests --bench jobs`
-//! (`JOBS_BENCH=remote,small,blob` picks the parts.)
+//! (`JOBS_BENCH=remote,small,blob` picks the parts; `BLOB_DST=/dev/shm/x`
+//! fetches the blob into memory instead of the disk.)
 
 #![allow(
     clippy::unwrap_used,
@@ -320,7 +321,9 @@ async fn blob_transfer() {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let dst_blobs = Blobs::open(&tmp.path().join("dst")).unwrap();
+        let dst_dir =
+            std::env::var_os("BLOB_DST").map_or_else(|| tmp.path().join("dst"), Into::into);
+        let dst_blobs = Blobs::open(&dst_dir).unwrap();
         let start = Instant::now();
         let moved = blobs::fetch(&dst.client, &dst_blobs, src.peer, hash, GIB as u64)
             .await

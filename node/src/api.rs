@@ -4,6 +4,13 @@
 //! Paths are versioned (`/v1/…`), bodies are JSON, and every error is a
 //! JSON object `{"error": "…"}` that says what went wrong.
 //!
+//! Loopback is shared by every user of the machine, so each `/v1` request
+//! must carry the token the node writes at start to `api.token` in its data
+//! directory (mode 0600, readable only by the node's user) as
+//! `Authorization: Bearer <token>`. Without it, another user of a lab
+//! machine could pause the node, or submit a job whose input is a file only
+//! the node's user may read. `GET /metrics` needs no token.
+//!
 //! | method and path | answer |
 //! |---|---|
 //! | `GET /v1/status` | PeerId, alliance, institution, listen and external addresses, NAT status, peers, rejections |
@@ -48,6 +55,8 @@ pub struct ApiState {
     pub worker: Option<crate::worker::Worker>,
     /// The intake limits jobs are checked against at submission.
     pub limits: alliance_kernels::intake::Limits,
+    /// The secret every `/v1` request must carry.
+    pub token: String,
 }
 
 impl axum::extract::FromRef<ApiState> for Client {
@@ -163,6 +172,57 @@ async fn job_export(
 
 /// The file in the data directory that holds the API's address.
 pub const ADDR_FILE: &str = "api.addr";
+/// The file in the data directory that holds the API's token.
+pub const TOKEN_FILE: &str = "api.token";
+
+/// Writes a fresh token to `data_dir/api.token`, mode 0600; returns it.
+pub fn new_token(data_dir: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| anyhow!("no randomness from the system: {e}"))?;
+    let token = hex::encode(raw);
+    let path = data_dir.join(TOKEN_FILE);
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    Ok(token)
+}
+
+async fn authorize(
+    State(s): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let ok = given.is_some_and(|g| {
+        // Compared in constant time: the token is a secret.
+        g.len() == s.token.len()
+            && g.bytes()
+                .zip(s.token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if ok {
+        next.run(request).await
+    } else {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "this request needs the node's API token (the {TOKEN_FILE} file in its data directory, readable by the node's user); the alliance command sends it when run as that user"
+            ),
+        )
+        .into_response()
+    }
+}
 
 struct ApiError(StatusCode, String);
 
@@ -242,7 +302,7 @@ async fn not_found() -> ApiError {
 
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let v1 = Router::new()
         .route("/v1/worker", get(worker_stats))
         .route("/v1/jobs", post(submit).get(job_list))
         .route("/v1/jobs/{id}", get(job_detail))
@@ -254,7 +314,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/worker/pause", post(pause))
         .route("/v1/worker/resume", post(resume))
         .route("/v1/revocations", post(revocations))
-        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ));
+    v1.route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
 }
@@ -282,6 +346,13 @@ pub fn request(
     body: &str,
 ) -> anyhow::Result<serde_json::Value> {
     let addr = address(data_dir)?;
+    let token_path = data_dir.join(TOKEN_FILE);
+    let token = std::fs::read_to_string(&token_path).with_context(|| {
+        format!(
+            "cannot read the node's API token {} (run this as the user the node runs as)",
+            token_path.display()
+        )
+    })?;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|_| {
         anyhow!(
             "no node answers at {addr} (from {}): start one with `alliance node run --data-dir {}`",
@@ -292,7 +363,8 @@ pub fn request(
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        token.trim(),
         body.len()
     )?;
     let mut raw = Vec::new();

@@ -244,6 +244,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     if !api_addr.ip().is_loopback() {
         bail!("api.listen must be a loopback address, not {api_addr}");
     }
+    let token = api::new_token(data_dir)?;
     let addr_file = data_dir.join(api::ADDR_FILE);
     std::fs::write(&addr_file, api_addr.to_string())
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
@@ -253,6 +254,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         jobs,
         worker,
         limits: cfg.worker.limits.clone(),
+        token,
     };
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())

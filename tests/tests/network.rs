@@ -31,6 +31,38 @@ fn an_alliance_forms_keeps_strangers_out_and_survives_its_bootstrap_node() {
     let boot = boot_dir.start(true);
     let boot_addr = boot.address();
 
+    // The API answers only requests that carry the node's token.
+    let raw = |path: &str, auth: &str| {
+        use std::io::{Read, Write};
+        let addr = std::fs::read_to_string(boot_dir.path.join("api.addr")).unwrap();
+        let mut s = std::net::TcpStream::connect(addr.trim()).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let refused = raw("/v1/status", "");
+    assert!(
+        refused.starts_with("HTTP/1.1 401") && refused.contains("api.token"),
+        "{refused}"
+    );
+    let wrong = raw("/v1/worker/pause", "Authorization: Bearer 00\r\n");
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    let token = std::fs::read_to_string(boot_dir.path.join("api.token")).unwrap();
+    let ok = raw("/v1/status", &format!("Authorization: Bearer {token}\r\n"));
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(raw("/metrics", "").starts_with("HTTP/1.1 200"));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(boot_dir.path.join("api.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
     let dirs: Vec<_> = (0..5)
         .map(|i| a.node(&format!("m{i}"), i % 2, Roles::WORK))
         .collect();

@@ -217,10 +217,15 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
             .iter()
             .find(|(p, _)| g["peer_id"] == p.as_str())
             .map_or("?", |(_, n)| n.as_str());
+        let gpu = &g["gpus"][0];
+        let bench = gpu["bench"]["fma_mflops"]
+            .as_f64()
+            .map(|m| format!(", {:.0} GFLOP/s FMA by its self-benchmark", m / 1000.0))
+            .unwrap_or_default();
         println!(
-            "  {who:<13} {:<17} lends {}",
+            "  {who:<13} {:<17} lends {}{bench}",
             g["institution"].as_str().unwrap_or("?"),
-            g["gpus"][0]["name"].as_str().unwrap_or("?")
+            gpu["name"].as_str().unwrap_or("?")
         );
     }
 

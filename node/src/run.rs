@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use alliance_kernels::gpu;
+use alliance_kernels::executor::Executor;
+use alliance_kernels::intake::Limits;
+use alliance_kernels::{gpu, selfbench};
 use alliance_protocol::advert::GpuState;
 use alliance_protocol::cert::{Chain, ChainError, RevocationSet, Revocations, Roles};
 use alliance_protocol::{Identity, Signed, Timestamp};
@@ -109,19 +111,39 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             )
         })?;
 
-    let lent_gpus: Vec<gpu::AdapterReport> = if member.roles.contains(Roles::WORK) {
-        gpu::discover(&cfg.worker.gpus)
-            .context("[worker] gpus")?
-            .into_iter()
-            .map(|g| g.report)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let lent = lent_gpus
-        .iter()
-        .map(|g| gpus::advert_entry(g, None, GpuState::Idle, cfg.worker.tasks_per_gpu))
-        .collect();
+    // The lent GPUs, each with its self-benchmark (measured once per
+    // adapter and driver, then cached), which submitters use to estimate
+    // where a task finishes first.
+    let works = member.roles.contains(Roles::WORK);
+    let (selection, cache, slots) = (
+        cfg.worker.gpus.clone(),
+        data_dir.join("cache"),
+        cfg.worker.tasks_per_gpu,
+    );
+    let (lent_gpus, lent): (Vec<gpu::AdapterReport>, Vec<_>) =
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            if !works {
+                return Ok((Vec::new(), Vec::new()));
+            }
+            let found = gpu::discover(&selection).context("[worker] gpus")?;
+            let entries = found
+                .iter()
+                .map(|g| {
+                    let figures = Executor::open(&g.adapter, Limits::default())
+                        .map_err(|e| e.to_string())
+                        .and_then(|mut ex| {
+                            selfbench::measure_cached(&mut ex, &g.report, &cache)
+                                .map_err(|e| e.to_string())
+                        })
+                        .inspect_err(|e| warn!(gpu = %g.report.name, "no self-benchmark: {e}"))
+                        .ok();
+                    gpus::advert_entry(&g.report, figures.as_ref(), GpuState::Idle, slots)
+                })
+                .collect();
+            Ok((found.into_iter().map(|g| g.report).collect(), entries))
+        })
+        .await
+        .context("GPU discovery stopped")??;
     let blobs = Blobs::open(&data_dir.join("blobs"))
         .with_context(|| format!("cannot open the blob store in {}", data_dir.display()))?;
     let job_tables = (

@@ -18,6 +18,15 @@ fn library_jobs_run_across_three_workers_and_match_the_cpu() {
     let net = alliance_of_three();
     let dir = net.a.dir.path().join("jobs");
     std::fs::create_dir_all(&dir).unwrap();
+    // Workers advertise their GPUs' self-benchmark, which the scheduler
+    // ranks them by.
+    let adverts = net.sub.get("/v1/gpus").unwrap();
+    for a in adverts.as_array().unwrap() {
+        assert!(
+            a["gpus"][0]["bench"]["fma_mflops"].as_u64().unwrap() > 0,
+            "{a}"
+        );
+    }
 
     // Monte Carlo π as an array job: every task its own stream.
     let (seed, wg, samples, tasks) = (11u32, 4u32, 32u32, 6u32);

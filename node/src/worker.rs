@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use alliance_kernels::executor::{self, Outcome, Task, TaskError};
+use alliance_kernels::executor::{self, Outcome, Task};
 use alliance_kernels::gpu::{AdapterReport, ComputeLimits, Selection};
 use alliance_kernels::intake::{self, Limits};
 use alliance_kernels::sandbox::{self, ChildConfig, ResourceLimits, Sandbox};
@@ -44,8 +44,13 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How long a worker keeps trying to deliver a report.
 const REPORT_PATIENCE: Duration = Duration::from_secs(30 * 60);
 
+/// A task as the worker names it: job, task, attempt.
+type TaskKey = (alliance_protocol::task::JobId, u32, u32);
+
 struct Slot {
     report: AdapterReport,
+    /// The task running on this GPU now, and how to stop it.
+    running: Arc<Mutex<Option<(TaskKey, sandbox::Stopper)>>>,
     /// Tasks accepted for this GPU and not finished (one runs at a time).
     taken: usize,
     sandbox: Arc<Mutex<Option<Sandbox>>>,
@@ -80,6 +85,9 @@ struct Inner {
     setup: WorkerSetup,
     slots: Mutex<Vec<Slot>>,
     stats: Mutex<Stats>,
+    /// Tasks the submitter no longer wants: stopped if running, skipped if
+    /// still waiting for their GPU.
+    abandoned: Mutex<std::collections::HashSet<TaskKey>>,
     /// Intake verdicts by kernel hash and entry point.
     kernels: Mutex<HashMap<(Hash, String), Result<intake::Kernel, String>>>,
     /// One fetch per blob at a time: tasks that need a blob being fetched
@@ -101,6 +109,8 @@ pub struct Stats {
     pub bytes_fetched: u64,
     /// Input blobs found already in the store.
     pub blobs_cached: u64,
+    /// Tasks stopped because their submitter no longer wanted them.
+    pub stopped: u64,
 }
 
 impl std::fmt::Debug for Worker {
@@ -122,6 +132,7 @@ impl Worker {
             .iter()
             .map(|g| Slot {
                 report: g.clone(),
+                running: Arc::new(Mutex::new(None)),
                 taken: 0,
                 sandbox: Arc::new(Mutex::new(None)),
             })
@@ -132,6 +143,7 @@ impl Worker {
                 slots: Mutex::new(slots),
                 stats: Mutex::new(Stats::default()),
                 kernels: Mutex::new(HashMap::new()),
+                abandoned: Mutex::new(std::collections::HashSet::new()),
                 fetching: tokio::sync::Mutex::new(HashMap::new()),
             }),
         }
@@ -194,7 +206,7 @@ impl Worker {
         let me = self.clone();
         tokio::spawn(async move {
             let beat = tokio::spawn(heartbeat(
-                me.inner.setup.client.clone(),
+                me.clone(),
                 peer,
                 Progress::Running {
                     job: offer.spec.job,
@@ -271,6 +283,27 @@ impl Worker {
             && let Some(s) = slots.get_mut(i)
         {
             s.taken = s.taken.saturating_sub(1);
+        }
+    }
+
+    /// Stops the task `key` if it runs, and keeps it from starting if it
+    /// waits for its GPU.
+    fn abandon(&self, key: TaskKey) {
+        if let Ok(mut a) = self.inner.abandoned.lock() {
+            if a.len() >= 4096 {
+                a.clear();
+            }
+            a.insert(key);
+        }
+        if let Ok(slots) = self.inner.slots.lock() {
+            for slot in slots.iter() {
+                if let Ok(r) = slot.running.lock()
+                    && let Some((k, stopper)) = r.as_ref()
+                    && *k == key
+                {
+                    stopper.stop();
+                }
+            }
         }
     }
 
@@ -449,7 +482,7 @@ impl Worker {
         let blobs = s.blobs.clone();
         let task = to_task(offer, &source, |h| blobs.path(h));
         let timeout = Duration::from_millis(offer.spec.timeout_ms);
-        let (sandbox, config) = {
+        let (sandbox, config, running) = {
             let slots = self
                 .inner
                 .slots
@@ -459,8 +492,11 @@ impl Worker {
             (
                 Arc::clone(&slot_ref.sandbox),
                 self.sandbox_config(&slot_ref.report, slot),
+                Arc::clone(&slot_ref.running),
             )
         };
+        let key: TaskKey = (offer.spec.job, offer.spec.task, offer.attempt);
+        let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = sandbox.lock().map_err(|_| "sandbox poisoned".to_owned())?;
             if guard.is_none() {
@@ -468,9 +504,26 @@ impl Worker {
             }
             let sb = guard.as_mut().ok_or("no sandbox")?;
             let adapter = sb.ready().map(|r| r.adapter.name).unwrap_or_default();
-            sb.run(&task, timeout, &mut |_| Ok(()))
-                .map(|o| (o, adapter))
-                .map_err(|e: TaskError| e.to_string())
+            let wanted = |k: &TaskKey| me.inner.abandoned.lock().map_or(true, |a| !a.contains(k));
+            if !wanted(&key) {
+                me.count(|s| s.stopped += 1);
+                return Err("stopped before it ran: the submitter no longer wants it".into());
+            }
+            if let Ok(mut r) = running.lock() {
+                *r = Some((key, sb.stopper()));
+            }
+            let result = sb.run(&task, timeout, &mut |_| Ok(()));
+            if let Ok(mut r) = running.lock() {
+                *r = None;
+            }
+            match result {
+                Ok(o) => Ok((o, adapter)),
+                Err(_) if !wanted(&key) => {
+                    me.count(|s| s.stopped += 1);
+                    Err("stopped: the submitter no longer wants it".into())
+                }
+                Err(e) => Err(e.to_string()),
+            }
         })
         .await
         .map_err(|e| format!("the task runner stopped: {e}"))?
@@ -520,12 +573,29 @@ impl Worker {
 }
 
 /// Sends `progress` to the submitter every [`PROGRESS_EVERY`] until aborted.
-async fn heartbeat(client: Client, peer: PeerId, progress: Progress) {
+/// Sends `progress` to the submitter every [`PROGRESS_EVERY`] until aborted;
+/// when the submitter says it no longer wants the task (it was cancelled,
+/// or offered elsewhere), the task is stopped.
+async fn heartbeat(worker: Worker, peer: PeerId, progress: Progress) {
+    let Progress::Running {
+        job, task, attempt, ..
+    } = progress
+    else {
+        return;
+    };
     loop {
         tokio::time::sleep(PROGRESS_EVERY).await;
-        match client.progress(peer, progress.clone()).await {
+        match worker
+            .inner
+            .setup
+            .client
+            .progress(peer, progress.clone())
+            .await
+        {
             Ok(Ok(Ack::Refused(why))) => {
-                info!(%peer, %why, "the submitter no longer wants the task");
+                info!(%peer, %why, "the submitter no longer wants the task; stopping it");
+                worker.abandon((job, task, attempt));
+                return;
             }
             Err(_) => return,
             _ => {}

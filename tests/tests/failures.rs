@@ -102,6 +102,37 @@ fn a_task_whose_worker_is_killed_completes_elsewhere() {
 }
 
 #[test]
+fn cancelling_a_job_stops_its_running_tasks_at_the_workers() {
+    let net = alliance_of_three();
+    let dir = net.a.dir.path().join("jobs");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Tasks that would run for minutes.
+    let job = write(&dir, "endless.toml", long_pi(2, 500_000));
+    let id = submit(&net.sub_dir.path, &job);
+    wait_for(LIMIT, "both tasks to run", || {
+        net.sub
+            .get(&format!("/v1/jobs/{id}"))
+            .is_some_and(|d| d["summary"]["progress"]["running"].as_u64() == Some(2))
+    });
+    let out = alliance(&["job", "cancel", &id], &net.sub_dir.path);
+    assert!(text(&out).contains("cancelled"), "{}", text(&out));
+    // The next progress report is refused, and each worker stops its task.
+    wait_for(LIMIT, "the workers to stop the cancelled tasks", || {
+        let stats: Vec<Value> = net
+            .workers
+            .iter()
+            .map(|(_, w)| w.get("/v1/worker").unwrap())
+            .collect();
+        stats
+            .iter()
+            .map(|s| s["stopped"].as_u64().unwrap())
+            .sum::<u64>()
+            == 2
+            && stats.iter().all(|s| s["busy"] == 0)
+    });
+}
+
+#[test]
 fn a_submitter_killed_mid_job_finishes_it_after_a_restart() {
     let mut net = alliance_of_three();
     let dir = net.a.dir.path().join("jobs");

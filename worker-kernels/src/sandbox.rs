@@ -509,7 +509,8 @@ pub struct Config {
 
 /// A child process and its pipes.
 struct Process {
-    child: Child,
+    /// Shared with the [`Stopper`], which may kill it from another thread.
+    child: Arc<Mutex<Child>>,
     stdin: ChildStdin,
     frames: Receiver<Result<Response, String>>,
     stderr: Arc<Mutex<VecDeque<u8>>>,
@@ -526,8 +527,31 @@ struct Running {
 pub struct Sandbox {
     config: Config,
     running: Option<Running>,
+    stopper: Stopper,
     /// Children started so far.
     pub starts: u64,
+}
+
+/// Stops the task a [`Sandbox`] is running, from another thread, by killing
+/// its child; [`Sandbox::run`] then returns a [`TaskError::Crashed`] and the
+/// next task gets a fresh child. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Stopper {
+    current: Arc<Mutex<Option<Arc<Mutex<Child>>>>>,
+}
+
+impl Stopper {
+    /// Kills the current child, if there is one.
+    pub fn stop(&self) {
+        let child = self.current.lock().ok().and_then(|c| c.clone());
+        if let Some(child) = child
+            && let Ok(mut c) = child.lock()
+        {
+            // A child already reaped is not signalled again: std keeps
+            // its status, so no recycled pid is hit.
+            let _ = c.kill();
+        }
+    }
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -570,6 +594,7 @@ impl Sandbox {
         let mut sandbox = Self {
             config,
             running: None,
+            stopper: Stopper::default(),
             starts: 0,
         };
         sandbox.ensure()?;
@@ -648,6 +673,10 @@ impl Sandbox {
         });
         write_frame(&mut stdin, &Request::Init(self.config.child.clone()))
             .map_err(|e| TaskError::Sandbox(format!("cannot talk to the sandbox: {e}")))?;
+        let child = Arc::new(Mutex::new(child));
+        if let Ok(mut current) = self.stopper.current.lock() {
+            *current = Some(Arc::clone(&child));
+        }
         let mut process = Process {
             child,
             stdin,
@@ -753,6 +782,11 @@ impl Sandbox {
         }
     }
 
+    /// A handle that stops the running task from another thread.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
     /// Kills the child now; the next task starts a fresh one.
     pub fn kill(&mut self) {
         if let Some(mut r) = self.running.take() {
@@ -772,15 +806,18 @@ impl Drop for Sandbox {
 
 /// Kills and reaps the child.
 fn finish(r: &mut Process) {
-    let _ = r.child.kill();
-    let _ = r.child.wait();
+    if let Ok(mut c) = r.child.lock() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 /// The child stopped talking: wait briefly for its status, then describe it.
 fn crashed(r: &mut Process) -> TaskError {
     let start = Instant::now();
     let status = loop {
-        match r.child.try_wait() {
+        let polled = r.child.lock().map_or(Ok(None), |mut c| c.try_wait());
+        match polled {
             Ok(Some(s)) => break Some(s),
             Ok(None) if start.elapsed() < Duration::from_secs(2) => {
                 std::thread::sleep(Duration::from_millis(10))

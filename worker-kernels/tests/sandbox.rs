@@ -199,6 +199,35 @@ fn endless_kernels_are_killed_at_the_deadline_and_the_next_task_runs() {
 }
 
 #[test]
+fn a_stopper_ends_the_running_task_from_another_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sb = sandbox(dir.path());
+    let stopper = sb.stopper();
+    let started = Instant::now();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        stopper.stop();
+    });
+    let err = sb
+        .run(&spin_task(), Duration::from_secs(60), &mut none)
+        .unwrap_err();
+    killer.join().unwrap();
+    assert!(
+        matches!(&err, TaskError::Crashed(m) if m.contains("SIGKILL")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "not stopped early"
+    );
+    // The next task runs in a fresh child.
+    let out = sb
+        .run(&double_task(64), Duration::from_secs(60), &mut none)
+        .unwrap();
+    assert_eq!(out.outputs[0].data, expected(64));
+}
+
+#[test]
 fn checkpoints_cross_the_process_boundary() {
     let dir = tempfile::tempdir().unwrap();
     let mut sb = sandbox(dir.path());

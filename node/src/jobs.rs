@@ -239,9 +239,8 @@ struct Inner {
     /// record that names them, without a file (and its sync) each.
     outputs: sled::Tree,
     live: Mutex<BTreeMap<String, Live>>,
-    /// Written since the last flush.
-    dirty: std::sync::atomic::AtomicBool,
-    /// Writes made, and writes known to be on disk (group commit).
+    /// Writes made, and writes known to be on disk: anything between the
+    /// two awaits a flush (shared by concurrent callers: group commit).
     writes: std::sync::atomic::AtomicU64,
     flushed: std::sync::atomic::AtomicU64,
     flushing: tokio::sync::Mutex<()>,
@@ -317,7 +316,6 @@ impl Jobs {
                 tasks,
                 outputs,
                 live: Mutex::new(live),
-                dirty: std::sync::atomic::AtomicBool::new(false),
                 writes: std::sync::atomic::AtomicU64::new(0),
                 flushed: std::sync::atomic::AtomicU64::new(0),
                 flushing: tokio::sync::Mutex::new(()),
@@ -340,8 +338,8 @@ impl Jobs {
         let v = serde_json::to_vec(job).map_err(db)?;
         self.inner.jobs.insert(job.id.as_bytes(), v).map_err(db)?;
         self.inner
-            .dirty
-            .store(true, std::sync::atomic::Ordering::Release);
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(())
     }
 
@@ -352,9 +350,6 @@ impl Jobs {
             .insert(task_key(id, task.index), v)
             .map_err(db)?;
         self.inner
-            .dirty
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.inner
             .writes
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(())
@@ -363,18 +358,10 @@ impl Jobs {
     /// Makes every write so far durable. The trees share one database
     /// log, so one flush covers them all.
     fn flush(&self) -> Result<(), JobsError> {
-        self.inner
-            .dirty
-            .store(false, std::sync::atomic::Ordering::Release);
+        use std::sync::atomic::Ordering;
+        let upto = self.inner.writes.load(Ordering::Acquire);
         self.inner.tasks.flush().map_err(db)?;
-        Ok(())
-    }
-
-    /// Flushes when something was written since the last flush.
-    fn flush_if_dirty(&self) -> Result<(), JobsError> {
-        if self.inner.dirty.load(std::sync::atomic::Ordering::Acquire) {
-            self.flush()?;
-        }
+        self.inner.flushed.fetch_max(upto, Ordering::AcqRel);
         Ok(())
     }
 
@@ -547,22 +534,6 @@ impl Jobs {
         Ok(written)
     }
 
-    /// A task's verified output bytes (for the demo and tests).
-    pub fn output(&self, id: &str, task: u32, binding: u32) -> Result<Option<Vec<u8>>, JobsError> {
-        let hash = {
-            let live = self.lock()?;
-            let l = live
-                .get(id)
-                .ok_or_else(|| JobsError::NotFound(id.to_owned()))?;
-            l.tasks
-                .get(task as usize)
-                .and_then(|t| t.result.as_ref())
-                .and_then(|r| r.iter().find(|d| d.binding == binding))
-                .map(|d| d.hash)
-        };
-        hash.map(|h| self.read_output(&h)).transpose()
-    }
-
     /// Runs the scheduler until the process ends.
     pub async fn run(self) {
         loop {
@@ -607,16 +578,17 @@ impl Jobs {
                 if l.job.state != JobState::Active {
                     continue;
                 }
-                let job = l.job.clone();
+                // Read the job, write its tasks: no copy of the job's
+                // kernel and inputs on every pass.
+                let Live { job, tasks } = l;
                 // Workers that already hold this job's inputs.
-                let warm: std::collections::HashSet<String> = l
-                    .tasks
+                let warm: std::collections::HashSet<String> = tasks
                     .iter()
                     .flat_map(|t| &t.replicas)
                     .filter(|r| r.in_flight() || r.returned())
                     .map(|r| r.worker.clone())
                     .collect();
-                for t in &mut l.tasks {
+                for t in tasks.iter_mut() {
                     if t.state != TaskState::Waiting {
                         continue;
                     }
@@ -629,7 +601,7 @@ impl Jobs {
                         }
                         continue;
                     }
-                    let target = target_replicas(&job, t);
+                    let target = target_replicas(job, t);
                     let active = count(t.replicas.iter().filter(|r| r.in_flight()));
                     let returned = count(t.replicas.iter().filter(|r| r.returned()));
                     if t.next_attempt >= ATTEMPTS_PER_REPLICA * (job.redundancy + 1) && active == 0
@@ -665,7 +637,7 @@ impl Jobs {
                     }
                     for _ in 0..need {
                         match self.choose(
-                            &job,
+                            job,
                             t,
                             &Market {
                                 adverts: &adverts,
@@ -685,7 +657,7 @@ impl Jobs {
                                 let attempt = t.next_attempt;
                                 t.next_attempt += 1;
                                 let offer = TaskOffer {
-                                    spec: spec(&job, t.index),
+                                    spec: spec(job, t.index),
                                     worker: worker_key,
                                     attempt,
                                     expires_at: Timestamp::now().saturating_add_secs(60),
@@ -728,20 +700,20 @@ impl Jobs {
                         self.save_task(&job.id, t)?;
                     }
                 }
-                if l.tasks.iter().all(|t| t.state != TaskState::Waiting) {
-                    let failed = l.tasks.iter().any(|t| t.state == TaskState::Failed);
-                    l.job.state = if failed {
+                if tasks.iter().all(|t| t.state != TaskState::Waiting) {
+                    let failed = tasks.iter().any(|t| t.state == TaskState::Failed);
+                    job.state = if failed {
                         JobState::Failed
                     } else {
                         JobState::Done
                     };
-                    l.job.finished_at = Some(Timestamp::now());
-                    info!(job = %l.job.id, state = ?l.job.state, "job finished");
-                    self.save_job(&l.job)?;
+                    job.finished_at = Some(Timestamp::now());
+                    info!(job = %job.id, state = ?job.state, "job finished");
+                    self.save_job(job)?;
                 }
             }
         }
-        self.flush_if_dirty()?;
+        self.durable().await?;
         for (id, index, attempt, peer, offer, kernel) in offers {
             let me = self.clone();
             tokio::spawn(async move {
@@ -1038,8 +1010,9 @@ impl Jobs {
         if !r.in_flight() {
             r.finished_at = Some(Timestamp::now());
         }
-        let t = t.clone();
-        if self.save_task(id, &t).and_then(|()| self.flush()).is_err() {
+        // No sync here, with the job state locked: an answer promises
+        // nothing to anyone, and the pass this wakes flushes it.
+        if self.save_task(id, t).is_err() {
             warn!(job = %id, "cannot save an offer's answer");
         }
         self.inner.wake.notify_one();
@@ -1141,8 +1114,8 @@ impl Jobs {
             return Err(Refusal::Late("the report is for another submitter".into()));
         }
         let id = job_id.to_string();
-        let job = self.expect_replica(&id, task, attempt, &peer.to_string())?;
-        if kernel != job.kernel_hash {
+        let (kernel_hash, outputs) = self.expect_replica(&id, task, attempt, &peer.to_string())?;
+        if kernel != kernel_hash {
             return Err(Refusal::Bad("the report names another kernel".into()));
         }
         match report {
@@ -1158,7 +1131,7 @@ impl Jobs {
                     .verify()
                     .map_err(|e| Refusal::Bad(e.to_string()))?;
                 let mut digests = Vec::new();
-                for o in &job.outputs {
+                for o in &outputs {
                     let d = receipt
                         .outputs
                         .iter()
@@ -1225,14 +1198,15 @@ impl Jobs {
         }
     }
 
-    /// The job, if `worker` holds attempt `attempt` of task `task` now.
+    /// The job's kernel hash and outputs, if `worker` holds attempt
+    /// `attempt` of task `task` now.
     fn expect_replica(
         &self,
         id: &str,
         task: u32,
         attempt: u32,
         worker: &str,
-    ) -> Result<JobRecord, Refusal> {
+    ) -> Result<(Hash, Vec<Output>), Refusal> {
         let live = self.lock().map_err(|e| Refusal::Late(e.to_string()))?;
         let l = live
             .get(id)
@@ -1254,7 +1228,7 @@ impl Jobs {
                     .into(),
             ));
         }
-        Ok(l.job.clone())
+        Ok((l.job.kernel_hash, l.job.outputs.clone()))
     }
 
     fn finish_replica(
@@ -1267,10 +1241,8 @@ impl Jobs {
     ) -> Result<(), Refusal> {
         let late = |m: &str| Refusal::Late(m.to_owned());
         let mut live = self.lock().map_err(|e| Refusal::Late(e.to_string()))?;
-        let l = live.get_mut(id).ok_or_else(|| late("no such job here"))?;
-        let job = l.job.clone();
-        let t = l
-            .tasks
+        let Live { job, tasks } = live.get_mut(id).ok_or_else(|| late("no such job here"))?;
+        let t = tasks
             .get_mut(task as usize)
             .ok_or_else(|| late("no such task"))?;
         let r = t
@@ -1280,14 +1252,15 @@ impl Jobs {
             .ok_or_else(|| late("this attempt is no longer wanted"))?;
         update(r);
         r.finished_at = Some(Timestamp::now());
-        self.vote(&job, t);
+        self.vote(job, t);
         // Durable before the acknowledgement: the caller awaits `durable`.
         self.save_task(id, t)
             .map_err(|e| Refusal::Late(e.to_string()))?;
         Ok(())
     }
 
-    /// Returns once every write made before the call is on disk. Callers
+    /// Returns once every write made before the call is on disk (at once
+    /// when there is nothing to flush). Callers
     /// that arrive while a flush runs share the next one (group commit), so
     /// many acknowledgements cost one disk sync.
     async fn durable(&self) -> Result<(), JobsError> {

@@ -184,14 +184,9 @@ impl Worker {
         if s.client.paused().await.unwrap_or(true) {
             return decline(DeclineReason::Paused);
         }
-        let offer = match self.check_offer(peer, member, &req) {
-            Ok(o) => o,
+        let (offer, source) = match self.check_offer(peer, member, req) {
+            Ok(checked) => checked,
             Err(reason) => return decline(reason),
-        };
-        let Some(source) = req.kernel_source else {
-            return decline(DeclineReason::BadOffer(
-                "the offer carries no kernel".into(),
-            ));
         };
         let check = to_task(&offer, &source, |_| PathBuf::new());
         let Some(slot) = self.claim() else {
@@ -233,12 +228,13 @@ impl Worker {
         OfferAnswer::Accept { lease_until }
     }
 
+    /// The offer and its kernel source, if the offer may be considered.
     fn check_offer(
         &self,
         peer: PeerId,
         member: &Member,
-        req: &OfferRequest,
-    ) -> Result<TaskOffer, DeclineReason> {
+        req: OfferRequest,
+    ) -> Result<(TaskOffer, String), DeclineReason> {
         let bad = |m: &str| DeclineReason::BadOffer(m.to_owned());
         let offer = req
             .offer
@@ -258,8 +254,8 @@ impl Worker {
         if offer.expires_at <= Timestamp::now() {
             return Err(bad("the offer has expired"));
         }
-        match &req.kernel_source {
-            Some(src) if Hash::of(src.as_bytes()) == offer.spec.kernel => Ok(offer),
+        match req.kernel_source {
+            Some(src) if Hash::of(src.as_bytes()) == offer.spec.kernel => Ok((offer, src)),
             Some(_) => Err(bad("the kernel does not match the hash in the offer")),
             None => Err(bad("the offer carries no kernel")),
         }

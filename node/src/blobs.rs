@@ -1,20 +1,54 @@
-//! Content-addressed blobs on disk: job inputs and large outputs.
+//! Content-addressed blobs on disk (job inputs and large outputs), and the
+//! `/alliance/blob/2` protocol that moves them.
 //!
 //! A blob lives at `<dir>/<blake3 hex>`; it is written to a temporary file,
 //! checked against its hash, synced and renamed into place, so a blob that
-//! exists is whole and correct. [`fetch`] pulls a blob from a peer in
-//! chunks over `/alliance/blob/1`, a few requests in flight, and keeps it
-//! only if its hash matches.
+//! exists is whole and correct.
+//!
+//! To fetch, a node opens a stream to a holder and asks for a range
+//! ([`BlobRequest`]); the holder answers with a [`BlobResponse`] frame and
+//! streams exactly the announced bytes, read from disk a chunk ahead of the
+//! network. One stream carries the whole range, so the transport's flow
+//! control window grows once instead of starting small for every chunk.
+//! The fetcher hashes and writes each chunk on a blocking thread while the
+//! next one arrives, straight to the disk where the file system allows it
+//! (else through the page cache, starting writeback as it goes), resumes from
+//! the last byte it holds when a stream breaks, and keeps the blob only if
+//! the whole matches its hash. Holders serve only verified members, and a
+//! member that sends a malformed request is dropped.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use alliance_protocol::Hash;
-use alliance_protocol::wire::{BlobRequest, BlobResponse, MAX_CHUNK};
+use alliance_protocol::wire::{BlobRequest, BlobResponse};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::PeerId;
+use tokio::sync::{Semaphore, mpsc};
 
+use crate::net::BLOB_PROTOCOL;
 use crate::net::actor::Client;
+use crate::net::codec::{read_frame, write_frame};
+
+/// Bytes moved per read and write on either side.
+const CHUNK: usize = 1024 * 1024;
+/// Chunks read ahead of the network (holder) or waiting for the disk
+/// (fetcher).
+const AHEAD: usize = 4;
+/// A fetcher starts the disk's writeback after this many new bytes, so
+/// that the final sync has little left to do.
+const WRITEBACK_EVERY: u64 = 32 * 1024 * 1024;
+/// Streams a node serves at once; more wait.
+const MAX_SERVING: usize = 16;
+/// How long a request may take to arrive, and how long either side waits
+/// for the other to move a chunk, before giving up on the stream.
+const STALL: Duration = Duration::from_secs(30);
+/// Streams a fetch opens before it gives up (it resumes where the last
+/// one broke).
+const ATTEMPTS: u32 = 3;
 
 /// The blob directory.
 #[derive(Debug, Clone)]
@@ -78,42 +112,315 @@ impl Blobs {
         fs::read(self.path(hash))
     }
 
-    /// Up to `len` bytes of the blob from `offset`, and the blob's length.
-    pub fn read_chunk(&self, hash: &Hash, offset: u64, len: u32) -> io::Result<(Vec<u8>, u64)> {
-        let mut f = File::open(self.path(hash))?;
-        let total = f.metadata()?.len();
-        let want = u64::from(len)
-            .min(MAX_CHUNK as u64)
-            .min(total.saturating_sub(offset));
-        f.seek(SeekFrom::Start(offset))?;
-        let mut buf = vec![0u8; usize::try_from(want).unwrap_or(0)];
-        f.read_exact(&mut buf)?;
-        Ok((buf, total))
-    }
-
     fn temp_path(&self) -> PathBuf {
         let mut nonce = [0u8; 8];
         let _ = getrandom::fill(&mut nonce);
         self.dir.join(format!(".part-{}", hex::encode(nonce)))
     }
 
-    /// Answers a chunk request from the blob store.
-    pub fn answer(&self, req: &BlobRequest) -> BlobResponse {
-        match self.read_chunk(&req.hash, req.offset, req.len) {
-            Ok((data, total_len)) => BlobResponse::Chunk {
-                hash: req.hash,
-                offset: req.offset,
-                total_len,
-                data,
-            },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BlobResponse::NotFound,
-            Err(e) => BlobResponse::Refused(e.to_string()),
+    /// The blob opened at `offset`, the blob's length and how many bytes
+    /// of the `len` asked for it has from there.
+    fn open_range(&self, req: &BlobRequest) -> Result<(File, u64, u64), BlobResponse> {
+        let mut file = File::open(self.path(&req.hash)).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => BlobResponse::NotFound,
+            _ => BlobResponse::Refused(e.to_string()),
+        })?;
+        let total = file
+            .metadata()
+            .map_err(|e| BlobResponse::Refused(e.to_string()))?
+            .len();
+        if req.offset > total {
+            return Err(BlobResponse::Refused(format!(
+                "offset {} is past the end of the blob ({total} bytes)",
+                req.offset
+            )));
         }
+        file.seek(SeekFrom::Start(req.offset))
+            .map_err(|e| BlobResponse::Refused(e.to_string()))?;
+        Ok((file, total, req.len.min(total - req.offset)))
     }
 }
 
-/// Chunk requests kept in flight by [`fetch`].
-const IN_FLIGHT: u64 = 8;
+/// Serves `/alliance/blob/2` from `blobs` to verified members until the
+/// node stops.
+pub async fn serve(client: Client, blobs: Blobs) {
+    let Some(mut incoming) = client.accept_streams(BLOB_PROTOCOL) else {
+        tracing::warn!("blob streams are already being served");
+        return;
+    };
+    let permits = Arc::new(Semaphore::new(MAX_SERVING));
+    while let Some((peer, stream)) = incoming.next().await {
+        let (client, blobs, permits) = (client.clone(), blobs.clone(), Arc::clone(&permits));
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(&client, &blobs, &permits, peer, stream).await {
+                tracing::debug!(%peer, "blob stream ended early: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_one(
+    client: &Client,
+    blobs: &Blobs,
+    permits: &Semaphore,
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+) -> io::Result<()> {
+    let request = tokio::time::timeout(STALL, read_frame::<BlobRequest, _>(&mut stream)).await;
+    let req = match request {
+        Ok(Ok(req)) => req,
+        Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
+            let _ = client
+                .punish(peer, format!("sent a malformed blob request: {e}"))
+                .await;
+            return Err(e);
+        }
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+    };
+    if !matches!(client.member(peer).await, Ok(Some(_))) {
+        let why = "blobs are served to verified members of this alliance only";
+        write_frame(&mut stream, &BlobResponse::Refused(why.into())).await?;
+        return stream.close().await;
+    }
+    let _permit = permits.acquire().await.map_err(io::Error::other)?;
+    let b = blobs.clone();
+    let opened = tokio::task::spawn_blocking(move || b.open_range(&req))
+        .await
+        .map_err(io::Error::other)?;
+    let (file, total_len, len) = match opened {
+        Ok(o) => o,
+        Err(answer) => {
+            write_frame(&mut stream, &answer).await?;
+            return stream.close().await;
+        }
+    };
+    write_frame(&mut stream, &BlobResponse::Sending { total_len, len }).await?;
+    // The disk is read a few chunks ahead of the network.
+    let (tx, mut rx) = mpsc::channel::<io::Result<Vec<u8>>>(AHEAD);
+    let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut file = file.take(len);
+        loop {
+            let mut buf = spare_rx.try_recv().unwrap_or_default();
+            buf.resize(CHUNK, 0);
+            let n = match read_full(&mut file, &mut buf) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            };
+            buf.truncate(n);
+            if tx.blocking_send(Ok(buf)).is_err() {
+                return;
+            }
+        }
+    });
+    let mut sent = 0u64;
+    while let Some(chunk) = rx.recv().await {
+        let chunk = chunk?;
+        tokio::time::timeout(STALL, stream.write_all(&chunk))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        sent += chunk.len() as u64;
+        let _ = spare_tx.send(chunk);
+    }
+    drop(rx);
+    let _ = reader.await;
+    if sent != len {
+        // The file shrank under us: the fetcher sees a short stream.
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("sent {sent} of {len} bytes"),
+        ));
+    }
+    stream.close().await
+}
+
+/// Reads until `buf` is full or the reader ends; the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Alignment of buffers, file offsets and lengths for writes that bypass
+/// the page cache.
+const ALIGN: usize = 4096;
+
+/// A buffer of up to [`CHUNK`] bytes that start at a page boundary, so the
+/// disk can take them without a copy into the page cache.
+struct Chunk {
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Chunk {
+    fn new() -> Self {
+        let bytes = vec![0u8; CHUNK + ALIGN];
+        // Always possible for bytes; were it not, writes fall back to the
+        // page cache.
+        let start = bytes.as_ptr().align_offset(ALIGN).min(ALIGN);
+        Self {
+            bytes,
+            start,
+            len: CHUNK,
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.bytes[self.start..self.start + self.len]
+    }
+
+    fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.start..self.start + self.len]
+    }
+}
+
+/// Where a fetch's bytes go: a blocking thread that hashes them and writes
+/// them in order, page-aligned chunks straight to the disk where the file
+/// system allows it, the rest through the page cache with writeback started
+/// as it goes.
+struct Sink {
+    tx: mpsc::Sender<Chunk>,
+    spare: std::sync::mpsc::Receiver<Chunk>,
+    done: tokio::task::JoinHandle<io::Result<Hash>>,
+}
+
+impl Sink {
+    fn new(path: &Path) -> io::Result<Self> {
+        let file = File::create(path)?;
+        let direct = open_direct(path);
+        let (tx, rx) = mpsc::channel::<Chunk>(AHEAD);
+        let (spare_tx, spare) = std::sync::mpsc::channel();
+        let done = tokio::task::spawn_blocking(move || write_chunks(file, direct, rx, &spare_tx));
+        Ok(Self { tx, spare, done })
+    }
+
+    /// An empty buffer to fill, reused when the writer is done with one.
+    fn buffer(&mut self) -> Chunk {
+        let mut chunk = self.spare.try_recv().unwrap_or_else(|_| Chunk::new());
+        chunk.len = CHUNK;
+        chunk
+    }
+
+    async fn push(&mut self, chunk: Chunk) -> io::Result<()> {
+        self.tx
+            .send(chunk)
+            .await
+            .map_err(|_| io::Error::other("the blob writer stopped"))
+    }
+
+    /// Waits for every byte to be written and synced; the hash of them all.
+    async fn finish(self) -> io::Result<Hash> {
+        drop(self.tx);
+        self.done.await.map_err(io::Error::other)?
+    }
+}
+
+/// A second handle on `path` that bypasses the page cache, where the
+/// platform and file system offer one.
+fn open_direct(path: &Path) -> Option<File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// The writer thread of a [`Sink`].
+fn write_chunks(
+    file: File,
+    mut direct: Option<File>,
+    mut rx: mpsc::Receiver<Chunk>,
+    spare: &std::sync::mpsc::Sender<Chunk>,
+) -> io::Result<Hash> {
+    use std::os::unix::fs::FileExt;
+    let mut hasher = blake3::Hasher::new();
+    let mut offset = 0u64;
+    let mut unsynced = 0u64;
+    // Syncing from a second thread lets the disk write what went through
+    // the page cache while the network delivers, instead of all at the end.
+    let mut flusher: Option<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)> = None;
+    let written = (|| {
+        while let Some(chunk) = rx.blocking_recv() {
+            let data = chunk.data();
+            hasher.update(data);
+            let aligned = offset.is_multiple_of(ALIGN as u64) && data.len().is_multiple_of(ALIGN);
+            let wrote = match &direct {
+                Some(d) if aligned => d.write_all_at(data, offset).map(|()| true),
+                _ => Ok(false),
+            };
+            let wrote = match wrote {
+                Ok(w) => w,
+                // This file system takes no direct writes (or not these):
+                // the page cache it is, from here on.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    direct = None;
+                    false
+                }
+                Err(e) => return Err(e),
+            };
+            if !wrote {
+                file.write_all_at(data, offset)?;
+                unsynced += data.len() as u64;
+                if unsynced >= WRITEBACK_EVERY {
+                    unsynced = 0;
+                    if flusher.is_none() {
+                        let f = file.try_clone()?;
+                        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+                        let thread = std::thread::spawn(move || {
+                            while rx.recv().is_ok() {
+                                let _ = f.sync_data();
+                            }
+                        });
+                        flusher = Some((tx, thread));
+                    }
+                    if let Some((tx, _)) = &flusher {
+                        let _ = tx.try_send(());
+                    }
+                }
+            }
+            offset += data.len() as u64;
+            let _ = spare.send(chunk);
+        }
+        Ok(())
+    })();
+    if let Some((tx, thread)) = flusher {
+        drop(tx);
+        let _ = thread.join();
+    }
+    written?;
+    file.sync_all()?;
+    Ok(Hash::from(hasher.finalize()))
+}
+
+/// Why one stream of a fetch ended early.
+enum Broke {
+    /// Worth another stream, from where this one stopped.
+    Retry(String),
+    /// Not worth another try.
+    Fatal(BlobError),
+}
 
 /// Fetches the blob `hash` of `len` bytes from `peer` into `blobs`, unless it
 /// is already there. Returns the bytes that crossed the network.
@@ -129,76 +436,112 @@ pub async fn fetch(
     }
     let fail = |reason: String| BlobError::Fetch { peer, hash, reason };
     let tmp = blobs.temp_path();
-    // Hashing and writing happen off the async threads, one chunk at a
-    // time in order, while the next requests are in flight.
-    let mut sink = Some((File::create(&tmp)?, blake3::Hasher::new()));
-    let chunk = MAX_CHUNK as u64;
-    let mut next = 0u64;
-    let mut pending = futures::stream::FuturesOrdered::new();
-    let mut received = 0u64;
     let result: Result<(), BlobError> = async {
-        use futures::StreamExt;
-        loop {
-            while next < len && (pending.len() as u64) < IN_FLIGHT {
-                let req = BlobRequest {
-                    hash,
-                    offset: next,
-                    len: u32::try_from(chunk.min(len - next)).unwrap_or(u32::MAX),
-                };
-                let c = client.clone();
-                pending.push_back(async move { c.blob(peer, req).await });
-                next += chunk;
-            }
-            let Some(answer) = pending.next().await else {
-                break;
-            };
-            match answer.map_err(|e| fail(e.to_string()))?.map_err(fail)? {
-                BlobResponse::Chunk {
-                    offset,
-                    total_len,
-                    data,
-                    ..
-                } => {
-                    if offset != received || total_len != len || data.is_empty() {
-                        return Err(fail(format!(
-                            "sent bytes {offset}..{} of {total_len} when {received} of {len} was due",
-                            offset + data.len() as u64
-                        )));
-                    }
-                    received += data.len() as u64;
-                    let (mut file, mut hasher) = sink.take().ok_or_else(|| fail("no sink".into()))?;
-                    sink = Some(
-                        tokio::task::spawn_blocking(move || {
-                            hasher.update(&data);
-                            file.write_all(&data).map(|()| (file, hasher))
-                        })
-                        .await
-                        .map_err(|e| fail(e.to_string()))??,
-                    );
+        let mut sink = Sink::new(&tmp)?;
+        let mut received = 0u64;
+        let mut attempt = 0;
+        while received < len {
+            attempt += 1;
+            match fetch_range(client, &mut sink, peer, hash, len, &mut received).await {
+                Ok(()) => {}
+                Err(Broke::Retry(why)) if attempt < ATTEMPTS => {
+                    tracing::debug!(%peer, %hash, received, "blob stream broke ({why}); resuming");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 }
-                BlobResponse::NotFound => return Err(BlobError::NotFound { peer, hash }),
-                BlobResponse::Refused(why) => return Err(fail(why)),
+                Err(Broke::Retry(why)) => return Err(fail(why)),
+                Err(Broke::Fatal(e)) => return Err(e),
             }
         }
-        let (file, hasher) = sink.take().ok_or_else(|| fail("no sink".into()))?;
-        let got = Hash::from(hasher.finalize());
-        if got != hash || received != len {
+        let got = sink.finish().await?;
+        if got != hash {
             return Err(BlobError::HashMismatch { peer, hash, got });
         }
-        let (tmp2, dest) = (tmp.clone(), blobs.path(&hash));
-        tokio::task::spawn_blocking(move || {
-            file.sync_all()?;
-            fs::rename(&tmp2, dest)
-        })
-        .await
-        .map_err(|e| fail(e.to_string()))??;
+        fs::rename(&tmp, blobs.path(&hash))?;
         Ok(())
     }
     .await;
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map(|()| received)
+    result.map(|()| len)
+}
+
+/// Asks `peer` for the blob from `*received` on, over one stream, and
+/// hands what arrives to `sink`, counting it in `received`.
+async fn fetch_range(
+    client: &Client,
+    sink: &mut Sink,
+    peer: PeerId,
+    hash: Hash,
+    len: u64,
+    received: &mut u64,
+) -> Result<(), Broke> {
+    let retry = |e: &dyn std::fmt::Display| Broke::Retry(e.to_string());
+    let stalled = || Broke::Retry(format!("no data for {} s", STALL.as_secs()));
+    let mut stream = tokio::time::timeout(STALL, client.open_stream(peer, BLOB_PROTOCOL))
+        .await
+        .map_err(|_| stalled())?
+        .map_err(|e| retry(&e))?;
+    let want = len - *received;
+    let req = BlobRequest {
+        hash,
+        offset: *received,
+        len: want,
+    };
+    write_frame(&mut stream, &req)
+        .await
+        .map_err(|e| retry(&e))?;
+    let answer = tokio::time::timeout(STALL, read_frame::<BlobResponse, _>(&mut stream))
+        .await
+        .map_err(|_| stalled())?;
+    let fatal = |reason: String| Broke::Fatal(BlobError::Fetch { peer, hash, reason });
+    match answer {
+        Ok(BlobResponse::Sending { total_len, len: n }) if total_len == len && n == want => {}
+        Ok(BlobResponse::Sending { total_len, len: n }) => {
+            return Err(fatal(format!(
+                "offered {n} bytes of a {total_len}-byte blob when {want} of {len} were asked"
+            )));
+        }
+        Ok(BlobResponse::NotFound) => return Err(Broke::Fatal(BlobError::NotFound { peer, hash })),
+        Ok(BlobResponse::Refused(why)) => return Err(fatal(format!("refused: {why}"))),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(fatal(e.to_string())),
+        Err(e) => return Err(retry(&e)),
+    }
+    let end = len;
+    while *received < end {
+        let mut chunk = sink.buffer();
+        let room = usize::try_from(end - *received).unwrap_or(usize::MAX);
+        chunk.len = room.min(CHUNK);
+        // One deadline per chunk rather than per read: a timer per read
+        // costs more than the read at these rates.
+        let filled = tokio::time::timeout(STALL, fill(&mut stream, chunk.data_mut()))
+            .await
+            .map_err(|_| stalled())?
+            .map_err(|e| retry(&e))?;
+        if filled == 0 {
+            return Err(Broke::Retry(format!(
+                "the stream ended after {} of {len} bytes",
+                *received
+            )));
+        }
+        chunk.len = filled;
+        sink.push(chunk).await.map_err(|e| Broke::Fatal(e.into()))?;
+        *received += filled as u64;
+    }
+    Ok(())
+}
+
+/// Reads from `stream` until `buf` is full or the stream ends; the bytes
+/// read.
+async fn fill(stream: &mut libp2p::Stream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match stream.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
 }
 
 #[cfg(test)]
@@ -206,7 +549,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn put_read_and_chunks() {
+    fn put_read_and_ranges() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = Blobs::open(dir.path()).unwrap();
         let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
@@ -215,17 +558,33 @@ mod tests {
         assert!(blobs.has(&h, 3000));
         assert!(!blobs.has(&h, 2999));
         assert_eq!(blobs.read(&h).unwrap(), data);
-        let (part, total) = blobs.read_chunk(&h, 1000, 500).unwrap();
-        assert_eq!((part.as_slice(), total), (&data[1000..1500], 3000));
-        let (tail, _) = blobs.read_chunk(&h, 2900, 500).unwrap();
-        assert_eq!(tail, &data[2900..]);
+        let range = |offset, len| {
+            blobs
+                .open_range(&BlobRequest {
+                    hash: h,
+                    offset,
+                    len,
+                })
+                .map(|(mut f, total, n)| {
+                    let mut part = Vec::new();
+                    f.read_to_end(&mut part).unwrap();
+                    part.truncate(usize::try_from(n).unwrap());
+                    (part, total)
+                })
+        };
+        assert_eq!(range(1000, 500).unwrap(), (data[1000..1500].to_vec(), 3000));
+        assert_eq!(range(2900, 500).unwrap().0, &data[2900..]);
+        assert_eq!(range(3000, 10).unwrap().0, b"");
+        assert!(matches!(range(3001, 10), Err(BlobResponse::Refused(_))));
         assert_eq!(
-            blobs.answer(&BlobRequest {
-                hash: Hash::of(b"absent"),
-                offset: 0,
-                len: 10
-            }),
-            BlobResponse::NotFound
+            blobs
+                .open_range(&BlobRequest {
+                    hash: Hash::of(b"absent"),
+                    offset: 0,
+                    len: 10
+                })
+                .err(),
+            Some(BlobResponse::NotFound)
         );
     }
 }

@@ -252,12 +252,8 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     } else {
         None
     };
-    tokio::spawn(serve_requests(
-        requests,
-        worker.clone(),
-        jobs.clone(),
-        blobs,
-    ));
+    tokio::spawn(serve_requests(requests, worker.clone(), jobs.clone()));
+    tokio::spawn(crate::blobs::serve(client.clone(), blobs));
 
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
@@ -289,13 +285,12 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     Ok(())
 }
 
-/// Hands members' requests to the worker, the job scheduler and the blob
-/// store, each answered on its own task.
+/// Hands members' requests to the worker and the job scheduler, each
+/// answered on its own task.
 async fn serve_requests(
     mut requests: tokio::sync::mpsc::Receiver<Inbound>,
     worker: Option<Worker>,
     jobs: Option<Jobs>,
-    blobs: Blobs,
 ) {
     use alliance_protocol::wire::{Ack, DeclineReason, OfferAnswer};
     while let Some(request) = requests.recv().await {
@@ -344,12 +339,6 @@ async fn serve_requests(
                     None => Ack::Refused("this node submits no jobs".into()),
                 };
                 let _ = reply.send(answer);
-            }
-            Inbound::Blob { request, reply, .. } => {
-                let b = blobs.clone();
-                tokio::task::spawn_blocking(move || {
-                    let _ = reply.send(b.answer(&request));
-                });
             }
         }
     }

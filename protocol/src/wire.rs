@@ -5,7 +5,7 @@
 //! | `/alliance/membership/1` | [`Hello`] | [`Hello`] | about 1 MiB each (hello plus up to 4 revocation lists) |
 //! | `/alliance/task/1` | [`OfferRequest`] | [`OfferAnswer`] | 3 MiB / 4 KiB |
 //! | `/alliance/result/1` | [`TaskReport`] | [`Ack`] | 5 MiB / 1 KiB |
-//! | `/alliance/blob/1` | [`BlobRequest`] | [`BlobResponse`] | 1 KiB / 1 MiB + 1 KiB |
+//! | `/alliance/blob/2` (a stream) | [`BlobRequest`] | [`BlobResponse`], then raw bytes | 1 KiB / 4 KiB |
 //! | `/alliance/progress/1` | [`Progress`] | [`Ack`] | 1 MiB + 64 KiB / 1 KiB |
 //! | gossip `alliance/<id>/adverts/1` | [`AdvertGossip`] | | 32 KiB |
 //! | gossip `alliance/<id>/revocations/1` | [`RevocationGossip`] | | 257 KiB |
@@ -27,9 +27,6 @@ use crate::hash::Hash;
 use crate::signed::Signed;
 use crate::task::{CheckpointRecord, Data, JobId, Receipt, TaskOffer};
 use crate::time::Timestamp;
-
-/// Largest blob chunk, in bytes.
-pub const MAX_CHUNK: usize = 1024 * 1024;
 
 /// A message type with a protocol and a size cap.
 pub trait Message: Serialize + DeserializeOwned {
@@ -201,13 +198,18 @@ impl Message for Ack {
     const MAX_SIZE: usize = 1024;
 }
 
-/// A request for part of a blob.
+/// A request for a range of a blob: `len` bytes from `offset`.
+///
+/// On `/alliance/blob/2` the asker opens a stream and writes this as a
+/// frame; the holder answers with a [`BlobResponse`] frame and, after
+/// [`BlobResponse::Sending`], exactly the announced number of raw bytes,
+/// then closes the stream. One stream carries a whole range, so the
+/// transport's flow control ramps up once rather than per chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobRequest {
     pub hash: Hash,
     pub offset: u64,
-    /// At most [`MAX_CHUNK`].
-    pub len: u32,
+    pub len: u64,
 }
 
 impl Message for BlobRequest {
@@ -215,16 +217,14 @@ impl Message for BlobRequest {
     const MAX_SIZE: usize = 1024;
 }
 
-/// A part of a blob, or why there is none.
+/// The answer to a [`BlobRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlobResponse {
-    Chunk {
-        hash: Hash,
-        offset: u64,
-        /// Length of the whole blob.
+    /// `len` raw bytes of the blob from the requested offset follow;
+    /// the whole blob is `total_len` bytes.
+    Sending {
         total_len: u64,
-        #[serde(with = "crate::encoding::bytes")]
-        data: Vec<u8>,
+        len: u64,
     },
     NotFound,
     Refused(String),
@@ -232,7 +232,7 @@ pub enum BlobResponse {
 
 impl Message for BlobResponse {
     const NAME: &'static str = "blob response";
-    const MAX_SIZE: usize = MAX_CHUNK + 1024;
+    const MAX_SIZE: usize = 4096;
 }
 
 /// Progress of a running task, optionally with a checkpoint.
@@ -255,7 +255,7 @@ pub enum Progress {
 
 impl Message for Progress {
     const NAME: &'static str = "progress";
-    const MAX_SIZE: usize = MAX_CHUNK + 64 * 1024;
+    const MAX_SIZE: usize = 1024 * 1024 + 64 * 1024;
 }
 
 /// A GPU advert on the alliance's gossip topic, with the publisher's chain

@@ -424,7 +424,7 @@ proptest! {
 
     #[test]
     fn wire_messages(o in offer(), r in receipt(), c in checkpoint(), rv in revocations(), d in data(), seed in any::<[u8; 32]>(),
-                     h in hash(), off in any::<u64>(), chunk in bytes(200), reason in text()) {
+                     h in hash(), off in any::<u64>(), reason in text()) {
         let k = Identity::from_secret_bytes(seed);
         check_message(OfferRequest { offer: Signed::sign(&o, &k).unwrap(), kernel_source: Some(reason.clone()) })?;
         check_message(OfferAnswer::Accept { lease_until: Timestamp::from_secs(off) })?;
@@ -434,8 +434,9 @@ proptest! {
         check_record(failure.clone(), seed)?;
         check_message(TaskReport::Failed(Signed::sign(&failure, &k).unwrap()))?;
         check_message(Ack::Refused(reason.clone()))?;
-        check_message(BlobRequest { hash: h, offset: off, len: 4096 })?;
-        check_message(BlobResponse::Chunk { hash: h, offset: off, total_len: off, data: chunk })?;
+        check_message(BlobRequest { hash: h, offset: off, len: off / 2 })?;
+        check_message(BlobResponse::Sending { total_len: off, len: off / 2 })?;
+        check_message(BlobResponse::Refused(reason.clone()))?;
         check_message(Progress::Running { job: JobId([1; 16]), task: 1, attempt: 0, step: 5, steps: 10 })?;
         check_message(Progress::Checkpoint { record: Signed::sign(&c, &k).unwrap(), state: vec![(1, d)] })?;
         check_message(RevocationGossip { list: Signed::sign(&rv, &k).unwrap() })?;
@@ -483,12 +484,7 @@ fn frame_cap_is_enforced_before_allocation() {
 
 #[test]
 fn oversized_messages_cannot_be_sent() {
-    let msg = BlobResponse::Chunk {
-        hash: Hash::of(b""),
-        offset: 0,
-        total_len: 0,
-        data: vec![0; wire::MAX_CHUNK + 2048],
-    };
+    let msg = Ack::Refused("x".repeat(Ack::MAX_SIZE + 1));
     assert!(msg.encode().is_err());
     assert!(wire::encode_frame(&msg).is_err());
 }

@@ -1,7 +1,8 @@
 //! Peers that are not members, driven by hand from the test: each is
 //! disconnected, kept out of every table, and the reason recorded; garbage
 //! on the listening port, and garbage or oversized frames on an open
-//! membership stream, do not stop the node serving.
+//! membership stream, do not stop the node serving. Blob streams serve
+//! members what they ask for and drop a member that sends garbage.
 
 use std::io::Write;
 use std::time::Duration;
@@ -285,4 +286,77 @@ async fn bad_frames_on_a_membership_stream_get_the_peer_dropped() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(joined, "a real member still joins");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_streams_serve_members_and_drop_garbage() {
+    use alliance_node::blobs::{self, BlobError, Blobs};
+    use futures::AsyncWriteExt;
+
+    let a = TestAlliance::new("Blob Stream Test", &[("North", Roles::ALL)], 60);
+    let dir = tempfile::tempdir().unwrap();
+    let held = Blobs::open(&dir.path().join("held")).unwrap();
+    // Three chunks and a bit: page-aligned writes and a tail.
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 1234u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let hash = held.put(&data).unwrap();
+    let node = a.spawn(0, vec![]).await;
+    tokio::spawn(blobs::serve(node.client.clone(), held));
+    let member = a.spawn(0, vec![node.address.clone()]).await;
+    let mut joined = false;
+    for _ in 0..100 {
+        if matches!(member.client.member(node.peer).await, Ok(Some(_)))
+            && matches!(node.client.member(member.peer).await, Ok(Some(_)))
+        {
+            joined = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(joined, "the member joins");
+
+    let fetched = Blobs::open(&dir.path().join("fetched")).unwrap();
+    let len = data.len() as u64;
+    let moved = blobs::fetch(&member.client, &fetched, node.peer, hash, len)
+        .await
+        .unwrap();
+    assert_eq!(moved, len);
+    assert_eq!(fetched.read(&hash).unwrap(), data, "the bytes on disk");
+    // Held already: nothing crosses the network.
+    let again = blobs::fetch(&member.client, &fetched, node.peer, hash, len);
+    assert_eq!(again.await.unwrap(), 0);
+
+    let absent = alliance_protocol::Hash::of(b"nobody has this");
+    let e = blobs::fetch(&member.client, &fetched, node.peer, absent, 10).await;
+    assert!(matches!(e, Err(BlobError::NotFound { .. })), "{e:?}");
+    // Asking for the wrong length is caught from the answer's header.
+    let other = Blobs::open(&dir.path().join("other")).unwrap();
+    let e = blobs::fetch(&member.client, &other, node.peer, hash, len + 1).await;
+    let why = e.unwrap_err().to_string();
+    assert!(why.contains("when 3146963 of 3146963 were asked"), "{why}");
+    assert!(!other.has(&hash, len + 1) && !other.has(&hash, len));
+
+    // A member that sends garbage on a blob stream is dropped.
+    let mut stream = member
+        .client
+        .open_stream(node.peer, net::BLOB_PROTOCOL)
+        .await
+        .unwrap();
+    let mut garbage = 64u32.to_be_bytes().to_vec();
+    garbage.extend_from_slice(&[0x5a; 64]);
+    stream.write_all(&garbage).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut reasons = Vec::new();
+    for _ in 0..100 {
+        reasons = rejected(&node, member.peer).await;
+        if !reasons.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reasons.iter().any(|r| r.contains("malformed blob request")),
+        "{reasons:?}"
+    );
 }

@@ -25,8 +25,8 @@ use alliance_protocol::cert::{
     Chain, Institution, Member, RevocationSet, Revocations, Roles, TrustedCharter,
 };
 use alliance_protocol::wire::{
-    Ack, AdvertGossip, BlobRequest, BlobResponse, DeclineReason, Hello, Message, OfferAnswer,
-    OfferRequest, Progress, RevocationGossip, TaskReport,
+    Ack, AdvertGossip, DeclineReason, Hello, Message, OfferAnswer, OfferRequest, Progress,
+    RevocationGossip, TaskReport,
 };
 use alliance_protocol::{Identity, Signed, Timestamp};
 use futures::StreamExt;
@@ -76,8 +76,8 @@ pub struct Setup {
     /// The GPUs this node lends (empty for a node without the work role).
     pub gpus: Vec<GpuInfo>,
     pub paused: bool,
-    /// Where requests from members for the worker, the job scheduler and
-    /// the blob store go; `None` refuses them.
+    /// Where requests from members for the worker and the job scheduler
+    /// go; `None` refuses them.
     pub inbound: Option<mpsc::Sender<Inbound>>,
 }
 
@@ -102,11 +102,6 @@ pub enum Inbound {
         progress: Box<Progress>,
         reply: oneshot::Sender<Ack>,
     },
-    Blob {
-        peer: PeerId,
-        request: BlobRequest,
-        reply: oneshot::Sender<BlobResponse>,
-    },
 }
 
 /// An answer the node's parts produced, on its way back to the peer.
@@ -114,7 +109,6 @@ enum Answer {
     Offer(Option<OfferAnswer>, ResponseChannel<OfferAnswer>),
     Report(Option<Ack>, ResponseChannel<Ack>),
     Progress(Option<Ack>, ResponseChannel<Ack>),
-    Blob(Option<BlobResponse>, ResponseChannel<BlobResponse>),
 }
 
 /// Outcome of a request to a peer: its answer, or why there is none.
@@ -199,7 +193,6 @@ pub enum Command {
     ),
     Report(PeerId, Box<TaskReport>, oneshot::Sender<Reply<Ack>>),
     Progress(PeerId, Box<Progress>, oneshot::Sender<Reply<Ack>>),
-    Blob(PeerId, BlobRequest, oneshot::Sender<Reply<BlobResponse>>),
     /// The verified member behind a peer, if it is one and connected.
     Member(PeerId, oneshot::Sender<Option<Member>>),
     /// A member misbehaved (a bad result, a blob that fails its hash):
@@ -208,9 +201,16 @@ pub enum Command {
 }
 
 /// The handle the rest of the node uses.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Client {
     commands: mpsc::Sender<Command>,
+    streams: libp2p_stream::Control,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
 }
 
 /// The actor has stopped.
@@ -276,13 +276,22 @@ impl Client {
             .await
     }
 
-    /// Asks `peer` for a blob chunk.
-    pub async fn blob(
+    /// Opens a raw stream of `protocol` to `peer` (blob ranges).
+    pub async fn open_stream(
         &self,
         peer: PeerId,
-        req: BlobRequest,
-    ) -> Result<Reply<BlobResponse>, Stopped> {
-        self.ask(|tx| Command::Blob(peer, req, tx)).await
+        protocol: libp2p::StreamProtocol,
+    ) -> Result<libp2p::Stream, libp2p_stream::OpenStreamError> {
+        self.streams.clone().open_stream(peer, protocol).await
+    }
+
+    /// Inbound raw streams of `protocol`; `None` if something already
+    /// takes them.
+    pub fn accept_streams(
+        &self,
+        protocol: libp2p::StreamProtocol,
+    ) -> Option<libp2p_stream::IncomingStreams> {
+        self.streams.clone().accept(protocol).ok()
     }
 
     /// The verified member behind `peer`, if connected.
@@ -350,7 +359,6 @@ pub struct EventLoop {
     offers_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<OfferAnswer>>>,
     reports_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<Ack>>>,
     progress_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<Ack>>>,
-    blobs_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<BlobResponse>>>,
     answers: FuturesUnordered<BoxFuture<'static, Answer>>,
 }
 
@@ -367,6 +375,7 @@ impl std::fmt::Debug for EventLoop {
 /// Creates the actor and its client.
 pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
     let Network { swarm, metrics } = network;
+    let streams = swarm.behaviour().streams.new_control();
     let (tx, rx) = mpsc::channel(64);
     let adverts_topic = super::topic(&setup.charter.id, "adverts");
     let revocations_topic = super::topic(&setup.charter.id, "revocations");
@@ -380,7 +389,10 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
         .partition(|l| setup.revocations.sequence(&l.signer()).is_some());
     let signed_lists = in_force.into_iter().map(|l| (l.signer(), l)).collect();
     (
-        Client { commands: tx },
+        Client {
+            commands: tx,
+            streams,
+        },
         EventLoop {
             swarm,
             metrics,
@@ -410,7 +422,6 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             offers_out: HashMap::new(),
             reports_out: HashMap::new(),
             progress_out: HashMap::new(),
-            blobs_out: HashMap::new(),
             answers: FuturesUnordered::new(),
         },
     )
@@ -738,19 +749,6 @@ impl EventLoop {
                 Answer::Progress,
                 || Ack::Refused("this node has no jobs".into()),
             ),
-            SwarmEvent::Behaviour(BehaviourEvent::Blobs(e)) => self.on_service(
-                e,
-                "blob request",
-                |b| &mut b.blobs,
-                |me| &mut me.blobs_out,
-                |peer, _, request, reply| Inbound::Blob {
-                    peer,
-                    request,
-                    reply,
-                },
-                Answer::Blob,
-                || BlobResponse::NotFound,
-            ),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -967,15 +965,9 @@ impl EventLoop {
             Answer::Progress(Some(a), ch) => {
                 let _ = b.progress.send_response(ch, a);
             }
-            Answer::Blob(Some(a), ch) => {
-                let _ = b.blobs.send_response(ch, a);
-            }
             // The part that should answer gave up: the peer sees the
             // stream close.
-            Answer::Offer(None, _)
-            | Answer::Report(None, _)
-            | Answer::Progress(None, _)
-            | Answer::Blob(None, _) => {}
+            Answer::Offer(None, _) | Answer::Report(None, _) | Answer::Progress(None, _) => {}
         }
     }
 
@@ -1349,14 +1341,6 @@ impl EventLoop {
                     .progress
                     .send_request(&peer, (*p).into());
                 self.progress_out.insert(id, tx);
-            }
-            Command::Blob(peer, req, tx) => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .blobs
-                    .send_request(&peer, req.into());
-                self.blobs_out.insert(id, tx);
             }
             Command::Member(peer, tx) => {
                 let member = self

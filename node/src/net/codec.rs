@@ -47,7 +47,10 @@ impl<Req, Resp> Clone for Codec<Req, Resp> {
     }
 }
 
-async fn read<M: Message, T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<M> {
+/// Reads one frame of `M`; a bad frame is an `InvalidData` error.
+pub(crate) async fn read_frame<M: Message, T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+) -> io::Result<M> {
     let mut prefix = [0u8; 4];
     io.read_exact(&mut prefix).await?;
     let len =
@@ -57,10 +60,18 @@ async fn read<M: Message, T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result
     M::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-async fn write<M: Message, T: AsyncWrite + Unpin + Send>(io: &mut T, msg: &M) -> io::Result<()> {
+/// Writes one frame of `M`, leaving the stream open.
+pub(crate) async fn write_frame<M: Message, T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    msg: &M,
+) -> io::Result<()> {
     let frame =
         wire::encode_frame(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    io.write_all(&frame).await?;
+    io.write_all(&frame).await
+}
+
+async fn write<M: Message, T: AsyncWrite + Unpin + Send>(io: &mut T, msg: &M) -> io::Result<()> {
+    write_frame(io, msg).await?;
     io.close().await
 }
 
@@ -78,7 +89,7 @@ where
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Inbound<Req>> {
-        match read(io).await {
+        match read_frame(io).await {
             Ok(m) => Ok(Inbound::Message(m)),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(Inbound::Refused(e.to_string())),
             Err(e) => Err(e),
@@ -90,7 +101,7 @@ where
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Resp> {
-        read(io).await
+        read_frame(io).await
     }
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(

@@ -24,9 +24,7 @@ pub mod codec;
 use std::time::Duration;
 
 use alliance_protocol::Hash;
-use alliance_protocol::wire::{
-    Ack, BlobRequest, BlobResponse, Hello, OfferAnswer, OfferRequest, Progress, TaskReport,
-};
+use alliance_protocol::wire::{Ack, Hello, OfferAnswer, OfferRequest, Progress, TaskReport};
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, OptionalTransport};
 use libp2p::core::upgrade::Version;
@@ -48,8 +46,8 @@ pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/task/1"
 pub const RESULT_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/result/1");
 /// Progress of running tasks, worker to submitter (renews the lease).
 pub const PROGRESS_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/progress/1");
-/// Blob chunks, either way.
-pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/blob/1");
+/// Blob ranges, either way: one stream per range (see [`crate::blobs`]).
+pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/blob/2");
 
 /// The network behaviour of an alliance node.
 #[derive(NetworkBehaviour)]
@@ -63,7 +61,8 @@ pub struct Behaviour {
     pub tasks: request_response::Behaviour<codec::Codec<OfferRequest, OfferAnswer>>,
     pub results: request_response::Behaviour<codec::Codec<TaskReport, Ack>>,
     pub progress: request_response::Behaviour<codec::Codec<Progress, Ack>>,
-    pub blobs: request_response::Behaviour<codec::Codec<BlobRequest, BlobResponse>>,
+    /// Raw streams: blob ranges.
+    pub streams: libp2p_stream::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub gossipsub: gossipsub::Behaviour,
     pub autonat: autonat::Behaviour,
@@ -334,12 +333,7 @@ impl Behaviour {
                 [(PROGRESS_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
             ),
-            blobs: request_response::Behaviour::new(
-                [(BLOB_PROTOCOL, request_response::ProtocolSupport::Full)],
-                request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(60))
-                    .with_max_concurrent_streams(64),
-            ),
+            streams: libp2p_stream::Behaviour::new(),
             kad,
             gossipsub,
             autonat,

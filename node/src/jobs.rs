@@ -687,6 +687,15 @@ impl Jobs {
                                 ));
                                 changed = true;
                             }
+                            Err(why) if why.starts_with(EXHAUSTED) && active == 0 => {
+                                // Disagreement, and nobody left to ask:
+                                // the task fails with the evidence.
+                                t.state = TaskState::Failed;
+                                t.failure = Some(why);
+                                t.waiting = None;
+                                changed = true;
+                                break;
+                            }
                             Err(why) => {
                                 if t.waiting.as_deref() != Some(why.as_str()) {
                                     t.waiting = Some(why);
@@ -860,7 +869,30 @@ impl Jobs {
             .copied()
             .filter(|a| !holders.contains(a.peer_id.as_str()))
             .collect();
+        // Never two replicas of a task to one institution while another
+        // can take it: colleagues who share a bug, a build or a motive
+        // must not form a quorum between themselves.
+        let used_institutions: std::collections::HashSet<&str> = t
+            .replicas
+            .iter()
+            .filter(|r| r.in_flight() || r.returned())
+            .map(|r| r.institution.as_str())
+            .collect();
+        let other_institution =
+            |a: &&AdvertView| !used_institutions.contains(a.institution.as_str());
+        let fresh: Vec<&AdvertView> = if fresh
+            .iter()
+            .any(|a| other_institution(a) && connected.contains(&a.peer_id))
+        {
+            fresh.into_iter().filter(other_institution).collect()
+        } else {
+            fresh
+        };
         if fresh.is_empty() {
+            let returned = count(t.replicas.iter().filter(|r| r.returned()));
+            if returned >= job.redundancy {
+                return Err(format!("{EXHAUSTED}: {}", disagreement(t)));
+            }
             return Err(format!(
                 "the {} matching worker{} already hold{} a replica of this task; redundancy {} needs more workers",
                 capable.len(),
@@ -923,12 +955,6 @@ impl Jobs {
             }
             return Err(why);
         }
-        let used_institutions: std::collections::HashSet<&str> = t
-            .replicas
-            .iter()
-            .filter(|r| r.in_flight() || r.returned())
-            .map(|r| r.institution.as_str())
-            .collect();
         // Preferred institutions first, then institutions that hold no
         // replica of this task yet, then workers that already hold the
         // job's inputs, then the least loaded, then the fastest.
@@ -1297,7 +1323,26 @@ impl Jobs {
                 None => groups.push(vec![i]),
             }
         }
-        let Some(winner) = groups.iter().find(|g| count(g.iter()) >= quorum) else {
+        // Agreement counts institutions, not workers, unless every replica
+        // came from one institution (an alliance, or a job, with no other
+        // to ask): two workers of one institution cannot outvote another.
+        let institutions = |g: &[usize]| {
+            count(
+                g.iter()
+                    .map(|&i| t.replicas[i].institution.as_str())
+                    .collect::<std::collections::HashSet<_>>()
+                    .into_iter(),
+            )
+        };
+        let one_institution = institutions(&returned) <= 1;
+        let support = |g: &[usize]| {
+            if one_institution {
+                count(g.iter())
+            } else {
+                institutions(g)
+            }
+        };
+        let Some(winner) = groups.iter().find(|g| support(g) >= quorum) else {
             if count(returned.iter()) >= job.redundancy {
                 t.waiting = Some(format!(
                     "{} replicas disagree; asking another worker",
@@ -1365,6 +1410,33 @@ enum Refusal {
     Late(String),
     /// The worker broke the protocol; it is dropped.
     Bad(String),
+}
+
+/// How a task's failure starts when its replicas disagree and no other
+/// worker can break the tie.
+const EXHAUSTED: &str = "replicas disagree and no other worker can break the tie";
+
+/// The replicas' answers, grouped: who returned which outputs.
+fn disagreement(t: &TaskRecord) -> String {
+    let mut groups: Vec<(&[OutputDigest], Vec<String>)> = Vec::new();
+    for r in t.replicas.iter().filter(|r| r.returned()) {
+        let who = format!("{} ({})", short(&r.worker), r.institution);
+        match groups.iter_mut().find(|(o, _)| *o == r.outputs.as_slice()) {
+            Some((_, w)) => w.push(who),
+            None => groups.push((&r.outputs, vec![who])),
+        }
+    }
+    groups
+        .iter()
+        .map(|(outputs, who)| {
+            let hashes: Vec<String> = outputs
+                .iter()
+                .map(|d| d.hash.to_string().chars().take(12).collect())
+                .collect();
+            format!("{} returned {}", who.join(" and "), hashes.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Seconds left before a task that failed or was lost may be offered

@@ -223,6 +223,12 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     let (stop_net, stopped) = tokio::sync::oneshot::channel();
     let network = tokio::spawn(event_loop.run(stopped));
 
+    let corrupt_results = std::env::var_os("ALLIANCE_TEST_CORRUPT_RESULTS").is_some();
+    if corrupt_results {
+        warn!(
+            "ALLIANCE_TEST_CORRUPT_RESULTS is set: this worker returns WRONG outputs, to test verification"
+        );
+    }
     let worker = (!lent_gpus.is_empty()).then(|| {
         Worker::new(WorkerSetup {
             identity: Arc::clone(&identity),
@@ -235,6 +241,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             scratch: data_dir.join("scratch"),
             program: std::env::current_exe().unwrap_or_else(|_| "alliance".into()),
             args: vec!["sandbox".into()],
+            corrupt_results,
         })
     });
     let jobs = if submits {

@@ -73,6 +73,9 @@ pub struct WorkerSetup {
     /// The sandbox program and its arguments (`alliance sandbox`).
     pub program: PathBuf,
     pub args: Vec<String>,
+    /// Return wrong outputs with valid receipts: a lying worker, for
+    /// testing the alliance's verification (`ALLIANCE_TEST_CORRUPT_RESULTS`).
+    pub corrupt_results: bool,
 }
 
 /// The worker; cheap to clone.
@@ -358,7 +361,15 @@ impl Worker {
         let now = Timestamp::now();
         let submitter = PublicKey::from_peer_id(&peer).unwrap_or(offer.worker);
         match result {
-            Ok((outcome, adapter)) => {
+            Ok((mut outcome, adapter)) => {
+                if s.corrupt_results {
+                    for o in &mut outcome.outputs {
+                        if let Some(b) = o.data.first_mut() {
+                            *b ^= 0x01;
+                            o.hash = *blake3::hash(&o.data).as_bytes();
+                        }
+                    }
+                }
                 let mut outputs = Vec::new();
                 let mut digests = Vec::new();
                 for o in &outcome.outputs {

@@ -178,6 +178,12 @@ impl NodeDir {
 
     /// Starts `alliance node run` on this directory.
     pub fn start(&self, bootstrap: bool) -> Running {
+        self.start_with_env(bootstrap, &[])
+    }
+
+    /// Starts `alliance node run` on this directory with extra environment
+    /// variables.
+    pub fn start_with_env(&self, bootstrap: bool, env: &[(&str, &str)]) -> Running {
         let _ = std::fs::remove_file(self.path.join(alliance_node::api::ADDR_FILE));
         let log = std::fs::File::create(self.path.join("node.log")).expect("log");
         let mut cmd = Command::new(crate::alliance_bin());
@@ -187,6 +193,7 @@ impl NodeDir {
         }
         let child = cmd
             .env("RUST_LOG", "info,alliance_node=debug,wgpu_hal=off")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

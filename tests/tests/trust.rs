@@ -1,0 +1,156 @@
+//! Trust in results, with real processes: a worker that returns wrong
+//! outputs (with valid receipts) is outvoted and every task still ends
+//! with the right answer; two lying workers of one institution cannot form
+//! a quorum against an honest worker of another.
+
+use alliance_kernels::library::{self, monte_carlo_pi};
+use alliance_protocol::cert::Roles;
+use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
+use alliance_tests::jobs::{LIMIT, alliance, pi_job, read_npy, results, text, write};
+use serde_json::Value;
+
+/// Makes a worker lie: wrong outputs, consistent hashes, valid signatures.
+const LIE: (&str, &str) = ("ALLIANCE_TEST_CORRUPT_RESULTS", "1");
+
+struct Net {
+    a: TestAlliance,
+    _boot: Running,
+    /// (directory, process, lies)
+    workers: Vec<(NodeDir, Running, bool)>,
+    sub_dir: NodeDir,
+    sub: Running,
+}
+
+/// A bootstrap node, a submitter of institution 0 and one worker per
+/// entry of `workers`: (institution, lies).
+fn alliance_with(institutions: &[&str], workers: &[(usize, bool)]) -> Net {
+    let insts: Vec<(&str, Roles)> = institutions.iter().map(|n| (*n, Roles::ALL)).collect();
+    let a = TestAlliance::new("Trust Test", &insts, 30);
+    let boot_dir = a.node("boot", 0, Roles::BOOTSTRAP);
+    let boot = boot_dir.start(true);
+    let addr = boot.address();
+    let workers: Vec<(NodeDir, Running, bool)> = workers
+        .iter()
+        .enumerate()
+        .map(|(i, &(inst, lies))| {
+            let d = a.node(&format!("w{i}"), inst, Roles::WORK);
+            d.set_bootstrap(std::slice::from_ref(&addr));
+            let env: &[(&str, &str)] = if lies { &[LIE] } else { &[] };
+            let r = d.start_with_env(false, env);
+            (d, r, lies)
+        })
+        .collect();
+    let sub_dir = a.node("sub", 0, Roles::SUBMIT);
+    sub_dir.set_bootstrap(std::slice::from_ref(&addr));
+    let sub = sub_dir.start(false);
+    let n = workers.len();
+    wait_for(LIMIT, "the submitter to see every worker", || {
+        sub.advertisers().len() == n
+    });
+    Net {
+        a,
+        _boot: boot,
+        workers,
+        sub_dir,
+        sub,
+    }
+}
+
+impl Net {
+    fn liars(&self) -> Vec<String> {
+        self.workers
+            .iter()
+            .filter(|w| w.2)
+            .map(|w| w.0.peer())
+            .collect()
+    }
+
+    /// Submits `job` (a file's text) and waits for it to end; its detail.
+    fn run(&self, name: &str, job: &str) -> (String, Value) {
+        let dir = self.a.dir.path().join("jobs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = write(&dir, name, job);
+        let out = alliance(&["submit", path.to_str().unwrap()], &self.sub_dir.path);
+        assert!(out.status.success(), "{}", text(&out));
+        let id = text(&out).split_whitespace().nth(1).unwrap().to_owned();
+        let mut detail = Value::Null;
+        wait_for(LIMIT, "the job to end", || {
+            detail = self.sub.get(&format!("/v1/jobs/{id}")).unwrap();
+            detail["summary"]["state"] != "active"
+        });
+        (id, detail)
+    }
+}
+
+fn replicas(detail: &Value) -> Vec<Value> {
+    detail["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["replicas"].as_array().unwrap().clone())
+        .collect()
+}
+
+fn pi(tasks: u32) -> String {
+    pi_job(7, tasks, 4, 16, 1).replace("steps = 1", "steps = 1\nredundancy = 2")
+}
+
+#[test]
+fn a_lying_worker_is_outvoted_and_every_task_ends_right() {
+    let net = alliance_with(
+        &["University North", "University South", "University East"],
+        &[(0, true), (1, false), (2, false)],
+    );
+    let tasks = 4;
+    let (id, d) = net.run("pi.toml", &pi(tasks));
+    assert_eq!(d["summary"]["state"], "done", "{d}");
+    let liar = &net.liars()[0];
+    let all = replicas(&d);
+    assert!(
+        all.iter()
+            .any(|r| r["worker"] == liar.as_str() && r["state"] == "outvoted"),
+        "the liar took part and lost a vote: {d}"
+    );
+    assert!(
+        !all.iter()
+            .any(|r| r["worker"] == liar.as_str() && r["state"] == "verified"),
+        "{d}"
+    );
+    let out = net.a.dir.path().join("out");
+    results(&net.sub_dir, &id, &out, false);
+    for t in 0..tasks {
+        let got = read_npy(&out.join(format!("out2-task{t}.npy")));
+        assert_eq!(
+            library::to_u32(&got.data),
+            monte_carlo_pi::cpu(7, 4, 16, t),
+            "task {t}"
+        );
+    }
+}
+
+#[test]
+fn two_liars_of_one_institution_cannot_outvote_another() {
+    let net = alliance_with(
+        &["University North", "University South"],
+        &[(0, true), (0, true), (1, false)],
+    );
+    let (_, d) = net.run("pi.toml", &pi(2));
+    assert_eq!(d["summary"]["state"], "failed", "{d}");
+    let liars = net.liars();
+    for t in d["tasks"].as_array().unwrap() {
+        assert_eq!(t["state"], "failed", "{t}");
+        let why = t["failure"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("replicas disagree and no other worker can break the tie"),
+            "{why}"
+        );
+        assert!(t["result"].is_null(), "no result was accepted: {t}");
+        let reps = t["replicas"].as_array().unwrap();
+        // Both liars answered, the honest worker too: a 2-to-1 vote of
+        // workers, yet one institution against one.
+        for liar in &liars {
+            assert!(reps.iter().any(|r| r["worker"] == liar.as_str()), "{t}");
+        }
+        assert!(reps.iter().all(|r| r["state"] != "verified"), "{t}");
+    }
+}

@@ -132,6 +132,13 @@ async fn job_list(State(s): State<ApiState>) -> Answer {
     Ok(Json(json!(jobs_of(&s)?.list()?)))
 }
 
+async fn reputation(State(s): State<ApiState>) -> Answer {
+    let (workers, institutions) = jobs_of(&s)?.reputation();
+    Ok(Json(
+        json!({ "workers": workers, "institutions": institutions }),
+    ))
+}
+
 async fn job_detail(
     State(s): State<ApiState>,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -308,6 +315,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{id}", get(job_detail))
         .route("/v1/jobs/{id}/cancel", post(job_cancel))
         .route("/v1/jobs/{id}/export", post(job_export))
+        .route("/v1/reputation", get(reputation))
         .route("/v1/status", get(status))
         .route("/v1/peers", get(peers))
         .route("/v1/gpus", get(gpus))

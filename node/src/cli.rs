@@ -69,6 +69,9 @@ pub enum Command {
     /// This node's jobs: list, status, results, cancel.
     #[command(subcommand)]
     Job(crate::jobcli::JobCommand),
+    /// What this node verified of each worker and institution: agreeing and
+    /// wrong results, lapses, score, and how `redundancy = "auto"` treats it.
+    Reputation(DataDirArg),
     /// Run tasks for the node in a sandboxed child process (started by the node).
     #[command(hide = true)]
     Sandbox,
@@ -334,6 +337,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => crate::demo::run(&a),
         Command::Submit(a) => crate::jobcli::submit(&a, json),
         Command::Job(c) => crate::jobcli::job(c, json),
+        Command::Reputation(a) => reputation(&a, json),
         Command::Sandbox => std::process::exit(i32::from(alliance_kernels::sandbox::child_main())),
     }
 }
@@ -932,6 +936,49 @@ fn peers(a: &DataDirArg, json: bool) -> Result<()> {
             x["institution"].as_str().unwrap_or("?"),
             x["roles"].as_str().unwrap_or("?"),
             x["valid_until"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+fn reputation(a: &DataDirArg, json: bool) -> Result<()> {
+    let r = ask(a, "GET", "/v1/reputation", "")?;
+    if json {
+        print_json(&r);
+        return Ok(());
+    }
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    println!(
+        "{:<54} {:<24} {:>7} {:>6} {:>6} {:>6} {:>6}  replication",
+        "worker", "institution", "agreed", "wrong", "lapses", "streak", "score"
+    );
+    for w in r["workers"].as_array().into_iter().flatten() {
+        println!(
+            "{:<54} {:<24} {:>7.1} {:>6.1} {:>6.1} {:>6} {:>6.2}  {}",
+            w["peer_id"].as_str().unwrap_or("?"),
+            w["institution"].as_str().unwrap_or("?"),
+            num(&w["agreed"]),
+            num(&w["wrong"]),
+            num(&w["lapses"]),
+            w["streak"],
+            num(&w["score"]),
+            w["replication"].as_str().unwrap_or("?"),
+        );
+    }
+    println!();
+    println!(
+        "{:<30} {:>7} {:>7} {:>6} {:>6} {:>6}",
+        "institution", "workers", "agreed", "wrong", "lapses", "score"
+    );
+    for i in r["institutions"].as_array().into_iter().flatten() {
+        println!(
+            "{:<30} {:>7} {:>7.1} {:>6.1} {:>6.1} {:>6.2}",
+            i["institution"].as_str().unwrap_or("?"),
+            i["workers"],
+            num(&i["agreed"]),
+            num(&i["wrong"]),
+            num(&i["lapses"]),
+            num(&i["score"]),
         );
     }
     Ok(())

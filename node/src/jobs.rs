@@ -41,6 +41,7 @@ use crate::blobs::{self, Blobs};
 use crate::job::spec::{InputKind, Output, Requirements};
 use crate::job::{Job, npy};
 use crate::net::actor::{AdvertView, Client};
+use crate::reputation::{Event, InstitutionView, Reputation, WorkerView};
 
 /// Inputs up to this size ride inside the offer; larger ones are blobs.
 const INLINE_INPUT: usize = 64 * 1024;
@@ -98,6 +99,9 @@ pub struct JobRecord {
     pub checkpoint_every: Option<u32>,
     pub timeout_ms: u64,
     pub redundancy: u32,
+    /// `redundancy = "auto"`: trusted workers run tasks alone.
+    #[serde(default)]
+    pub adaptive: bool,
     pub comparison: Comparison,
     pub info_binding: Option<u32>,
     pub inputs: Vec<InputRecord>,
@@ -183,6 +187,10 @@ pub struct TaskRecord {
     pub result: Option<Vec<OutputDigest>>,
     /// Why it failed, when it did.
     pub failure: Option<String>,
+    /// A spot check was drawn (or its lone worker was caught lying since):
+    /// it needs the job's full redundancy.
+    #[serde(default)]
+    pub spot_check: bool,
 }
 
 /// Counts of tasks by state, for progress.
@@ -238,6 +246,11 @@ struct Inner {
     /// Small outputs by hash: durable with the same flush as the task
     /// record that names them, without a file (and its sync) each.
     outputs: sled::Tree,
+    /// What this node verified of each worker.
+    reputation: Reputation,
+    /// Workers caught with a wrong result since the last pass: the tasks
+    /// they ran alone are checked again.
+    caught: Mutex<std::collections::HashSet<String>>,
     live: Mutex<BTreeMap<String, Live>>,
     /// Writes made, and writes known to be on disk: anything between the
     /// two awaits a flush (shared by concurrent callers: group commit).
@@ -289,6 +302,7 @@ impl Jobs {
         jobs: sled::Tree,
         tasks: sled::Tree,
         outputs: sled::Tree,
+        reputation: sled::Tree,
     ) -> Result<Self, JobsError> {
         let mut live = BTreeMap::new();
         for item in jobs.iter() {
@@ -315,6 +329,8 @@ impl Jobs {
                 jobs,
                 tasks,
                 outputs,
+                reputation: Reputation::new(reputation),
+                caught: Mutex::new(std::collections::HashSet::new()),
                 live: Mutex::new(live),
                 writes: std::sync::atomic::AtomicU64::new(0),
                 flushed: std::sync::atomic::AtomicU64::new(0),
@@ -418,6 +434,7 @@ impl Jobs {
             checkpoint_every: job.checkpoint_every,
             timeout_ms: u64::try_from(job.timeout.as_millis()).unwrap_or(u64::MAX),
             redundancy: job.redundancy,
+            adaptive: job.adaptive,
             comparison: job.comparison,
             info_binding: job.info_binding,
             inputs,
@@ -435,6 +452,7 @@ impl Jobs {
                 waiting: Some("not scheduled yet".into()),
                 result: None,
                 failure: None,
+                spot_check: false,
             })
             .collect();
         for t in &tasks {
@@ -572,6 +590,15 @@ impl Jobs {
         let mut offers: Vec<(String, u32, u32, PeerId, Signed<TaskOffer>, String)> = Vec::new();
         {
             let mut live = self.lock()?;
+            let caught: Vec<String> = self
+                .inner
+                .caught
+                .lock()
+                .map(|mut c| c.drain().collect())
+                .unwrap_or_default();
+            if !caught.is_empty() {
+                self.recheck(&mut live, &caught)?;
+            }
             let in_flight = in_flight_by_worker(&live);
             let mut planned: HashMap<String, u32> = HashMap::new();
             for l in live.values_mut() {
@@ -601,7 +628,7 @@ impl Jobs {
                         }
                         continue;
                     }
-                    let target = target_replicas(job, t);
+                    let target = target_replicas(self.required(job, t), t);
                     let active = count(t.replicas.iter().filter(|r| r.in_flight()));
                     let returned = count(t.replicas.iter().filter(|r| r.returned()));
                     if t.next_attempt >= ATTEMPTS_PER_REPLICA * (job.redundancy + 1) && active == 0
@@ -635,7 +662,16 @@ impl Jobs {
                         }
                         continue;
                     }
-                    for _ in 0..need {
+                    // The replicas a task needs can grow as they are
+                    // placed: an adaptive job's task that goes to an
+                    // untrusted worker needs a second opinion at once.
+                    for _ in 0..MAX_REPLICAS {
+                        let target = target_replicas(self.required(job, t), t);
+                        let have =
+                            count(t.replicas.iter().filter(|r| r.in_flight() || r.returned()));
+                        if have >= target {
+                            break;
+                        }
                         match self.choose(
                             job,
                             t,
@@ -749,6 +785,55 @@ impl Jobs {
         Ok(())
     }
 
+    /// Tasks of `redundancy = "auto"` jobs that a worker since caught with
+    /// a wrong result verified alone go to other workers again; their jobs
+    /// become active again until that is done.
+    fn recheck(
+        &self,
+        live: &mut BTreeMap<String, Live>,
+        caught: &[String],
+    ) -> Result<(), JobsError> {
+        for l in live.values_mut() {
+            if !l.job.adaptive || l.job.state == JobState::Cancelled {
+                continue;
+            }
+            let mut reopened = 0u32;
+            for t in &mut l.tasks {
+                if t.state != TaskState::Verified {
+                    continue;
+                }
+                let verified: Vec<usize> = (0..t.replicas.len())
+                    .filter(|&i| t.replicas[i].state == ReplicaState::Verified)
+                    .collect();
+                let [alone] = verified[..] else {
+                    continue;
+                };
+                if !caught.contains(&t.replicas[alone].worker) {
+                    continue;
+                }
+                t.replicas[alone].state = ReplicaState::Returned;
+                t.state = TaskState::Waiting;
+                t.result = None;
+                t.spot_check = true;
+                t.waiting = Some(
+                    "checked again: the worker that ran it alone was since caught with a wrong result"
+                        .into(),
+                );
+                self.save_task(&l.job.id, t)?;
+                reopened += 1;
+            }
+            if reopened > 0 {
+                warn!(job = %l.job.id, tasks = reopened, "checking again what a worker caught lying ran alone");
+                if l.job.state != JobState::Active {
+                    l.job.state = JobState::Active;
+                    l.job.finished_at = None;
+                    self.save_job(&l.job)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Ends replicas whose lease ran out, whose offer went unanswered, or
     /// whose worker left. Returns whether anything changed.
     fn expire(
@@ -787,6 +872,10 @@ impl Jobs {
             };
             if let Some(reason) = reason {
                 info!(worker = %short(&r.worker), task = t.index, %reason, "task replica lost; offering it again");
+                // Only a task the worker accepted counts against it.
+                if matches!(r.state, ReplicaState::Running { .. }) {
+                    self.count_against(&r.worker, &r.institution, Event::Lapsed);
+                }
                 r.state = ReplicaState::Lost { reason };
                 r.finished_at = Some(wall);
                 changed = true;
@@ -890,7 +979,7 @@ impl Jobs {
         };
         if fresh.is_empty() {
             let returned = count(t.replicas.iter().filter(|r| r.returned()));
-            if returned >= job.redundancy {
+            if returned >= self.required(job, t) {
                 return Err(format!("{EXHAUSTED}: {}", disagreement(t)));
             }
             return Err(format!(
@@ -1081,7 +1170,7 @@ impl Jobs {
     }
 
     /// Checks and records a worker's report; the answer goes back to it.
-    pub async fn report(&self, peer: PeerId, _member: &Member, report: TaskReport) -> Ack {
+    pub async fn report(&self, peer: PeerId, member: &Member, report: TaskReport) -> Ack {
         match self.take_report(peer, report).await {
             Ok(()) => {
                 self.inner.wake.notify_one();
@@ -1093,6 +1182,7 @@ impl Jobs {
             Err(Refusal::Late(why)) => Ack::Refused(why),
             Err(Refusal::Bad(why)) => {
                 warn!(%peer, %why, "bad report");
+                self.count_against(&peer.to_string(), &member.institution_name, Event::Wrong);
                 let _ = self.inner.client.punish(peer, why.clone()).await;
                 Ack::Refused(why)
             }
@@ -1148,6 +1238,7 @@ impl Jobs {
             TaskReport::Failed(f) => {
                 let reason = f.verify().map(|r| r.reason).unwrap_or_default();
                 self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
+                    self.count_against(&r.worker, &r.institution, Event::Lapsed);
                     r.state = ReplicaState::Failed { reason };
                 })
             }
@@ -1311,7 +1402,18 @@ impl Jobs {
         let returned: Vec<usize> = (0..t.replicas.len())
             .filter(|&i| t.replicas[i].state == ReplicaState::Returned)
             .collect();
-        let quorum = quorum(job.redundancy);
+        let required = self.required(job, t);
+        // A result a trusted worker returned alone is checked by another
+        // worker as often as its record says.
+        if job.adaptive && required == 1 && !t.spot_check && returned.len() == 1 {
+            let r = &t.replicas[returned[0]];
+            if random_unit() < self.inner.reputation.worker(&r.worker).spot_check() {
+                t.spot_check = true;
+                t.waiting = Some("spot check: another worker runs it too".into());
+                return;
+            }
+        }
+        let quorum = quorum(required);
         // Group replicas that agree with each other's first member.
         let mut groups: Vec<Vec<usize>> = Vec::new();
         for &i in &returned {
@@ -1343,7 +1445,7 @@ impl Jobs {
             }
         };
         let Some(winner) = groups.iter().find(|g| support(g) >= quorum) else {
-            if count(returned.iter()) >= job.redundancy {
+            if count(returned.iter()) >= required {
                 t.waiting = Some(format!(
                     "{} replicas disagree; asking another worker",
                     returned.len()
@@ -1354,15 +1456,52 @@ impl Jobs {
         let winner = winner.clone();
         t.result = Some(t.replicas[winner[0]].outputs.clone());
         for &i in &returned {
-            t.replicas[i].state = if winner.contains(&i) {
-                ReplicaState::Verified
+            let r = &mut t.replicas[i];
+            let (state, event) = if winner.contains(&i) {
+                (ReplicaState::Verified, Event::Agreed)
             } else {
-                ReplicaState::Outvoted
+                (ReplicaState::Outvoted, Event::Wrong)
             };
+            r.state = state;
+            self.count_against(&r.worker, &r.institution, event);
         }
         t.state = TaskState::Verified;
         t.waiting = None;
         info!(job = %job.id, task = t.index, replicas = winner.len(), "task verified");
+    }
+
+    /// Replicas whose agreement verifies `t`: the job's redundancy, or for
+    /// `redundancy = "auto"` one while every worker holding the task is
+    /// trusted and no spot check was drawn.
+    fn required(&self, job: &JobRecord, t: &TaskRecord) -> u32 {
+        if !job.adaptive || t.spot_check {
+            return job.redundancy;
+        }
+        let all_trusted = t
+            .replicas
+            .iter()
+            .filter(|r| r.in_flight() || r.returned())
+            .all(|r| self.inner.reputation.worker(&r.worker).trusted());
+        if all_trusted { 1 } else { job.redundancy }
+    }
+
+    /// Counts a verified outcome in the worker's record.
+    fn count_against(&self, worker: &str, institution: &str, event: Event) {
+        match self.inner.reputation.record(worker, institution, event) {
+            Ok(r) if event == Event::Wrong => {
+                warn!(worker = %short(worker), %institution, streak = r.streak, "a wrong result: the worker is replicated from now on, and what it ran alone is checked again");
+                if let Ok(mut c) = self.inner.caught.lock() {
+                    c.insert(worker.to_owned());
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!("cannot update the reputation of {}: {e}", short(worker)),
+        }
+    }
+
+    /// Every worker's and institution's record.
+    pub fn reputation(&self) -> (Vec<WorkerView>, Vec<InstitutionView>) {
+        self.inner.reputation.table()
     }
 
     fn agree(&self, job: &JobRecord, a: &Replica, b: &Replica) -> bool {
@@ -1468,6 +1607,9 @@ fn count<T>(items: impl Iterator<Item = T>) -> u32 {
     u32::try_from(items.count()).unwrap_or(u32::MAX)
 }
 
+/// Replicas placed for one task in one scheduling pass, at most.
+const MAX_REPLICAS: u32 = 16;
+
 /// Replicas that must agree: all of them for one or two, a majority above.
 fn quorum(redundancy: u32) -> u32 {
     if redundancy <= 2 {
@@ -1477,15 +1619,25 @@ fn quorum(redundancy: u32) -> u32 {
     }
 }
 
-/// Replicas a task should have returned or running now.
-fn target_replicas(job: &JobRecord, t: &TaskRecord) -> u32 {
+/// Replicas a task should have returned or running now, when `required`
+/// must agree.
+fn target_replicas(required: u32, t: &TaskRecord) -> u32 {
     let returned = count(t.replicas.iter().filter(|r| r.returned()));
-    if returned >= job.redundancy {
+    if returned >= required {
         // Returned, no quorum yet: one more opinion.
         returned + 1
     } else {
-        job.redundancy
+        required
     }
+}
+
+/// A uniform random number in [0, 1).
+fn random_unit() -> f64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    #[allow(clippy::cast_precision_loss)]
+    let x = (u64::from_le_bytes(b) >> 11) as f64;
+    x / (1u64 << 53) as f64
 }
 
 fn in_flight_by_worker(live: &BTreeMap<String, Live>) -> HashMap<String, u32> {

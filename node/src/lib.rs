@@ -30,6 +30,7 @@ pub mod job;
 pub mod jobcli;
 pub mod jobs;
 pub mod net;
+pub mod reputation;
 pub mod run;
 pub mod store;
 pub mod trust;

@@ -150,6 +150,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         store.tree("jobs")?,
         store.tree("tasks")?,
         store.tree("outputs")?,
+        store.tree("reputation")?,
     );
     let submits = member.roles.contains(Roles::SUBMIT);
 
@@ -252,6 +253,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             job_tables.0,
             job_tables.1,
             job_tables.2,
+            job_tables.3,
         )
         .context("cannot load this node's jobs")?;
         tokio::spawn(j.clone().run());

@@ -1,7 +1,9 @@
 //! Trust in results, with real processes: a worker that returns wrong
-//! outputs (with valid receipts) is outvoted and every task still ends
-//! with the right answer; two lying workers of one institution cannot form
-//! a quorum against an honest worker of another.
+//! outputs (with valid receipts) is outvoted, every task still ends with
+//! the right answer, its reputation drops and `redundancy = "auto"` keeps
+//! replicating it while honest workers earn the right to run tasks alone;
+//! two lying workers of one institution cannot form a quorum against an
+//! honest worker of another.
 
 use alliance_kernels::library::{self, monte_carlo_pi};
 use alliance_protocol::cert::Roles;
@@ -57,6 +59,13 @@ fn alliance_with(institutions: &[&str], workers: &[(usize, bool)]) -> Net {
 }
 
 impl Net {
+    /// `alliance reputation --json` on the submitter.
+    fn reputation(&self) -> Value {
+        let out = alliance(&["reputation", "--json"], &self.sub_dir.path);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     fn liars(&self) -> Vec<String> {
         self.workers
             .iter()
@@ -95,6 +104,34 @@ fn pi(tasks: u32) -> String {
     pi_job(7, tasks, 4, 16, 1).replace("steps = 1", "steps = 1\nredundancy = 2")
 }
 
+fn pi_auto(seed: u32, tasks: u32) -> String {
+    pi_job(seed, tasks, 4, 16, 1).replace("steps = 1", "steps = 1\nredundancy = \"auto\"")
+}
+
+/// Every task's output against the CPU reference.
+fn check_outputs(net: &Net, id: &str, seed: u32, tasks: u32) {
+    let out = net.a.dir.path().join(format!("out-{id}"));
+    results(&net.sub_dir, id, &out, false);
+    for t in 0..tasks {
+        let got = read_npy(&out.join(format!("out2-task{t}.npy")));
+        assert_eq!(
+            library::to_u32(&got.data),
+            monte_carlo_pi::cpu(seed, 4, 16, t),
+            "task {t}"
+        );
+    }
+}
+
+/// The replicas of a task that counted for its result.
+fn verified(task: &Value) -> Vec<&Value> {
+    task["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "verified")
+        .collect()
+}
+
 #[test]
 fn a_lying_worker_is_outvoted_and_every_task_ends_right() {
     let net = alliance_with(
@@ -116,15 +153,56 @@ fn a_lying_worker_is_outvoted_and_every_task_ends_right() {
             .any(|r| r["worker"] == liar.as_str() && r["state"] == "verified"),
         "{d}"
     );
-    let out = net.a.dir.path().join("out");
-    results(&net.sub_dir, &id, &out, false);
-    for t in 0..tasks {
-        let got = read_npy(&out.join(format!("out2-task{t}.npy")));
-        assert_eq!(
-            library::to_u32(&got.data),
-            monte_carlo_pi::cpu(7, 4, 16, t),
-            "task {t}"
+    check_outputs(&net, &id, 7, tasks);
+
+    // The submitter's record: the liar lost, the others agreed.
+    let r = net.reputation();
+    for w in r["workers"].as_array().unwrap() {
+        if w["peer_id"] == liar.as_str() {
+            assert!(w["wrong"].as_f64().unwrap() >= 1.0, "{w}");
+            assert!(w["score"].as_f64().unwrap() < 0.0, "{w}");
+            assert_eq!(w["trusted"], false, "{w}");
+        } else {
+            assert!(w["agreed"].as_f64().unwrap() >= 1.0, "{w}");
+            assert_eq!(w["wrong"].as_f64().unwrap(), 0.0, "{w}");
+        }
+    }
+    let north = r["institutions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["institution"] == "University North")
+        .unwrap();
+    assert!(north["wrong"].as_f64().unwrap() >= 1.0, "{north}");
+
+    // redundancy = "auto": the honest workers have earned their record
+    // (ten agreeing results in a row) by the end of this job...
+    let (id, d) = net.run("auto1.toml", &pi_auto(8, 30));
+    assert_eq!(d["summary"]["state"], "done", "{d}");
+    check_outputs(&net, &id, 8, 30);
+    let r = net.reputation();
+    for w in r["workers"].as_array().unwrap() {
+        let trusted = w["trusted"].as_bool().unwrap();
+        assert_eq!(trusted, w["peer_id"] != liar.as_str(), "{w}");
+    }
+    // ...so in the next one they run tasks alone (with spot checks),
+    // while every result the liar returns is replicated and outvoted.
+    let (id, d) = net.run("auto2.toml", &pi_auto(9, 16));
+    assert_eq!(d["summary"]["state"], "done", "{d}");
+    check_outputs(&net, &id, 9, 16);
+    let tasks = d["tasks"].as_array().unwrap();
+    assert!(
+        tasks.iter().any(|t| verified(t).len() == 1),
+        "no task ran alone on a trusted worker: {d}"
+    );
+    for t in tasks {
+        assert!(
+            verified(t).iter().all(|r| r["worker"] != liar.as_str()),
+            "{t}"
         );
+        if verified(t).len() == 1 {
+            assert_eq!(t["spot_check"], false, "{t}");
+        }
     }
 }
 

@@ -1044,9 +1044,14 @@ impl Jobs {
             }
             return Err(why);
         }
+        // A second opinion on an adaptive job's task comes from a trusted
+        // worker where one is free: a check by a stranger catches a liar
+        // only as often as the stranger is honest.
+        let checking = job.adaptive && !used_institutions.is_empty();
         // Preferred institutions first, then institutions that hold no
-        // replica of this task yet, then workers that already hold the
-        // job's inputs, then the least loaded, then the fastest.
+        // replica of this task yet, then trusted checkers, then workers
+        // that already hold the job's inputs, then the least loaded, then
+        // the fastest.
         let best = free
             .iter()
             .copied()
@@ -1064,9 +1069,12 @@ impl Jobs {
                     .filter_map(|g| g.bench.as_ref().map(|b| b.fma_mflops))
                     .max()
                     .unwrap_or(0);
+                let untrusted_checker =
+                    checking && !self.inner.reputation.worker(&x.peer_id).trusted();
                 (
                     !preferred,
                     spread,
+                    untrusted_checker,
                     !warm.contains(&x.peer_id),
                     load,
                     std::cmp::Reverse(speed),
@@ -1455,15 +1463,20 @@ impl Jobs {
         };
         let winner = winner.clone();
         t.result = Some(t.replicas[winner[0]].outputs.clone());
+        // A result accepted alone proves nothing about its worker: only
+        // results another worker confirmed count for it.
+        let confirmed = winner.len() >= 2;
         for &i in &returned {
             let r = &mut t.replicas[i];
             let (state, event) = if winner.contains(&i) {
-                (ReplicaState::Verified, Event::Agreed)
+                (ReplicaState::Verified, confirmed.then_some(Event::Agreed))
             } else {
-                (ReplicaState::Outvoted, Event::Wrong)
+                (ReplicaState::Outvoted, Some(Event::Wrong))
             };
             r.state = state;
-            self.count_against(&r.worker, &r.institution, event);
+            if let Some(event) = event {
+                self.count_against(&r.worker, &r.institution, event);
+            }
         }
         t.state = TaskState::Verified;
         t.waiting = None;

@@ -34,4 +34,5 @@ pub mod reputation;
 pub mod run;
 pub mod store;
 pub mod trust;
+pub mod trustsim;
 pub mod worker;

@@ -70,7 +70,8 @@ impl Record {
         self.updated_at = Some(now);
     }
 
-    fn apply(&mut self, event: Event, now: Timestamp) {
+    /// Counts `event`, after decaying the counts to `now`.
+    pub fn apply(&mut self, event: Event, now: Timestamp) {
         self.decay_to(now);
         match event {
             Event::Agreed => {

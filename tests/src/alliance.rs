@@ -320,6 +320,8 @@ pub fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
 #[derive(Debug)]
 pub struct InProcess {
     pub client: alliance_node::net::actor::Client,
+    /// The node's key, to sign records as it (or as it should not).
+    pub identity: std::sync::Arc<Identity>,
     pub peer: libp2p::PeerId,
     pub address: libp2p::Multiaddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -345,7 +347,17 @@ pub fn test_gpu() -> alliance_protocol::advert::GpuInfo {
         backend: Backend::Vulkan,
         device_type: DeviceType::Cpu,
         driver: "none".into(),
-        limits: GpuLimits::default(),
+        // A software adapter's limits, so schedulers find it capable.
+        limits: GpuLimits {
+            max_buffer_size: 256 << 20,
+            max_storage_buffer_binding_size: 128 << 20,
+            max_storage_buffers_per_shader_stage: 8,
+            max_uniform_buffer_binding_size: 64 << 10,
+            max_compute_invocations_per_workgroup: 256,
+            max_compute_workgroup_size: [256, 256, 64],
+            max_compute_workgroups_per_dimension: 65535,
+            max_compute_workgroup_storage_size: 16384,
+        },
         bench: None,
         state: GpuState::Idle,
         free_slots: 1,
@@ -386,10 +398,11 @@ impl TestAlliance {
             .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
             .expect("listen");
         let peer = identity.peer_id();
+        let identity = Arc::new(identity);
         let (client, event_loop) = actor::new(
             network,
             actor::Setup {
-                identity: Arc::new(identity),
+                identity: Arc::clone(&identity),
                 charter: self.charter.clone(),
                 chain,
                 member,
@@ -412,6 +425,7 @@ impl TestAlliance {
         };
         InProcess {
             client,
+            identity,
             peer,
             address,
             stop: Some(stop),

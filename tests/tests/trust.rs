@@ -232,3 +232,192 @@ fn two_liars_of_one_institution_cannot_outvote_another() {
         assert!(reps.iter().all(|r| r["state"] != "verified"), "{t}");
     }
 }
+
+/// A worker inside the test process that accepts the first offer it gets
+/// and answers it with the report `answer` makes; the submitter's
+/// acknowledgement.
+struct Rogue {
+    node: alliance_tests::alliance::InProcess,
+    offers: tokio::sync::mpsc::Receiver<alliance_node::net::actor::Inbound>,
+    submitter: alliance_protocol::PublicKey,
+}
+
+impl Rogue {
+    async fn join(a: &TestAlliance, sub: &Running) -> Self {
+        let (tx, offers) = tokio::sync::mpsc::channel(16);
+        let addr: libp2p::Multiaddr = sub.address().parse().unwrap();
+        let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
+            panic!("{addr} names no peer");
+        };
+        let submitter = alliance_protocol::PublicKey::from_peer_id(&peer).unwrap();
+        let node = a.spawn_with(1, vec![addr], Some(tx)).await;
+        Self {
+            node,
+            offers,
+            submitter,
+        }
+    }
+
+    /// Accepts the next offer; the offer.
+    async fn accept(&mut self) -> alliance_protocol::task::TaskOffer {
+        use alliance_node::net::actor::Inbound;
+        use alliance_protocol::wire::OfferAnswer;
+        loop {
+            let next = tokio::time::timeout(LIMIT, self.offers.recv()).await;
+            if let Ok(Some(Inbound::Offer { request, reply, .. })) = next {
+                let offer = request.offer.verify().unwrap();
+                let lease_until = alliance_protocol::Timestamp::now().saturating_add_secs(60);
+                reply.send(OfferAnswer::Accept { lease_until }).unwrap();
+                return offer;
+            }
+            assert!(next.is_ok(), "no offer came");
+        }
+    }
+
+    /// A report of `offer` with `outputs` (binding 2), signed by `key`, its
+    /// digest computed from `digest_of`.
+    fn report(
+        &self,
+        offer: &alliance_protocol::task::TaskOffer,
+        key: &alliance_protocol::Identity,
+        outputs: Vec<u8>,
+        digest_of: &[u8],
+    ) -> alliance_protocol::wire::TaskReport {
+        use alliance_protocol::task::{Data, OutputDigest, Receipt};
+        use alliance_protocol::wire::{TaskReport, TaskResult};
+        use alliance_protocol::{Hash, Signed, Timestamp};
+        let receipt = Receipt {
+            job: offer.spec.job,
+            task: offer.spec.task,
+            attempt: offer.attempt,
+            kernel: offer.spec.kernel,
+            inputs: Vec::new(),
+            outputs: vec![OutputDigest {
+                binding: 2,
+                hash: Hash::of(digest_of),
+                len: digest_of.len() as u64,
+            }],
+            gpu_time_us: 10,
+            adapter: "rogue".into(),
+            worker: self.node.identity.public(),
+            submitter: self.submitter,
+            finished_at: Timestamp::now(),
+        };
+        TaskReport::Done(TaskResult {
+            receipt: Signed::sign(&receipt, key).unwrap(),
+            outputs: vec![(2, Data::Inline(outputs))],
+        })
+    }
+
+    async fn send(
+        &self,
+        sub: &libp2p::PeerId,
+        report: alliance_protocol::wire::TaskReport,
+    ) -> String {
+        format!("{:?}", self.node.client.report(*sub, report).await.unwrap())
+    }
+}
+
+fn pi_bytes(seed: u32, task: u32) -> Vec<u8> {
+    monte_carlo_pi::cpu(seed, 4, 16, task)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_mismatched_and_replayed_reports_are_refused_and_counted() {
+    let a = TestAlliance::new(
+        "Rogue Test",
+        &[
+            ("University North", Roles::ALL),
+            ("University South", Roles::ALL),
+        ],
+        30,
+    );
+    let sub_dir = a.node("sub", 0, Roles::SUBMIT);
+    let sub = sub_dir.start(false);
+    let sub_peer: libp2p::PeerId = sub_dir.peer().parse().unwrap();
+    let jobs = a.dir.path().join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let submit = |name: &str, tasks: u32| {
+        let p = write(&jobs, name, pi_job(7, tasks, 4, 16, 1));
+        let out = alliance(&["submit", p.to_str().unwrap()], &sub_dir.path);
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out).split_whitespace().nth(1).unwrap().to_owned()
+    };
+    let record = |peer: &libp2p::PeerId| -> Value {
+        let out = alliance(&["reputation", "--json"], &sub_dir.path);
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        r["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["peer_id"] == peer.to_string().as_str())
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let rejected = |peer: &libp2p::PeerId| -> String {
+        let s = sub.get("/v1/status").unwrap();
+        s["rejected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["peer_id"] == peer.to_string().as_str())
+            .map(|r| r["reason"].to_string())
+            .collect()
+    };
+
+    // A receipt signed with a key that is not the worker's own.
+    submit("a.toml", 1);
+    let mut rogue = Rogue::join(&a, &sub).await;
+    let offer = rogue.accept().await;
+    let right = pi_bytes(7, offer.spec.task);
+    let other = alliance_protocol::Identity::generate();
+    let ack = rogue
+        .send(
+            &sub_peer,
+            rogue.report(&offer, &other, right.clone(), &right),
+        )
+        .await;
+    assert!(ack.contains("not its own"), "{ack}");
+    assert!(record(&rogue.node.peer)["wrong"].as_f64().unwrap() >= 1.0);
+    assert!(rejected(&rogue.node.peer).contains("not its own"));
+
+    // Outputs that do not match the hashes its receipt signs.
+    submit("b.toml", 1);
+    let mut rogue = Rogue::join(&a, &sub).await;
+    let offer = rogue.accept().await;
+    let right = pi_bytes(7, offer.spec.task);
+    let mut wrong = right.clone();
+    wrong[0] ^= 1;
+    let key = std::sync::Arc::clone(&rogue.node.identity);
+    let ack = rogue
+        .send(&sub_peer, rogue.report(&offer, &key, wrong, &right))
+        .await;
+    assert!(ack.contains("does not match its hash"), "{ack}");
+    assert!(record(&rogue.node.peer)["wrong"].as_f64().unwrap() >= 1.0);
+    assert!(rejected(&rogue.node.peer).contains("does not match its hash"));
+
+    // An old receipt replayed for a new task: refused, and the new task is
+    // not done by it.
+    let id = submit("c.toml", 2);
+    let mut rogue = Rogue::join(&a, &sub).await;
+    let first = rogue.accept().await;
+    let key = std::sync::Arc::clone(&rogue.node.identity);
+    let right = pi_bytes(7, first.spec.task);
+    let honest = rogue.report(&first, &key, right.clone(), &right);
+    assert_eq!(rogue.send(&sub_peer, honest.clone()).await, "Ok(Ok)");
+    let second = rogue.accept().await;
+    assert_ne!(second.spec.task, first.spec.task);
+    let ack = rogue.send(&sub_peer, honest).await;
+    assert!(ack.contains("Refused"), "{ack}");
+    let d = sub.get(&format!("/v1/jobs/{id}")).unwrap();
+    let t = &d["tasks"][second.spec.task as usize];
+    assert_eq!(t["state"], "waiting", "{t}");
+    assert!(verified(t).is_empty(), "{t}");
+    assert_eq!(
+        d["tasks"][first.spec.task as usize]["state"], "verified",
+        "{d}"
+    );
+}

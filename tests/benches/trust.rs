@@ -6,13 +6,23 @@
 //! the tasks after a warm-up. Target for the adaptive policy at 10 %
 //! saboteurs: under 1 wrong answer in 10 000 at ≤ 1.3× the GPU time.
 //!
+//! Then the cost of verifying one result, as the submitter does it (the
+//! receipt's signature, the worker's certificate chain, the hash of 64 KiB
+//! of outputs, and a tolerance comparison of two replicas' outputs), as a
+//! share of a task that takes 10 ms end to end.
+//!
 //! Run: `cargo bench -p alliance-tests --bench trust`
 //! (`TRUST_SIM_DOCS=docs` also writes `docs/trust-simulation.md` and
 //! `docs/trust-simulation.svg`).
 
-#![allow(clippy::unwrap_used, clippy::cast_precision_loss)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation
+)]
 
 use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
 use alliance_node::trustsim::{self, Outcome, Params, Policy};
 
@@ -78,11 +88,104 @@ fn main() {
         at10.error_rate(),
         at10.overhead()
     );
+    verification_cost();
     if let Some(dir) = std::env::var_os("TRUST_SIM_DOCS") {
         let dir = std::path::PathBuf::from(dir);
         std::fs::write(dir.join("trust-simulation.md"), &table).unwrap();
         std::fs::write(dir.join("trust-simulation.svg"), svg(&rows)).unwrap();
         println!("  wrote {}", dir.display());
+    }
+}
+
+/// Median of `rounds` timings of `f` run `n` times, per run.
+fn per_run(rounds: usize, n: u32, mut f: impl FnMut()) -> Duration {
+    let mut times: Vec<Duration> = (0..rounds)
+        .map(|_| {
+            let start = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            start.elapsed() / n
+        })
+        .collect();
+    times.sort();
+    times[rounds / 2]
+}
+
+fn verification_cost() {
+    use alliance_kernels::compare::{Tolerance, f32_within};
+    use alliance_protocol::cert::{RevocationSet, Roles};
+    use alliance_protocol::task::{JobId, OutputDigest, Receipt};
+    use alliance_protocol::{Hash, Identity, Signed, Timestamp};
+    use alliance_tests::alliance::TestAlliance;
+
+    let a = TestAlliance::new("Cost", &[("North", Roles::ALL)], 30);
+    let worker = Identity::generate();
+    let chain = a.chain(&worker, 0, Roles::WORK, Timestamp::now(), 30);
+    let revocations = RevocationSet::new(&a.charter);
+    let outputs: Vec<u8> = (0..16_384u32)
+        .flat_map(|i| (i as f32 * 0.5).to_le_bytes())
+        .collect();
+    let other: Vec<u8> = (0..16_384u32)
+        .flat_map(|i| (i as f32 * 0.5 + 1e-7).to_le_bytes())
+        .collect();
+    let receipt = Receipt {
+        job: JobId([7; 16]),
+        task: 3,
+        attempt: 0,
+        kernel: Hash::of(b"kernel"),
+        inputs: vec![Hash::of(b"input")],
+        outputs: vec![OutputDigest {
+            binding: 2,
+            hash: Hash::of(&outputs),
+            len: outputs.len() as u64,
+        }],
+        gpu_time_us: 9_000,
+        adapter: "bench".into(),
+        worker: worker.public(),
+        submitter: a.root.public(),
+        finished_at: Timestamp::now(),
+    };
+    let signed = Signed::sign(&receipt, &worker).unwrap();
+    let wire = signed.to_bytes();
+    let now = Timestamp::now();
+    let tol = Tolerance {
+        abs: 1e-6,
+        rel: 1e-5,
+        ulps: 4,
+    };
+    let sig = per_run(9, 200, || {
+        let s = Signed::<Receipt>::from_bytes(std::hint::black_box(&wire)).unwrap();
+        std::hint::black_box(s.verify().unwrap());
+    });
+    let chain_cost = per_run(9, 100, || {
+        std::hint::black_box(
+            chain
+                .verify(&a.charter, &revocations, now, Roles::WORK)
+                .unwrap(),
+        );
+    });
+    let hash = per_run(9, 200, || {
+        std::hint::black_box(Hash::of(std::hint::black_box(&outputs)));
+    });
+    let compare = per_run(9, 200, || {
+        f32_within(std::hint::black_box(&outputs), &other, &tol).unwrap();
+    });
+    let total = sig + chain_cost + hash + compare;
+    let task = Duration::from_millis(10);
+    println!("verification cost per result (64 KiB of f32 outputs)");
+    for (what, d) in [
+        ("receipt signature", sig),
+        ("certificate chain (uncached)", chain_cost),
+        ("blake3 of the outputs", hash),
+        ("tolerance comparison", compare),
+        ("total", total),
+    ] {
+        println!(
+            "  {what:<30} {:>8.1} us  {:.4} of a 10 ms task",
+            d.as_secs_f64() * 1e6,
+            d.as_secs_f64() / task.as_secs_f64()
+        );
     }
 }
 

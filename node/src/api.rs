@@ -259,6 +259,10 @@ async fn gpus(State(c): State<Client>) -> Answer {
     Ok(Json(json!(c.gpus().await?)))
 }
 
+async fn credits(State(c): State<Client>) -> Answer {
+    Ok(Json(json!(c.credits().await?)))
+}
+
 async fn metrics(State(c): State<Client>) -> Result<Response, ApiError> {
     let text = c.metrics().await?;
     Ok((
@@ -319,6 +323,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/peers", get(peers))
         .route("/v1/gpus", get(gpus))
+        .route("/v1/credits", get(credits))
         .route("/v1/worker/pause", post(pause))
         .route("/v1/worker/resume", post(resume))
         .route("/v1/revocations", post(revocations))

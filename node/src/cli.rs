@@ -72,6 +72,10 @@ pub enum Command {
     /// What this node verified of each worker and institution: agreeing and
     /// wrong results, lapses, score, and how `redundancy = "auto"` treats it.
     Reputation(DataDirArg),
+    /// Each institution's account: GPU time its workers gave, its
+    /// submitters took (verified work, signed credits, fading with a
+    /// one-week half-life), and the balance that orders busy workers' queues.
+    Credits(DataDirArg),
     /// Run tasks for the node in a sandboxed child process (started by the node).
     #[command(hide = true)]
     Sandbox,
@@ -338,6 +342,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Submit(a) => crate::jobcli::submit(&a, json),
         Command::Job(c) => crate::jobcli::job(c, json),
         Command::Reputation(a) => reputation(&a, json),
+        Command::Credits(a) => credits(&a, json),
         Command::Sandbox => std::process::exit(i32::from(alliance_kernels::sandbox::child_main())),
     }
 }
@@ -936,6 +941,30 @@ fn peers(a: &DataDirArg, json: bool) -> Result<()> {
             x["institution"].as_str().unwrap_or("?"),
             x["roles"].as_str().unwrap_or("?"),
             x["valid_until"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+fn credits(a: &DataDirArg, json: bool) -> Result<()> {
+    let r = ask(a, "GET", "/v1/credits", "")?;
+    if json {
+        print_json(&r);
+        return Ok(());
+    }
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    println!(
+        "{:<30} {:>12} {:>12} {:>12} {:>8}",
+        "institution", "given GPU s", "taken GPU s", "balance", "credits"
+    );
+    for b in r.as_array().into_iter().flatten() {
+        println!(
+            "{:<30} {:>12.3} {:>12.3} {:>12.3} {:>8}",
+            b["institution"].as_str().unwrap_or("?"),
+            num(&b["given_s"]),
+            num(&b["taken_s"]),
+            num(&b["balance_s"]),
+            b["credits"],
         );
     }
     Ok(())

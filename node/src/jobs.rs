@@ -29,7 +29,8 @@ use alliance_kernels::intake::Limits;
 use alliance_protocol::advert::GpuState;
 use alliance_protocol::cert::Member;
 use alliance_protocol::task::{
-    Binding, BindingKind, Comparison, Data, ElemType, JobId, OutputDigest, TaskOffer, TaskSpec,
+    Binding, BindingKind, Comparison, Credit, Data, ElemType, JobId, OutputDigest, TaskOffer,
+    TaskSpec,
 };
 use alliance_protocol::wire::{Ack, OfferAnswer, OfferRequest, TaskReport};
 use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
@@ -148,6 +149,12 @@ pub struct Replica {
     pub gpu_time_us: u64,
     pub adapter: String,
     pub outputs: Vec<OutputDigest>,
+    /// Hash of the signed receipt's payload, which a credit pays for.
+    #[serde(default)]
+    pub receipt: Option<Hash>,
+    /// The worker's institution, whose account a credit fills.
+    #[serde(default)]
+    pub institution_key: Option<PublicKey>,
 }
 
 impl Replica {
@@ -251,6 +258,10 @@ struct Inner {
     /// Workers caught with a wrong result since the last pass: the tasks
     /// they ran alone are checked again.
     caught: Mutex<std::collections::HashSet<String>>,
+    /// This node's institution, which credits it issues charge.
+    institution: PublicKey,
+    /// Credits signed for verified work, to gossip after the next flush.
+    credits: Mutex<Vec<Signed<Credit>>>,
     live: Mutex<BTreeMap<String, Live>>,
     /// Writes made, and writes known to be on disk: anything between the
     /// two awaits a flush (shared by concurrent callers: group commit).
@@ -293,17 +304,42 @@ fn db<E: std::fmt::Display>(e: E) -> JobsError {
     JobsError::Db(e.to_string())
 }
 
+/// The submitter's tables in the node's database.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    pub jobs: sled::Tree,
+    pub tasks: sled::Tree,
+    pub outputs: sled::Tree,
+    pub reputation: sled::Tree,
+}
+
+impl Tables {
+    pub fn open(store: &crate::store::Store) -> Result<Self, sled::Error> {
+        Ok(Self {
+            jobs: store.tree("jobs")?,
+            tasks: store.tree("tasks")?,
+            outputs: store.tree("outputs")?,
+            reputation: store.tree("reputation")?,
+        })
+    }
+}
+
 impl Jobs {
     /// Opens the job tables and loads every job not yet finished.
+    /// `institution` is this node's, which the credits it issues charge.
     pub fn open(
         identity: Arc<Identity>,
         client: Client,
         blobs: Blobs,
-        jobs: sled::Tree,
-        tasks: sled::Tree,
-        outputs: sled::Tree,
-        reputation: sled::Tree,
+        tables: Tables,
+        institution: PublicKey,
     ) -> Result<Self, JobsError> {
+        let Tables {
+            jobs,
+            tasks,
+            outputs,
+            reputation,
+        } = tables;
         let mut live = BTreeMap::new();
         for item in jobs.iter() {
             let (_, v) = item.map_err(db)?;
@@ -331,6 +367,8 @@ impl Jobs {
                 outputs,
                 reputation: Reputation::new(reputation),
                 caught: Mutex::new(std::collections::HashSet::new()),
+                institution,
+                credits: Mutex::new(Vec::new()),
                 live: Mutex::new(live),
                 writes: std::sync::atomic::AtomicU64::new(0),
                 flushed: std::sync::atomic::AtomicU64::new(0),
@@ -710,6 +748,8 @@ impl Jobs {
                                     gpu_time_us: 0,
                                     adapter: String::new(),
                                     outputs: Vec::new(),
+                                    receipt: None,
+                                    institution_key: None,
                                 });
                                 t.waiting = None;
                                 *planned.entry(advert.peer_id.clone()).or_default() += 1;
@@ -759,6 +799,15 @@ impl Jobs {
             }
         }
         self.durable().await?;
+        let credits = self
+            .inner
+            .credits
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
+        for credit in credits {
+            let _ = self.inner.client.publish_credit(credit).await;
+        }
         for (id, index, attempt, peer, offer, kernel) in offers {
             let me = self.clone();
             tokio::spawn(async move {
@@ -1179,7 +1228,7 @@ impl Jobs {
 
     /// Checks and records a worker's report; the answer goes back to it.
     pub async fn report(&self, peer: PeerId, member: &Member, report: TaskReport) -> Ack {
-        match self.take_report(peer, report).await {
+        match self.take_report(peer, member, report).await {
             Ok(()) => {
                 self.inner.wake.notify_one();
                 match self.durable().await {
@@ -1197,7 +1246,12 @@ impl Jobs {
         }
     }
 
-    async fn take_report(&self, peer: PeerId, report: TaskReport) -> Result<(), Refusal> {
+    async fn take_report(
+        &self,
+        peer: PeerId,
+        member: &Member,
+        report: TaskReport,
+    ) -> Result<(), Refusal> {
         let worker_key = PublicKey::from_peer_id(&peer).map_err(|e| Refusal::Bad(e.to_string()))?;
         let me = self.inner.identity.public();
         let (job_id, task, attempt, kernel, signer, submitter) = match &report {
@@ -1313,11 +1367,14 @@ impl Jobs {
                     digests.push(d.clone());
                 }
                 let (gpu, adapter) = (receipt.gpu_time_us, receipt.adapter.clone());
+                let paid_for = result.receipt.payload_hash();
                 self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
                     r.state = ReplicaState::Returned;
                     r.outputs = digests;
                     r.gpu_time_us = gpu;
                     r.adapter = adapter;
+                    r.receipt = Some(paid_for);
+                    r.institution_key = Some(member.institution_key);
                 })
             }
         }
@@ -1481,6 +1538,9 @@ impl Jobs {
         t.state = TaskState::Verified;
         t.waiting = None;
         info!(job = %job.id, task = t.index, replicas = winner.len(), "task verified");
+        for &i in &winner {
+            self.issue_credit(job, t.index, &t.replicas[i]);
+        }
     }
 
     /// Replicas whose agreement verifies `t`: the job's redundancy, or for
@@ -1496,6 +1556,37 @@ impl Jobs {
             .filter(|r| r.in_flight() || r.returned())
             .all(|r| self.inner.reputation.worker(&r.worker).trusted());
         if all_trusted { 1 } else { job.redundancy }
+    }
+
+    /// Signs a credit for a replica's verified work; it is gossiped after
+    /// the next flush.
+    fn issue_credit(&self, job: &JobRecord, task: u32, r: &Replica) {
+        let (Some(receipt), Some(worker_institution), Ok(peer)) =
+            (r.receipt, r.institution_key, r.worker.parse::<PeerId>())
+        else {
+            return;
+        };
+        let Ok(worker) = PublicKey::from_peer_id(&peer) else {
+            return;
+        };
+        let credit = Credit {
+            job: job_id(&job.id),
+            task,
+            receipt,
+            worker,
+            worker_institution,
+            submitter_institution: self.inner.institution,
+            gpu_time_us: r.gpu_time_us.min(crate::credits::MAX_GPU_TIME_US),
+            issued_at: Timestamp::now(),
+        };
+        match Signed::sign(&credit, &self.inner.identity) {
+            Ok(signed) => {
+                if let Ok(mut c) = self.inner.credits.lock() {
+                    c.push(signed);
+                }
+            }
+            Err(e) => warn!("cannot sign a credit: {e}"),
+        }
     }
 
     /// Counts a verified outcome in the worker's record.
@@ -1620,6 +1711,16 @@ fn count<T>(items: impl Iterator<Item = T>) -> u32 {
     u32::try_from(items.count()).unwrap_or(u32::MAX)
 }
 
+/// A job id as text, back to bytes.
+fn job_id(text: &str) -> JobId {
+    let mut id = [0u8; 16];
+    if let Ok(bytes) = hex::decode(text) {
+        let n = 16.min(bytes.len());
+        id[..n].copy_from_slice(&bytes[..n]);
+    }
+    JobId(id)
+}
+
 /// Replicas placed for one task in one scheduling pass, at most.
 const MAX_REPLICAS: u32 = 16;
 
@@ -1718,12 +1819,8 @@ fn spec(job: &JobRecord, index: u32) -> TaskSpec {
                 },
             }),
     );
-    let mut id = [0u8; 16];
-    if let Ok(bytes) = hex::decode(&job.id) {
-        id.copy_from_slice(&bytes[..16.min(bytes.len())]);
-    }
     TaskSpec {
-        job: JobId(id),
+        job: job_id(&job.id),
         task: index,
         task_count: job.tasks,
         kernel: job.kernel_hash,

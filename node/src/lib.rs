@@ -24,6 +24,7 @@ pub mod api;
 pub mod blobs;
 pub mod cli;
 pub mod config;
+pub mod credits;
 pub mod demo;
 pub mod gpus;
 pub mod job;

@@ -146,12 +146,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         .context("GPU discovery stopped")??;
     let blobs = Blobs::open(&data_dir.join("blobs"))
         .with_context(|| format!("cannot open the blob store in {}", data_dir.display()))?;
-    let job_tables = (
-        store.tree("jobs")?,
-        store.tree("tasks")?,
-        store.tree("outputs")?,
-        store.tree("reputation")?,
-    );
+    let job_tables = crate::jobs::Tables::open(&store)?;
     let submits = member.roles.contains(Roles::SUBMIT);
 
     let psk = match &cfg.network.psk_file {
@@ -205,6 +200,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         .collect();
 
     info!(peer = %own_peer, alliance = %charter.charter.name, institution = %member.institution_name, roles = %member.roles, bootstrap, "node starting");
+    let institution = member.institution_key;
     let (inbound, requests) = tokio::sync::mpsc::channel(256);
     let (client, event_loop) = actor::new(
         network,
@@ -250,10 +246,8 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             Arc::clone(&identity),
             client.clone(),
             blobs.clone(),
-            job_tables.0,
-            job_tables.1,
-            job_tables.2,
-            job_tables.3,
+            job_tables,
+            institution,
         )
         .context("cannot load this node's jobs")?;
         tokio::spawn(j.clone().run());

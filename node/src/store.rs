@@ -13,6 +13,7 @@ pub struct Store {
     db: sled::Db,
     peers: sled::Tree,
     revocations: sled::Tree,
+    credits: sled::Tree,
 }
 
 /// The database could not be opened.
@@ -48,8 +49,14 @@ impl Store {
         Ok(Self {
             peers: db.open_tree("peers").map_err(err)?,
             revocations: db.open_tree("revocations").map_err(err)?,
+            credits: db.open_tree("credits").map_err(err)?,
             db,
         })
+    }
+
+    /// The credits table (see [`crate::credits`]).
+    pub fn credits(&self) -> sled::Tree {
+        self.credits.clone()
     }
 
     /// Another table of the same database (jobs, tasks).

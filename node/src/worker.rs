@@ -54,6 +54,66 @@ struct Slot {
     /// Tasks accepted for this GPU and not finished (one runs at a time).
     taken: usize,
     sandbox: Arc<Mutex<Option<Sandbox>>>,
+    /// Whose task runs next on this GPU.
+    turns: Arc<Turns>,
+}
+
+/// One task at a time on a GPU; the tasks waiting go in order of their
+/// submitting institution's balance (GPU time given minus taken, from
+/// the alliance's credits), then of arrival. Members who give are served
+/// before members who only take.
+#[derive(Default)]
+struct Turns {
+    state: Mutex<TurnState>,
+}
+
+#[derive(Default)]
+struct TurnState {
+    busy: bool,
+    arrivals: u64,
+    /// (priority reversed, arrival) → the waiter to wake.
+    waiting:
+        std::collections::BTreeMap<(std::cmp::Reverse<i64>, u64), tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The GPU, while held.
+struct Turn(Arc<Turns>);
+
+impl Turns {
+    /// Waits for the GPU; `priority` orders the waiters, highest first.
+    async fn wait(self: &Arc<Self>, priority: i64) -> Turn {
+        let rx = {
+            let Ok(mut s) = self.state.lock() else {
+                return Turn(Arc::clone(self));
+            };
+            if !s.busy {
+                s.busy = true;
+                return Turn(Arc::clone(self));
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            s.arrivals += 1;
+            let at = s.arrivals;
+            s.waiting.insert((std::cmp::Reverse(priority), at), tx);
+            rx
+        };
+        // The GPU is handed over busy; a dropped gate lets the next one in.
+        let _ = rx.await;
+        Turn(Arc::clone(self))
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let Ok(mut s) = self.0.state.lock() else {
+            return;
+        };
+        while let Some((_, next)) = s.waiting.pop_first() {
+            if next.send(()).is_ok() {
+                return;
+            }
+        }
+        s.busy = false;
+    }
 }
 
 /// What the worker needs to start.
@@ -138,6 +198,7 @@ impl Worker {
                 running: Arc::new(Mutex::new(None)),
                 taken: 0,
                 sandbox: Arc::new(Mutex::new(None)),
+                turns: Arc::new(Turns::default()),
             })
             .collect();
         Self {
@@ -200,6 +261,7 @@ impl Worker {
             return decline(DeclineReason::Limits(e));
         }
         let lease_until = Timestamp::now().saturating_add_secs(crate::jobs::LEASE.as_secs());
+        let from = member.institution_key;
         info!(%peer, job = %offer.spec.job, task = offer.spec.task, attempt = offer.attempt, gpu = slot.1, "task accepted");
         let me = self.clone();
         tokio::spawn(async move {
@@ -214,7 +276,7 @@ impl Worker {
                     steps: offer.spec.steps,
                 },
             ));
-            let report = me.execute(peer, &offer, source, slot.1).await;
+            let report = me.execute(peer, &offer, source, slot.1, from).await;
             beat.abort();
             me.release(slot.1);
             match &report {
@@ -354,10 +416,11 @@ impl Worker {
         offer: &TaskOffer,
         source: String,
         slot: usize,
+        from: PublicKey,
     ) -> Option<TaskReport> {
         let s = &self.inner.setup;
         let spec = &offer.spec;
-        let result = self.run(peer, offer, source, slot).await;
+        let result = self.run(peer, offer, source, slot, from).await;
         let now = Timestamp::now();
         let submitter = PublicKey::from_peer_id(&peer).unwrap_or(offer.worker);
         match result {
@@ -461,6 +524,7 @@ impl Worker {
         offer: &TaskOffer,
         source: String,
         slot: usize,
+        from: PublicKey,
     ) -> Result<(Outcome, String), String> {
         let s = &self.inner.setup;
         for b in &offer.spec.bindings {
@@ -489,7 +553,7 @@ impl Worker {
         let blobs = s.blobs.clone();
         let task = to_task(offer, &source, |h| blobs.path(h));
         let timeout = Duration::from_millis(offer.spec.timeout_ms);
-        let (sandbox, config, running) = {
+        let (sandbox, config, running, turns) = {
             let slots = self
                 .inner
                 .slots
@@ -500,11 +564,19 @@ impl Worker {
                 Arc::clone(&slot_ref.sandbox),
                 self.sandbox_config(&slot_ref.report, slot),
                 Arc::clone(&slot_ref.running),
+                Arc::clone(&slot_ref.turns),
             )
         };
+        let balance = s.client.balance(from).await.unwrap_or(0.0);
+        #[allow(clippy::cast_possible_truncation)]
+        let priority = (balance * 1000.0) as i64;
+        let turn = turns.wait(priority).await;
+        info!(%peer, job = %offer.spec.job, task = offer.spec.task, balance, "task started");
         let key: TaskKey = (offer.spec.job, offer.spec.task, offer.attempt);
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
+            // The GPU is this task's until the closure ends.
+            let _turn = turn;
             let mut guard = sandbox.lock().map_err(|_| "sandbox poisoned".to_owned())?;
             if guard.is_none() {
                 *guard = Some(Sandbox::start(config).map_err(|e| e.to_string())?);
@@ -665,4 +737,53 @@ fn to_task(offer: &TaskOffer, source: &str, blob_path: impl Fn(&Hash) -> PathBuf
     task.task_index = spec.task;
     task.task_count = spec.task_count;
     task
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_gpu_goes_to_the_highest_balance_then_the_earliest() {
+        let turns = Arc::new(Turns::default());
+        let held = turns.wait(0).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for (name, priority) in [("taker", -5), ("giver", 10), ("new", 0), ("new2", 0)] {
+            let (turns, order) = (Arc::clone(&turns), Arc::clone(&order));
+            waiters.push(tokio::spawn(async move {
+                let _turn = turns.wait(priority).await;
+                order.lock().unwrap().push(name);
+            }));
+            // Arrival order is the order of the loop.
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // One waiter gives up: the GPU passes over it.
+        let (quitter, stop) = {
+            let turns = Arc::clone(&turns);
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            (
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = turns.wait(100) => {}
+                        _ = rx => {}
+                    }
+                }),
+                tx,
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let _ = stop.send(());
+        quitter.await.unwrap();
+        drop(held);
+        for w in waiters {
+            w.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["giver", "new", "new2", "taker"]);
+        // Free again: the next comer gets it at once.
+        let _again = tokio::time::timeout(Duration::from_secs(1), turns.wait(0))
+            .await
+            .unwrap();
+    }
 }

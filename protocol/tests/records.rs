@@ -450,7 +450,7 @@ proptest! {
         all::<Hello>(&input); all::<OfferRequest>(&input); all::<OfferAnswer>(&input);
         all::<TaskResult>(&input); all::<Ack>(&input); all::<BlobRequest>(&input);
         all::<BlobResponse>(&input); all::<Progress>(&input); all::<RevocationGossip>(&input);
-        all::<wire::AdvertGossip>(&input);
+        all::<wire::AdvertGossip>(&input); all::<wire::CreditGossip>(&input);
         rec::<Charter>(&input); rec::<InstitutionCert>(&input); rec::<NodeCert>(&input);
         rec::<Revocations>(&input); rec::<GpuAdvert>(&input); rec::<TaskOffer>(&input);
         rec::<Receipt>(&input); rec::<CheckpointRecord>(&input); rec::<Credit>(&input);

@@ -20,13 +20,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::credits::{Balance, Credits};
 use alliance_protocol::advert::{GpuAdvert, GpuInfo, GpuState};
 use alliance_protocol::cert::{
     Chain, Institution, Member, RevocationSet, Revocations, Roles, TrustedCharter,
 };
+use alliance_protocol::task::Credit;
 use alliance_protocol::wire::{
-    Ack, AdvertGossip, DeclineReason, Hello, Message, OfferAnswer, OfferRequest, Progress,
-    RevocationGossip, TaskReport,
+    Ack, AdvertGossip, CreditGossip, DeclineReason, Hello, Message, OfferAnswer, OfferRequest,
+    Progress, RevocationGossip, TaskReport,
 };
 use alliance_protocol::{Identity, Signed, Timestamp};
 use futures::StreamExt;
@@ -195,6 +197,12 @@ pub enum Command {
     Progress(PeerId, Box<Progress>, oneshot::Sender<Reply<Ack>>),
     /// The verified member behind a peer, if it is one and connected.
     Member(PeerId, oneshot::Sender<Option<Member>>),
+    /// Keep and gossip a credit this node issued.
+    PublishCredit(Box<Signed<Credit>>),
+    /// Every institution's account.
+    Credits(oneshot::Sender<Vec<Balance>>),
+    /// One institution's balance, GPU seconds.
+    Balance(alliance_protocol::PublicKey, oneshot::Sender<f64>),
     /// A member misbehaved (a bad result, a blob that fails its hash):
     /// disconnect and block it, with the reason.
     Punish(PeerId, String),
@@ -294,6 +302,24 @@ impl Client {
         self.streams.clone().accept(protocol).ok()
     }
 
+    /// Keeps and gossips a credit this node issued.
+    pub async fn publish_credit(&self, credit: Signed<Credit>) -> Result<(), Stopped> {
+        self.commands
+            .send(Command::PublishCredit(Box::new(credit)))
+            .await
+            .map_err(|_| Stopped)
+    }
+
+    /// Every institution's account, as this node's credits tell it.
+    pub async fn credits(&self) -> Result<Vec<Balance>, Stopped> {
+        self.ask(Command::Credits).await
+    }
+
+    /// One institution's balance in GPU seconds.
+    pub async fn balance(&self, institution: alliance_protocol::PublicKey) -> Result<f64, Stopped> {
+        self.ask(|tx| Command::Balance(institution, tx)).await
+    }
+
     /// The verified member behind `peer`, if connected.
     pub async fn member(&self, peer: PeerId) -> Result<Option<Member>, Stopped> {
         self.ask(|tx| Command::Member(peer, tx)).await
@@ -328,6 +354,9 @@ pub struct EventLoop {
     commands: mpsc::Receiver<Command>,
     setup: Setup,
     adverts_topic: gossipsub::IdentTopic,
+    credits_topic: gossipsub::IdentTopic,
+    /// Every credit this node has checked: the alliance's accounts.
+    credits: Credits,
     revocations_topic: gossipsub::IdentTopic,
     institutions: HashMap<alliance_protocol::PublicKey, Institution>,
     members: HashMap<PeerId, (Member, Chain)>,
@@ -378,6 +407,8 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
     let streams = swarm.behaviour().streams.new_control();
     let (tx, rx) = mpsc::channel(64);
     let adverts_topic = super::topic(&setup.charter.id, "adverts");
+    let credits_topic = super::topic(&setup.charter.id, "credits");
+    let credits = Credits::new(setup.store.credits());
     let revocations_topic = super::topic(&setup.charter.id, "revocations");
     let now = Instant::now();
     let sequence = Timestamp::now().as_secs().saturating_mul(1_000_000);
@@ -399,6 +430,8 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             commands: rx,
             setup,
             adverts_topic,
+            credits_topic,
+            credits,
             revocations_topic,
             institutions: HashMap::new(),
             members: HashMap::new(),
@@ -460,7 +493,11 @@ impl EventLoop {
     /// Runs until every client is dropped or `shutdown` fires.
     pub async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
         let gs = &mut self.swarm.behaviour_mut().gossipsub;
-        for t in [&self.adverts_topic, &self.revocations_topic] {
+        for t in [
+            &self.adverts_topic,
+            &self.revocations_topic,
+            &self.credits_topic,
+        ] {
             if let Err(e) = gs.subscribe(t) {
                 warn!("cannot subscribe to {t}: {e}");
             }
@@ -982,6 +1019,8 @@ impl EventLoop {
                     self.on_advert(message.source, &message.data)
                 } else if message.topic == self.revocations_topic.hash() {
                     self.on_revocations(&message.data)
+                } else if message.topic == self.credits_topic.hash() {
+                    self.on_credit(message.source, &message.data)
                 } else {
                     gossipsub::MessageAcceptance::Reject
                 };
@@ -996,6 +1035,80 @@ impl EventLoop {
             }
             _ => {}
         }
+    }
+
+    /// The member behind `chain`, checked once and then cached.
+    fn chain_member(
+        &mut self,
+        chain: &Chain,
+        role: Roles,
+        now: Timestamp,
+    ) -> Result<Member, String> {
+        let key = (chain.institution.payload_hash(), chain.node.payload_hash());
+        if let Some(m) = self.verified_chains.get(&key)
+            && m.valid_until > now
+            && m.roles.contains(role)
+        {
+            return Ok(m.clone());
+        }
+        let m = chain
+            .verify(&self.setup.charter, &self.setup.revocations, now, role)
+            .map_err(|e| e.to_string())?;
+        if self.verified_chains.len() >= MAX_CACHED_CHAINS {
+            self.verified_chains.clear();
+        }
+        self.verified_chains.insert(key, m.clone());
+        Ok(m)
+    }
+
+    /// A credit from the gossip: signed by a submitting member for its own
+    /// institution, kept once.
+    fn on_credit(&mut self, source: Option<PeerId>, data: &[u8]) -> gossipsub::MessageAcceptance {
+        use gossipsub::MessageAcceptance as A;
+        let now = Timestamp::now();
+        let checked = (|| {
+            let g = CreditGossip::decode(data).map_err(|e| e.to_string())?;
+            let member = self.chain_member(&g.chain, Roles::SUBMIT, now)?;
+            if source != Some(member.peer_id) {
+                return Err(format!(
+                    "published by {source:?} with the chain of {}",
+                    member.peer_id
+                ));
+            }
+            let credit = g.credit.verify().map_err(|e| e.to_string())?;
+            if g.credit.signer() != member.node_key
+                || credit.submitter_institution != member.institution_key
+            {
+                return Err("the credit names another issuer than its chain".into());
+            }
+            if credit.issued_at.as_secs() > now.as_secs() + 600 {
+                return Err("the credit is dated in the future".into());
+            }
+            self.credits.add(&g.credit).map_err(|e| e.to_string())
+        })();
+        match checked {
+            Ok(true) => A::Accept,
+            Ok(false) => A::Ignore,
+            Err(why) => {
+                debug!(?source, %why, "credit refused");
+                A::Reject
+            }
+        }
+    }
+
+    /// Institution names this node knows, by key.
+    fn institution_names(&self) -> HashMap<alliance_protocol::PublicKey, String> {
+        let mut names: HashMap<_, _> = self
+            .verified_chains
+            .values()
+            .chain(self.members.values().map(|(m, _)| m))
+            .map(|m| (m.institution_key, m.institution_name.clone()))
+            .collect();
+        names.insert(
+            self.setup.member.institution_key,
+            self.setup.member.institution_name.clone(),
+        );
+        names
     }
 
     fn on_advert(&mut self, source: Option<PeerId>, data: &[u8]) -> gossipsub::MessageAcceptance {
@@ -1341,6 +1454,34 @@ impl EventLoop {
                     .progress
                     .send_request(&peer, (*p).into());
                 self.progress_out.insert(id, tx);
+            }
+            Command::PublishCredit(credit) => {
+                if let Err(e) = self.credits.add(&credit) {
+                    warn!("cannot keep a credit this node issued: {e}");
+                    return;
+                }
+                let gossip = CreditGossip {
+                    chain: self.setup.chain.clone(),
+                    credit: *credit,
+                };
+                if let Ok(bytes) = gossip.encode()
+                    && let Err(e) = self
+                        .swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .publish(self.credits_topic.clone(), bytes)
+                {
+                    debug!("credit not gossiped now: {e}");
+                }
+            }
+            Command::Credits(tx) => {
+                let _ = tx.send(
+                    self.credits
+                        .table(&self.institution_names(), Timestamp::now()),
+                );
+            }
+            Command::Balance(institution, tx) => {
+                let _ = tx.send(self.credits.balance(&institution, Timestamp::now()));
             }
             Command::Member(peer, tx) => {
                 let member = self

@@ -1,0 +1,208 @@
+//! Credits: a submitter's signed grant of verified GPU time to the worker
+//! that did the work. Every node keeps every credit it receives by gossip
+//! (after checking the signature and the issuer's chain), so every node
+//! can tell how much GPU time each institution gave and took. Old work
+//! fades with a half-life, as user priority does in HTCondor, so an
+//! institution cannot live forever on what it gave long ago.
+//!
+//! The balance (given minus taken) is zero-sum: credits between two
+//! colluding institutions raise one exactly as much as they lower the
+//! other, and credits within one institution change nothing.
+
+use std::collections::{BTreeMap, HashMap};
+
+use alliance_protocol::task::Credit;
+use alliance_protocol::{Hash, PublicKey, Signed, Timestamp};
+use serde::{Deserialize, Serialize};
+
+/// Given and taken GPU time halve over this time.
+pub const HALF_LIFE_SECS: f64 = 7.0 * 24.0 * 3600.0;
+/// Longest GPU time one credit may grant.
+pub const MAX_GPU_TIME_US: u64 = 24 * 3600 * 1_000_000;
+
+/// One institution's account.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Balance {
+    /// The institution's name where this node knows it, else its key.
+    pub institution: String,
+    pub key: String,
+    /// GPU seconds its workers ran for others (decayed).
+    pub given_s: f64,
+    /// GPU seconds its submitters had run (decayed).
+    pub taken_s: f64,
+    /// Given minus taken.
+    pub balance_s: f64,
+    /// Credits counted, either way.
+    pub credits: u64,
+}
+
+/// A credit this node will not keep.
+#[derive(Debug, thiserror::Error)]
+pub enum CreditError {
+    #[error("a bad credit: {0}")]
+    Bad(String),
+    #[error("the credit store: {0}")]
+    Db(#[from] sled::Error),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    credit: Credit,
+    /// As signed, to hand on.
+    #[serde(with = "serde_bytes_vec")]
+    signed: Vec<u8>,
+}
+
+mod serde_bytes_vec {
+    pub(super) fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text: String = serde::Deserialize::deserialize(d)?;
+        hex::decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The credits this node holds, in its database.
+#[derive(Debug, Clone)]
+pub struct Credits {
+    tree: sled::Tree,
+}
+
+impl Credits {
+    pub fn new(tree: sled::Tree) -> Self {
+        Self { tree }
+    }
+
+    /// Keeps a credit whose issuer was checked (its signature is checked
+    /// here); false if it was here already.
+    pub fn add(&self, signed: &Signed<Credit>) -> Result<bool, CreditError> {
+        let credit = signed
+            .verify()
+            .map_err(|e| CreditError::Bad(e.to_string()))?;
+        if credit.gpu_time_us > MAX_GPU_TIME_US {
+            return Err(CreditError::Bad(format!(
+                "it grants {} s of GPU time in one task",
+                credit.gpu_time_us / 1_000_000
+            )));
+        }
+        let bytes = signed.to_bytes();
+        let key = Hash::of(&bytes);
+        if self.tree.contains_key(key.as_bytes())? {
+            return Ok(false);
+        }
+        let v = serde_json::to_vec(&Stored {
+            credit,
+            signed: bytes,
+        })
+        .map_err(|e| CreditError::Bad(e.to_string()))?;
+        self.tree.insert(key.as_bytes(), v)?;
+        Ok(true)
+    }
+
+    /// Every institution's account at `now`, names from `names` where
+    /// known, highest balance first.
+    pub fn table(&self, names: &HashMap<PublicKey, String>, now: Timestamp) -> Vec<Balance> {
+        let mut accounts: BTreeMap<PublicKey, Balance> = BTreeMap::new();
+        for (_, v) in self.tree.iter().flatten() {
+            let Ok(Stored { credit: c, .. }) = serde_json::from_slice::<Stored>(&v) else {
+                continue;
+            };
+            #[allow(clippy::cast_precision_loss)]
+            let age = now.as_secs().saturating_sub(c.issued_at.as_secs()) as f64;
+            #[allow(clippy::cast_precision_loss)]
+            let secs =
+                c.gpu_time_us.min(MAX_GPU_TIME_US) as f64 / 1e6 * 0.5f64.powf(age / HALF_LIFE_SECS);
+            let blank = |key: PublicKey| Balance {
+                institution: names.get(&key).cloned().unwrap_or_else(|| key.to_string()),
+                key: key.to_string(),
+                ..Balance::default()
+            };
+            let w = accounts
+                .entry(c.worker_institution)
+                .or_insert_with(|| blank(c.worker_institution));
+            w.given_s += secs;
+            w.credits += 1;
+            let s = accounts
+                .entry(c.submitter_institution)
+                .or_insert_with(|| blank(c.submitter_institution));
+            s.taken_s += secs;
+            if c.submitter_institution != c.worker_institution {
+                s.credits += 1;
+            }
+        }
+        let mut out: Vec<Balance> = accounts
+            .into_values()
+            .map(|mut b| {
+                b.balance_s = b.given_s - b.taken_s;
+                b
+            })
+            .collect();
+        out.sort_by(|a, b| b.balance_s.total_cmp(&a.balance_s));
+        out
+    }
+
+    /// One institution's balance in GPU seconds at `now` (0 when unknown).
+    pub fn balance(&self, institution: &PublicKey, now: Timestamp) -> f64 {
+        let key = institution.to_string();
+        self.table(&HashMap::new(), now)
+            .into_iter()
+            .find(|b| b.key == key)
+            .map_or(0.0, |b| b.balance_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alliance_protocol::Identity;
+    use alliance_protocol::task::JobId;
+
+    #[test]
+    fn balances_are_zero_sum_and_fade() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let credits = Credits::new(db.open_tree("credits").unwrap());
+        let (a, b) = (Identity::generate(), Identity::generate());
+        let submitter = Identity::generate();
+        let t0 = Timestamp::from_secs(1_000_000);
+        let credit = |task: u32, worker: &Identity, from: &Identity, us: u64| {
+            let c = Credit {
+                job: JobId([1; 16]),
+                task,
+                receipt: Hash::of(&task.to_le_bytes()),
+                worker: Identity::generate().public(),
+                worker_institution: worker.public(),
+                submitter_institution: from.public(),
+                gpu_time_us: us,
+                issued_at: t0,
+            };
+            Signed::sign(&c, &submitter).unwrap()
+        };
+        // A's workers ran 3 s for B, 1 s for A itself.
+        assert!(credits.add(&credit(0, &a, &b, 2_000_000)).unwrap());
+        let one = credit(1, &a, &b, 1_000_000);
+        assert!(credits.add(&one).unwrap());
+        assert!(credits.add(&credit(2, &a, &a, 1_000_000)).unwrap());
+        assert!(!credits.add(&one).unwrap(), "a duplicate");
+        assert!(
+            credits
+                .add(&credit(3, &a, &b, MAX_GPU_TIME_US + 1))
+                .is_err()
+        );
+        let names = HashMap::from([(a.public(), "A".to_owned())]);
+        let table = credits.table(&names, t0);
+        assert_eq!(table.len(), 2);
+        assert_eq!(table[0].institution, "A");
+        assert!((table[0].given_s - 4.0).abs() < 1e-9);
+        assert!((table[0].taken_s - 1.0).abs() < 1e-9);
+        assert!((table[0].balance_s - 3.0).abs() < 1e-9);
+        assert_eq!(table[1].key, b.public().to_string());
+        assert!((table[1].balance_s + 3.0).abs() < 1e-9);
+        let sum: f64 = table.iter().map(|b| b.balance_s).sum();
+        assert!(sum.abs() < 1e-9, "zero-sum");
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let later = Timestamp::from_secs(1_000_000 + HALF_LIFE_SECS as u64);
+        assert!((credits.balance(&a.public(), later) - 1.5).abs() < 1e-9);
+    }
+}

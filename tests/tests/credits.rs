@@ -1,0 +1,180 @@
+//! Credits and fair share, with real processes: verified work earns the
+//! worker's institution signed credits that every node receives and
+//! counts alike; a busy worker then runs the queued task of an institution
+//! that gave before the earlier-queued task of one that only took.
+
+use std::collections::BTreeMap;
+
+use alliance_protocol::cert::Roles;
+use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
+use alliance_tests::jobs::{LIMIT, alliance, pi_job, text, write};
+use serde_json::Value;
+
+struct Node {
+    dir: NodeDir,
+    run: Running,
+}
+
+fn start(a: &TestAlliance, name: &str, inst: usize, roles: Roles, boot: &str) -> Node {
+    let dir = a.node(name, inst, roles);
+    dir.set_bootstrap(&[boot.to_owned()]);
+    let run = dir.start(false);
+    Node { dir, run }
+}
+
+fn submit(a: &TestAlliance, sub: &Node, name: &str, job: &str) -> String {
+    let jobs = a.dir.path().join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let p = write(&jobs, name, job);
+    let out = alliance(&["submit", p.to_str().unwrap()], &sub.dir.path);
+    assert!(out.status.success(), "{}", text(&out));
+    text(&out).split_whitespace().nth(1).unwrap().to_owned()
+}
+
+fn job(sub: &Node, id: &str) -> Value {
+    sub.run.get(&format!("/v1/jobs/{id}")).unwrap()
+}
+
+fn wait_state(sub: &Node, id: &str, state: &str) {
+    wait_for(LIMIT, &format!("job {id} to be {state}"), || {
+        job(sub, id)["summary"]["state"] == state
+    });
+}
+
+/// Waits until the job's only task runs (or waits its turn) at a worker.
+fn wait_accepted(sub: &Node, id: &str) {
+    wait_for(LIMIT, &format!("job {id}'s task to be accepted"), || {
+        job(sub, id)["tasks"][0]["replicas"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r["state"] == "running"))
+    });
+}
+
+fn pause(node: &Node, paused: bool) {
+    let cmd = if paused { "pause" } else { "resume" };
+    let out = alliance(&[cmd], &node.dir.path);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+/// A node's accounts: institution → (given, taken, credits), rounded to
+/// milliseconds of GPU time (decay over a test's seconds is far below).
+fn accounts(node: &Node) -> BTreeMap<String, (i64, i64, u64)> {
+    let v = node.run.get("/v1/credits").unwrap();
+    #[allow(clippy::cast_possible_truncation)]
+    let ms = |x: &Value| (x.as_f64().unwrap() * 1000.0).round() as i64;
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["institution"].as_str().unwrap().to_owned(),
+                (
+                    ms(&b["given_s"]),
+                    ms(&b["taken_s"]),
+                    b["credits"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn contributors_are_served_first_and_every_node_counts_alike() {
+    let a = TestAlliance::new(
+        "Credits Test",
+        &[
+            ("University A", Roles::ALL),
+            ("University B", Roles::ALL),
+            ("University C", Roles::ALL),
+        ],
+        30,
+    );
+    let boot_dir = a.node("boot", 0, Roles::BOOTSTRAP);
+    let boot_run = boot_dir.start(true);
+    let boot_addr = boot_run.address();
+    let worker_a = start(&a, "wa", 0, Roles::WORK, &boot_addr);
+    let busy = start(&a, "wc", 2, Roles::WORK, &boot_addr);
+    let sub_a = start(&a, "sa", 0, Roles::SUBMIT, &boot_addr);
+    let sub_b = start(&a, "sb", 1, Roles::SUBMIT, &boot_addr);
+    for s in [&sub_a, &sub_b] {
+        wait_for(LIMIT, "both workers' adverts", || {
+            s.run.advertisers().len() == 2
+        });
+    }
+
+    // B takes: four tasks run by A's worker while C's worker is paused.
+    pause(&busy, true);
+    wait_for(LIMIT, "C's worker to be seen paused", || {
+        sub_b
+            .run
+            .get("/v1/gpus")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["peer_id"] == busy.dir.peer().as_str() && g["gpus"][0]["state"] == "Paused")
+    });
+    let taken = submit(&a, &sub_b, "b1.toml", &pi_job(3, 4, 4, 16, 1));
+    wait_state(&sub_b, &taken, "done");
+
+    // Every node holds the same four credits: A gave, B took.
+    let everyone = [&worker_a, &busy, &sub_a, &sub_b];
+    let mut first = BTreeMap::new();
+    wait_for(LIMIT, "every node to count the four credits alike", || {
+        first = accounts(&sub_b);
+        first.get("University A").is_some_and(|x| x.2 == 4)
+            && everyone.iter().all(|n| accounts(n) == first)
+    });
+    let (given, _, _) = first["University A"];
+    let (_, took, _) = first["University B"];
+    assert!(given > 0 && given == took, "{first:?}");
+    let out = alliance(&["credits"], &busy.dir.path);
+    assert!(text(&out).contains("University A"), "{}", text(&out));
+
+    // C's worker gets busy with a long task of B's; B queues a short one,
+    // then A queues one. A gave, B only took: A's runs first.
+    pause(&worker_a, true);
+    pause(&busy, false);
+    wait_for(LIMIT, "C's worker to be seen lending again", || {
+        [&sub_a, &sub_b].iter().all(|s| {
+            s.run
+                .get("/v1/gpus")
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|g| {
+                    g["peer_id"] == busy.dir.peer().as_str() && g["gpus"][0]["state"] != "Paused"
+                })
+        })
+    });
+    let long = submit(&a, &sub_b, "long.toml", &pi_job(5, 1, 64, 256, 3000));
+    wait_accepted(&sub_b, &long);
+    let b_short = submit(&a, &sub_b, "b2.toml", &pi_job(6, 1, 4, 16, 1));
+    wait_accepted(&sub_b, &b_short);
+    let a_short = submit(&a, &sub_a, "a1.toml", &pi_job(7, 1, 4, 16, 1));
+    wait_accepted(&sub_a, &a_short);
+    assert_eq!(
+        job(&sub_b, &long)["summary"]["state"],
+        "active",
+        "the long task must still hold the GPU while both wait; make it longer"
+    );
+    wait_state(&sub_b, &b_short, "done");
+    wait_state(&sub_a, &a_short, "done");
+    let log = std::fs::read_to_string(busy.dir.path.join("node.log")).unwrap();
+    let started: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("task started"))
+        .filter_map(|l| {
+            [&long, &b_short, &a_short]
+                .into_iter()
+                .find(|id| l.contains(id.as_str()))
+                .map(String::as_str)
+        })
+        .collect();
+    assert_eq!(
+        started,
+        [long.as_str(), a_short.as_str(), b_short.as_str()],
+        "long = {long}, B's short = {b_short}, A's short = {a_short}"
+    );
+}

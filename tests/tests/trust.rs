@@ -155,15 +155,16 @@ fn a_lying_worker_is_outvoted_and_every_task_ends_right() {
     );
     check_outputs(&net, &id, 7, tasks);
 
-    // The submitter's record: the liar lost, the others agreed.
+    // The submitter's record: the liar lost, the others agreed (counts
+    // fade from the moment they are made, hence "> 0.99").
     let r = net.reputation();
     for w in r["workers"].as_array().unwrap() {
         if w["peer_id"] == liar.as_str() {
-            assert!(w["wrong"].as_f64().unwrap() >= 1.0, "{w}");
+            assert!(w["wrong"].as_f64().unwrap() > 0.99, "{w}");
             assert!(w["score"].as_f64().unwrap() < 0.0, "{w}");
             assert_eq!(w["trusted"], false, "{w}");
         } else {
-            assert!(w["agreed"].as_f64().unwrap() >= 1.0, "{w}");
+            assert!(w["agreed"].as_f64().unwrap() > 0.99, "{w}");
             assert_eq!(w["wrong"].as_f64().unwrap(), 0.0, "{w}");
         }
     }
@@ -173,7 +174,7 @@ fn a_lying_worker_is_outvoted_and_every_task_ends_right() {
         .iter()
         .find(|i| i["institution"] == "University North")
         .unwrap();
-    assert!(north["wrong"].as_f64().unwrap() >= 1.0, "{north}");
+    assert!(north["wrong"].as_f64().unwrap() > 0.99, "{north}");
 
     // redundancy = "auto": the honest workers have earned their record
     // (ten agreeing results in a row) by the end of this job...
@@ -381,7 +382,8 @@ async fn forged_mismatched_and_replayed_reports_are_refused_and_counted() {
         )
         .await;
     assert!(ack.contains("not its own"), "{ack}");
-    assert!(record(&rogue.node.peer)["wrong"].as_f64().unwrap() >= 1.0);
+    let r = record(&rogue.node.peer);
+    assert!(r["wrong"].as_f64().unwrap_or(0.0) > 0.99, "{r}");
     assert!(rejected(&rogue.node.peer).contains("not its own"));
 
     // Outputs that do not match the hashes its receipt signs.
@@ -396,7 +398,8 @@ async fn forged_mismatched_and_replayed_reports_are_refused_and_counted() {
         .send(&sub_peer, rogue.report(&offer, &key, wrong, &right))
         .await;
     assert!(ack.contains("does not match its hash"), "{ack}");
-    assert!(record(&rogue.node.peer)["wrong"].as_f64().unwrap() >= 1.0);
+    let r = record(&rogue.node.peer);
+    assert!(r["wrong"].as_f64().unwrap_or(0.0) > 0.99, "{r}");
     assert!(rejected(&rogue.node.peer).contains("does not match its hash"));
 
     // An old receipt replayed for a new task: refused, and the new task is

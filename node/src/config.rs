@@ -53,6 +53,10 @@ pub struct WorkerConfig {
     /// Tasks each GPU takes at once: one runs, the rest wait their turn.
     /// More than one hides the network round trips between small tasks.
     pub tasks_per_gpu: u16,
+    /// The owner's shares by institution name: a waiting task of an
+    /// institution with a larger share runs first; equal shares go by
+    /// balance. Unlisted institutions have share 1.
+    pub shares: std::collections::BTreeMap<String, u32>,
     /// Limits on kernels and tasks run for others.
     pub limits: Limits,
     /// OS limits on the sandbox process.
@@ -133,6 +137,7 @@ impl Default for WorkerConfig {
         Self {
             gpus: Selection::default(),
             tasks_per_gpu: 4,
+            shares: std::collections::BTreeMap::new(),
             limits: Limits::default(),
             sandbox: ResourceLimits::default(),
         }

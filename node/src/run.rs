@@ -234,6 +234,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             gpus: lent_gpus.clone(),
             limits: cfg.worker.limits.clone(),
             tasks_per_gpu: usize::from(cfg.worker.tasks_per_gpu),
+            shares: cfg.worker.shares.clone(),
             rlimits: cfg.worker.sandbox,
             scratch: data_dir.join("scratch"),
             program: std::env::current_exe().unwrap_or_else(|_| "alliance".into()),

@@ -72,16 +72,22 @@ struct TurnState {
     busy: bool,
     arrivals: u64,
     /// (priority reversed, arrival) → the waiter to wake.
-    waiting:
-        std::collections::BTreeMap<(std::cmp::Reverse<i64>, u64), tokio::sync::oneshot::Sender<()>>,
+    waiting: std::collections::BTreeMap<
+        (std::cmp::Reverse<Priority>, u64),
+        tokio::sync::oneshot::Sender<()>,
+    >,
 }
+
+/// A waiting task's claim: the owner's share for its institution, then the
+/// institution's balance in GPU milliseconds.
+type Priority = (u32, i64);
 
 /// The GPU, while held.
 struct Turn(Arc<Turns>);
 
 impl Turns {
     /// Waits for the GPU; `priority` orders the waiters, highest first.
-    async fn wait(self: &Arc<Self>, priority: i64) -> Turn {
+    async fn wait(self: &Arc<Self>, priority: Priority) -> Turn {
         let rx = {
             let Ok(mut s) = self.state.lock() else {
                 return Turn(Arc::clone(self));
@@ -127,6 +133,9 @@ pub struct WorkerSetup {
     pub limits: Limits,
     /// Tasks each GPU takes at once.
     pub tasks_per_gpu: usize,
+    /// The owner's shares by institution name (default 1): larger shares
+    /// run first, then higher balances.
+    pub shares: std::collections::BTreeMap<String, u32>,
     pub rlimits: ResourceLimits,
     /// Under this directory each GPU's sandbox gets a scratch directory.
     pub scratch: PathBuf,
@@ -261,7 +270,10 @@ impl Worker {
             return decline(DeclineReason::Limits(e));
         }
         let lease_until = Timestamp::now().saturating_add_secs(crate::jobs::LEASE.as_secs());
-        let from = member.institution_key;
+        let from = (
+            member.institution_key,
+            s.shares.get(&member.institution_name).copied().unwrap_or(1),
+        );
         info!(%peer, job = %offer.spec.job, task = offer.spec.task, attempt = offer.attempt, gpu = slot.1, "task accepted");
         let me = self.clone();
         tokio::spawn(async move {
@@ -416,7 +428,7 @@ impl Worker {
         offer: &TaskOffer,
         source: String,
         slot: usize,
-        from: PublicKey,
+        from: (PublicKey, u32),
     ) -> Option<TaskReport> {
         let s = &self.inner.setup;
         let spec = &offer.spec;
@@ -524,7 +536,7 @@ impl Worker {
         offer: &TaskOffer,
         source: String,
         slot: usize,
-        from: PublicKey,
+        from: (PublicKey, u32),
     ) -> Result<(Outcome, String), String> {
         let s = &self.inner.setup;
         for b in &offer.spec.bindings {
@@ -567,10 +579,10 @@ impl Worker {
                 Arc::clone(&slot_ref.turns),
             )
         };
-        let balance = s.client.balance(from).await.unwrap_or(0.0);
+        let (institution, share) = from;
+        let balance = s.client.balance(institution).await.unwrap_or(0.0);
         #[allow(clippy::cast_possible_truncation)]
-        let priority = (balance * 1000.0) as i64;
-        let turn = turns.wait(priority).await;
+        let turn = turns.wait((share, (balance * 1000.0) as i64)).await;
         info!(%peer, job = %offer.spec.job, task = offer.spec.task, balance, "task started");
         let key: TaskKey = (offer.spec.job, offer.spec.task, offer.attempt);
         let me = self.clone();
@@ -746,10 +758,16 @@ mod tests {
     #[tokio::test]
     async fn the_gpu_goes_to_the_highest_balance_then_the_earliest() {
         let turns = Arc::new(Turns::default());
-        let held = turns.wait(0).await;
+        let held = turns.wait((1, 0)).await;
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut waiters = Vec::new();
-        for (name, priority) in [("taker", -5), ("giver", 10), ("new", 0), ("new2", 0)] {
+        for (name, priority) in [
+            ("taker", (1, -5)),
+            ("giver", (1, 10)),
+            ("new", (1, 0)),
+            ("new2", (1, 0)),
+            ("shunned", (0, 50)),
+        ] {
             let (turns, order) = (Arc::clone(&turns), Arc::clone(&order));
             waiters.push(tokio::spawn(async move {
                 let _turn = turns.wait(priority).await;
@@ -766,7 +784,7 @@ mod tests {
             (
                 tokio::spawn(async move {
                     tokio::select! {
-                        _ = turns.wait(100) => {}
+                        _ = turns.wait((9, 0)) => {}
                         _ = rx => {}
                     }
                 }),
@@ -780,9 +798,12 @@ mod tests {
         for w in waiters {
             w.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), ["giver", "new", "new2", "taker"]);
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["giver", "new", "new2", "taker", "shunned"]
+        );
         // Free again: the next comer gets it at once.
-        let _again = tokio::time::timeout(Duration::from_secs(1), turns.wait(0))
+        let _again = tokio::time::timeout(Duration::from_secs(1), turns.wait((1, 0)))
             .await
             .unwrap();
     }

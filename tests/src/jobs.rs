@@ -136,3 +136,13 @@ len = {wg}
 "#
     )
 }
+
+/// Every replica of every task in a job's detail (`GET /v1/jobs/ID`).
+pub fn replicas(detail: &serde_json::Value) -> Vec<serde_json::Value> {
+    detail["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .flat_map(|t| t["replicas"].as_array().cloned().unwrap_or_default())
+        .collect()
+}

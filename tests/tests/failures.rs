@@ -10,7 +10,7 @@ use alliance_node::job::npy;
 use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::wait_for;
 use alliance_tests::jobs::{
-    LIMIT, alliance, alliance_of_three, pi_job, read_npy, results, text, write,
+    LIMIT, alliance, alliance_of_three, pi_job, read_npy, replicas, results, text, write,
 };
 use serde_json::Value;
 
@@ -31,15 +31,6 @@ fn submit(sub: &std::path::Path, job: &std::path::Path) -> String {
     let out = alliance(&["submit", job.to_str().unwrap()], sub);
     assert!(out.status.success(), "{}", text(&out));
     text(&out).split_whitespace().nth(1).unwrap().to_owned()
-}
-
-fn replicas(detail: &Value) -> Vec<Value> {
-    detail["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|t| t["replicas"].as_array().unwrap().clone())
-        .collect()
 }
 
 #[test]

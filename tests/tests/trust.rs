@@ -8,7 +8,7 @@
 use alliance_kernels::library::{self, monte_carlo_pi};
 use alliance_protocol::cert::Roles;
 use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
-use alliance_tests::jobs::{LIMIT, alliance, pi_job, read_npy, results, text, write};
+use alliance_tests::jobs::{LIMIT, alliance, pi_job, read_npy, replicas, results, text, write};
 use serde_json::Value;
 
 /// Makes a worker lie: wrong outputs, consistent hashes, valid signatures.
@@ -89,15 +89,6 @@ impl Net {
         });
         (id, detail)
     }
-}
-
-fn replicas(detail: &Value) -> Vec<Value> {
-    detail["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|t| t["replicas"].as_array().unwrap().clone())
-        .collect()
 }
 
 fn pi(tasks: u32) -> String {

@@ -198,6 +198,10 @@ pub struct TaskRecord {
     /// it needs the job's full redundancy.
     #[serde(default)]
     pub spot_check: bool,
+    /// Its result was checked again because the worker that ran it alone
+    /// was later caught with a wrong result.
+    #[serde(default)]
+    pub rechecked: bool,
 }
 
 /// Counts of tasks by state, for progress.
@@ -491,6 +495,7 @@ impl Jobs {
                 result: None,
                 failure: None,
                 spot_check: false,
+                rechecked: false,
             })
             .collect();
         for t in &tasks {
@@ -864,6 +869,7 @@ impl Jobs {
                 t.state = TaskState::Waiting;
                 t.result = None;
                 t.spot_check = true;
+                t.rechecked = true;
                 t.waiting = Some(
                     "checked again: the worker that ran it alone was since caught with a wrong result"
                         .into(),

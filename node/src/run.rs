@@ -220,9 +220,16 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     let (stop_net, stopped) = tokio::sync::oneshot::channel();
     let network = tokio::spawn(event_loop.run(stopped));
 
-    let corrupt_results = std::env::var_os("ALLIANCE_TEST_CORRUPT_RESULTS").is_some();
-    if corrupt_results {
+    let corrupt_after = std::env::var("ALLIANCE_TEST_CORRUPT_RESULTS")
+        .ok()
+        .map(|v| {
+            v.strip_prefix("after:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        });
+    if let Some(n) = corrupt_after {
         warn!(
+            honest_first = n,
             "ALLIANCE_TEST_CORRUPT_RESULTS is set: this worker returns WRONG outputs, to test verification"
         );
     }
@@ -239,7 +246,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             scratch: data_dir.join("scratch"),
             program: std::env::current_exe().unwrap_or_else(|_| "alliance".into()),
             args: vec!["sandbox".into()],
-            corrupt_results,
+            corrupt_after,
         })
     });
     let jobs = if submits {

@@ -142,9 +142,10 @@ pub struct WorkerSetup {
     /// The sandbox program and its arguments (`alliance sandbox`).
     pub program: PathBuf,
     pub args: Vec<String>,
-    /// Return wrong outputs with valid receipts: a lying worker, for
-    /// testing the alliance's verification (`ALLIANCE_TEST_CORRUPT_RESULTS`).
-    pub corrupt_results: bool,
+    /// Return wrong outputs with valid receipts after this many honest
+    /// results: a lying worker, for testing the alliance's verification
+    /// (`ALLIANCE_TEST_CORRUPT_RESULTS=1`, or `=after:N`).
+    pub corrupt_after: Option<u64>,
 }
 
 /// The worker; cheap to clone.
@@ -157,6 +158,8 @@ struct Inner {
     setup: WorkerSetup,
     slots: Mutex<Vec<Slot>>,
     stats: Mutex<Stats>,
+    /// Results produced so far (for `corrupt_after`).
+    produced: std::sync::atomic::AtomicU64,
     /// Tasks the submitter no longer wants: stopped if running, skipped if
     /// still waiting for their GPU.
     abandoned: Mutex<std::collections::HashSet<TaskKey>>,
@@ -215,6 +218,7 @@ impl Worker {
                 setup,
                 slots: Mutex::new(slots),
                 stats: Mutex::new(Stats::default()),
+                produced: std::sync::atomic::AtomicU64::new(0),
                 kernels: Mutex::new(HashMap::new()),
                 abandoned: Mutex::new(std::collections::HashSet::new()),
                 fetching: tokio::sync::Mutex::new(HashMap::new()),
@@ -437,7 +441,11 @@ impl Worker {
         let submitter = PublicKey::from_peer_id(&peer).unwrap_or(offer.worker);
         match result {
             Ok((mut outcome, adapter)) => {
-                if s.corrupt_results {
+                let produced = self
+                    .inner
+                    .produced
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if s.corrupt_after.is_some_and(|n| produced >= n) {
                     for o in &mut outcome.outputs {
                         if let Some(b) = o.data.first_mut() {
                             *b ^= 0x01;

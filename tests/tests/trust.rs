@@ -11,34 +11,37 @@ use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
 use alliance_tests::jobs::{LIMIT, alliance, pi_job, read_npy, replicas, results, text, write};
 use serde_json::Value;
 
-/// Makes a worker lie: wrong outputs, consistent hashes, valid signatures.
-const LIE: (&str, &str) = ("ALLIANCE_TEST_CORRUPT_RESULTS", "1");
+/// Makes a worker lie: wrong outputs, consistent hashes, valid signatures
+/// (`"1"`: always; `"after:N"`: after N honest results).
+const LIE: &str = "ALLIANCE_TEST_CORRUPT_RESULTS";
 
 struct Net {
     a: TestAlliance,
     _boot: Running,
     /// (directory, process, lies)
-    workers: Vec<(NodeDir, Running, bool)>,
+    workers: Vec<(NodeDir, Running, Option<&'static str>)>,
     sub_dir: NodeDir,
     sub: Running,
 }
 
 /// A bootstrap node, a submitter of institution 0 and one worker per
-/// entry of `workers`: (institution, lies).
-fn alliance_with(institutions: &[&str], workers: &[(usize, bool)]) -> Net {
+/// entry of `workers`: (institution, how it lies, if it does).
+fn alliance_with(institutions: &[&str], workers: &[(usize, Option<&'static str>)]) -> Net {
     let insts: Vec<(&str, Roles)> = institutions.iter().map(|n| (*n, Roles::ALL)).collect();
     let a = TestAlliance::new("Trust Test", &insts, 30);
     let boot_dir = a.node("boot", 0, Roles::BOOTSTRAP);
     let boot = boot_dir.start(true);
     let addr = boot.address();
-    let workers: Vec<(NodeDir, Running, bool)> = workers
+    let workers: Vec<(NodeDir, Running, Option<&'static str>)> = workers
         .iter()
         .enumerate()
         .map(|(i, &(inst, lies))| {
             let d = a.node(&format!("w{i}"), inst, Roles::WORK);
             d.set_bootstrap(std::slice::from_ref(&addr));
-            let env: &[(&str, &str)] = if lies { &[LIE] } else { &[] };
-            let r = d.start_with_env(false, env);
+            let r = match lies {
+                Some(how) => d.start_with_env(false, &[(LIE, how)]),
+                None => d.start(false),
+            };
             (d, r, lies)
         })
         .collect();
@@ -69,7 +72,7 @@ impl Net {
     fn liars(&self) -> Vec<String> {
         self.workers
             .iter()
-            .filter(|w| w.2)
+            .filter(|w| w.2.is_some())
             .map(|w| w.0.peer())
             .collect()
     }
@@ -127,7 +130,7 @@ fn verified(task: &Value) -> Vec<&Value> {
 fn a_lying_worker_is_outvoted_and_every_task_ends_right() {
     let net = alliance_with(
         &["University North", "University South", "University East"],
-        &[(0, true), (1, false), (2, false)],
+        &[(0, Some("1")), (1, None), (2, None)],
     );
     let tasks = 4;
     let (id, d) = net.run("pi.toml", &pi(tasks));
@@ -202,7 +205,7 @@ fn a_lying_worker_is_outvoted_and_every_task_ends_right() {
 fn two_liars_of_one_institution_cannot_outvote_another() {
     let net = alliance_with(
         &["University North", "University South"],
-        &[(0, true), (0, true), (1, false)],
+        &[(0, Some("1")), (0, Some("1")), (1, None)],
     );
     let (_, d) = net.run("pi.toml", &pi(2));
     assert_eq!(d["summary"]["state"], "failed", "{d}");
@@ -414,4 +417,65 @@ async fn forged_mismatched_and_replayed_reports_are_refused_and_counted() {
         d["tasks"][first.spec.task as usize]["state"], "verified",
         "{d}"
     );
+}
+
+#[test]
+fn a_worker_that_turns_liar_after_earning_trust_is_caught_and_rechecked() {
+    // Honest for its first 30 results, then always wrong.
+    let net = alliance_with(
+        &["University North", "University South", "University East"],
+        &[(0, Some("after:30")), (1, None), (2, None)],
+    );
+    let turncoat = net.liars()[0].clone();
+    let caught = || {
+        net.reputation()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["peer_id"] == turncoat.as_str() && w["wrong"].as_f64().unwrap() > 0.5)
+    };
+    let tasks = 20;
+    let mut jobs = Vec::new();
+    for round in 0..15 {
+        let seed = 20 + round;
+        let (id, _) = net.run(&format!("auto{round}.toml"), &pi_auto(seed, tasks));
+        jobs.push((id, seed));
+        if caught() {
+            break;
+        }
+    }
+    assert!(caught(), "the turncoat was never caught");
+    // What it ran alone is checked again in the scheduler's next pass,
+    // which may make finished jobs active again for a moment.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    wait_for(LIMIT, "every job to end after the rechecks", || {
+        jobs.iter().all(|(id, _)| {
+            net.sub.get(&format!("/v1/jobs/{id}")).unwrap()["summary"]["state"] == "done"
+        })
+    });
+    // Every accepted answer is right: lies it told alone before it was
+    // caught were found and replaced.
+    let mut rechecked = 0;
+    for (id, seed) in &jobs {
+        check_outputs(&net, id, *seed, tasks);
+        let d = net.sub.get(&format!("/v1/jobs/{id}")).unwrap();
+        for t in d["tasks"].as_array().unwrap() {
+            // (A rechecked result from its honest days is confirmed and
+            // stands; a lie is outvoted and replaced.)
+            if t["rechecked"] == true {
+                rechecked += 1;
+                assert!(verified(t).len() >= 2, "{t}");
+            }
+        }
+    }
+    eprintln!("{} jobs; {rechecked} tasks checked again", jobs.len());
+    let r = net.reputation();
+    let w = r["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["peer_id"] == turncoat.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(w["trusted"], false, "{w}");
 }

@@ -810,8 +810,8 @@ impl Jobs {
             .lock()
             .map(|mut c| std::mem::take(&mut *c))
             .unwrap_or_default();
-        for credit in credits {
-            let _ = self.inner.client.publish_credit(credit).await;
+        if !credits.is_empty() {
+            let _ = self.inner.client.publish_credits(credits).await;
         }
         for (id, index, attempt, peer, offer, kernel) in offers {
             let me = self.clone();

@@ -86,6 +86,16 @@ type Priority = (u32, i64);
 struct Turn(Arc<Turns>);
 
 impl Turns {
+    /// The GPU if nobody holds it now.
+    fn try_take(self: &Arc<Self>) -> Option<Turn> {
+        let mut s = self.state.lock().ok()?;
+        if s.busy {
+            return None;
+        }
+        s.busy = true;
+        Some(Turn(Arc::clone(self)))
+    }
+
     /// Waits for the GPU; `priority` orders the waiters, highest first.
     async fn wait(self: &Arc<Self>, priority: Priority) -> Turn {
         let rx = {
@@ -587,11 +597,18 @@ impl Worker {
                 Arc::clone(&slot_ref.turns),
             )
         };
-        let (institution, share) = from;
-        let balance = s.client.balance(institution).await.unwrap_or(0.0);
-        #[allow(clippy::cast_possible_truncation)]
-        let turn = turns.wait((share, (balance * 1000.0) as i64)).await;
-        info!(%peer, job = %offer.spec.job, task = offer.spec.task, balance, "task started");
+        // Only a task that must wait needs its institution's balance.
+        let turn = match turns.try_take() {
+            Some(turn) => turn,
+            None => {
+                let (institution, share) = from;
+                let balance = s.client.balance(institution).await.unwrap_or(0.0);
+                #[allow(clippy::cast_possible_truncation)]
+                let priority = (share, (balance * 1000.0) as i64);
+                turns.wait(priority).await
+            }
+        };
+        info!(%peer, job = %offer.spec.job, task = offer.spec.task, "task started");
         let key: TaskKey = (offer.spec.job, offer.spec.task, offer.attempt);
         let me = self.clone();
         tokio::task::spawn_blocking(move || {

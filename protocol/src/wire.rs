@@ -9,7 +9,7 @@
 //! | `/alliance/progress/1` | [`Progress`] | [`Ack`] | 1 MiB + 64 KiB / 1 KiB |
 //! | gossip `alliance/<id>/adverts/1` | [`AdvertGossip`] | | 32 KiB |
 //! | gossip `alliance/<id>/revocations/1` | [`RevocationGossip`] | | 257 KiB |
-//! | gossip `alliance/<id>/credits/1` | [`CreditGossip`] | | 32 KiB |
+//! | gossip `alliance/<id>/credits/1` | [`CreditGossip`] | | 128 KiB |
 //!
 //! On a stream each message is a frame: a 4-byte big-endian length, then the
 //! message's canonical bytes. [`frame_len`] checks the length against the
@@ -267,17 +267,21 @@ pub struct AdvertGossip {
     pub advert: Signed<crate::advert::GpuAdvert>,
 }
 
-/// A credit on the alliance's gossip topic, with the issuing submitter's
-/// chain so that every member can check who signed it.
+/// Credits on the alliance's gossip topic, at most
+/// [`MAX_GOSSIP_CREDITS`], all issued by one submitter, with its chain so
+/// that every member can check who signed them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreditGossip {
     pub chain: Chain,
-    pub credit: Signed<crate::task::Credit>,
+    pub credits: Vec<Signed<crate::task::Credit>>,
 }
+
+/// Credits one gossip message carries at most.
+pub const MAX_GOSSIP_CREDITS: usize = 64;
 
 impl Message for CreditGossip {
     const NAME: &'static str = "credit gossip";
-    const MAX_SIZE: usize = 32 * 1024;
+    const MAX_SIZE: usize = 128 * 1024;
 }
 
 impl Message for AdvertGossip {

@@ -27,8 +27,8 @@ use alliance_protocol::cert::{
 };
 use alliance_protocol::task::Credit;
 use alliance_protocol::wire::{
-    Ack, AdvertGossip, CreditGossip, DeclineReason, Hello, Message, OfferAnswer, OfferRequest,
-    Progress, RevocationGossip, TaskReport,
+    Ack, AdvertGossip, CreditGossip, DeclineReason, Hello, MAX_GOSSIP_CREDITS, Message,
+    OfferAnswer, OfferRequest, Progress, RevocationGossip, TaskReport,
 };
 use alliance_protocol::{Identity, Signed, Timestamp};
 use futures::StreamExt;
@@ -197,8 +197,8 @@ pub enum Command {
     Progress(PeerId, Box<Progress>, oneshot::Sender<Reply<Ack>>),
     /// The verified member behind a peer, if it is one and connected.
     Member(PeerId, oneshot::Sender<Option<Member>>),
-    /// Keep and gossip a credit this node issued.
-    PublishCredit(Box<Signed<Credit>>),
+    /// Keep and gossip credits this node issued.
+    PublishCredits(Vec<Signed<Credit>>),
     /// Every institution's account.
     Credits(oneshot::Sender<Vec<Balance>>),
     /// One institution's balance, GPU seconds.
@@ -302,10 +302,10 @@ impl Client {
         self.streams.clone().accept(protocol).ok()
     }
 
-    /// Keeps and gossips a credit this node issued.
-    pub async fn publish_credit(&self, credit: Signed<Credit>) -> Result<(), Stopped> {
+    /// Keeps and gossips credits this node issued (in batches).
+    pub async fn publish_credits(&self, credits: Vec<Signed<Credit>>) -> Result<(), Stopped> {
         self.commands
-            .send(Command::PublishCredit(Box::new(credit)))
+            .send(Command::PublishCredits(credits))
             .await
             .map_err(|_| Stopped)
     }
@@ -1068,6 +1068,9 @@ impl EventLoop {
         let now = Timestamp::now();
         let checked = (|| {
             let g = CreditGossip::decode(data).map_err(|e| e.to_string())?;
+            if g.credits.is_empty() || g.credits.len() > MAX_GOSSIP_CREDITS {
+                return Err(format!("{} credits in one message", g.credits.len()));
+            }
             let member = self.chain_member(&g.chain, Roles::SUBMIT, now)?;
             if source != Some(member.peer_id) {
                 return Err(format!(
@@ -1075,16 +1078,20 @@ impl EventLoop {
                     member.peer_id
                 ));
             }
-            let credit = g.credit.verify().map_err(|e| e.to_string())?;
-            if g.credit.signer() != member.node_key
-                || credit.submitter_institution != member.institution_key
-            {
-                return Err("the credit names another issuer than its chain".into());
+            let mut new = false;
+            for signed in &g.credits {
+                let credit = signed.verify().map_err(|e| e.to_string())?;
+                if signed.signer() != member.node_key
+                    || credit.submitter_institution != member.institution_key
+                {
+                    return Err("a credit names another issuer than its chain".into());
+                }
+                if credit.issued_at.as_secs() > now.as_secs() + 600 {
+                    return Err("a credit is dated in the future".into());
+                }
+                new |= self.credits.add(signed).map_err(|e| e.to_string())?;
             }
-            if credit.issued_at.as_secs() > now.as_secs() + 600 {
-                return Err("the credit is dated in the future".into());
-            }
-            self.credits.add(&g.credit).map_err(|e| e.to_string())
+            Ok(new)
         })();
         match checked {
             Ok(true) => A::Accept,
@@ -1455,23 +1462,26 @@ impl EventLoop {
                     .send_request(&peer, (*p).into());
                 self.progress_out.insert(id, tx);
             }
-            Command::PublishCredit(credit) => {
-                if let Err(e) = self.credits.add(&credit) {
-                    warn!("cannot keep a credit this node issued: {e}");
-                    return;
+            Command::PublishCredits(credits) => {
+                for c in &credits {
+                    if let Err(e) = self.credits.add(c) {
+                        warn!("cannot keep a credit this node issued: {e}");
+                    }
                 }
-                let gossip = CreditGossip {
-                    chain: self.setup.chain.clone(),
-                    credit: *credit,
-                };
-                if let Ok(bytes) = gossip.encode()
-                    && let Err(e) = self
-                        .swarm
-                        .behaviour_mut()
-                        .gossipsub
-                        .publish(self.credits_topic.clone(), bytes)
-                {
-                    debug!("credit not gossiped now: {e}");
+                for batch in credits.chunks(MAX_GOSSIP_CREDITS) {
+                    let gossip = CreditGossip {
+                        chain: self.setup.chain.clone(),
+                        credits: batch.to_vec(),
+                    };
+                    if let Ok(bytes) = gossip.encode()
+                        && let Err(e) = self
+                            .swarm
+                            .behaviour_mut()
+                            .gossipsub
+                            .publish(self.credits_topic.clone(), bytes)
+                    {
+                        debug!("credits not gossiped now: {e}");
+                    }
                 }
             }
             Command::Credits(tx) => {

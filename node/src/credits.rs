@@ -11,7 +11,10 @@
 
 use std::collections::HashMap;
 
+use alliance_protocol::cert::Chain;
+use alliance_protocol::encoding;
 use alliance_protocol::task::Credit;
+use alliance_protocol::wire::{CreditsPage, MAX_PAGE_CREDITS, MAX_PAGE_ISSUERS};
 use alliance_protocol::{Hash, PublicKey, Signed, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +66,17 @@ mod serde_bytes_vec {
     }
 }
 
+/// Largest issuer chain kept, encoded.
+const MAX_CHAIN: usize = 64 * 1024;
+
+/// A credit's key as a hash (keys are the hashes of the signed bytes).
+fn last_key(k: &[u8]) -> Hash {
+    let mut b = [0u8; 32];
+    let n = k.len().min(32);
+    b[..n].copy_from_slice(&k[..n]);
+    Hash::from_bytes(b)
+}
+
 /// An institution's decayed sums at `at`.
 #[derive(Debug, Clone, Copy, Default)]
 struct Totals {
@@ -92,14 +106,18 @@ impl Totals {
 #[derive(Debug, Clone)]
 pub struct Credits {
     tree: sled::Tree,
+    /// The chain of each submitter whose credits are here, by node key, to
+    /// hand on with them.
+    issuers: sled::Tree,
     totals: std::sync::Arc<std::sync::Mutex<HashMap<PublicKey, Totals>>>,
 }
 
 impl Credits {
-    /// Opens the table and sums the credits in it.
-    pub fn new(tree: sled::Tree) -> Self {
+    /// Opens the tables and sums the credits in them.
+    pub fn new(tree: sled::Tree, issuers: sled::Tree) -> Self {
         let me = Self {
             tree,
+            issuers,
             totals: std::sync::Arc::default(),
         };
         let now = Timestamp::now().as_secs();
@@ -136,9 +154,10 @@ impl Credits {
         add(c.submitter_institution, 0.0, secs, other);
     }
 
-    /// Keeps a credit whose issuer was checked (its signature is checked
-    /// here); false if it was here already.
-    pub fn add(&self, signed: &Signed<Credit>) -> Result<bool, CreditError> {
+    /// Keeps a credit whose issuer (with `chain`, kept to hand the credit
+    /// on) was checked; its signature is checked here. False if it was here
+    /// already.
+    pub fn add(&self, signed: &Signed<Credit>, chain: Option<&Chain>) -> Result<bool, CreditError> {
         let credit = signed
             .verify()
             .map_err(|e| CreditError::Bad(e.to_string()))?;
@@ -158,9 +177,72 @@ impl Credits {
             signed: bytes,
         })
         .map_err(|e| CreditError::Bad(e.to_string()))?;
+        let signer = signed.signer();
+        if let Some(chain) = chain
+            && !self.issuers.contains_key(signer.as_bytes())?
+        {
+            let c = encoding::encode("chain", chain, MAX_CHAIN)
+                .map_err(|e| CreditError::Bad(e.to_string()))?;
+            self.issuers.insert(signer.as_bytes(), c)?;
+        }
         self.tree.insert(key.as_bytes(), v)?;
         self.count(&credit, Timestamp::now().as_secs());
         Ok(true)
+    }
+
+    /// The credits after `after` in this table's order, at most
+    /// [`MAX_PAGE_CREDITS`] from at most [`MAX_PAGE_ISSUERS`] issuers, with
+    /// the issuers' chains and where the next page starts.
+    pub fn page(&self, after: Option<Hash>) -> CreditsPage {
+        use std::ops::Bound;
+        let from = match after {
+            Some(h) => Bound::Excluded(h.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut page = CreditsPage {
+            issuers: Vec::new(),
+            credits: Vec::new(),
+            next: None,
+        };
+        let mut signers: Vec<PublicKey> = Vec::new();
+        let mut last: Option<Hash> = None;
+        for (k, v) in self
+            .tree
+            .range::<Vec<u8>, _>((from, Bound::Unbounded))
+            .flatten()
+        {
+            let Ok(stored) = serde_json::from_slice::<Stored>(&v) else {
+                continue;
+            };
+            let Ok(signed) = Signed::<Credit>::from_bytes(&stored.signed) else {
+                continue;
+            };
+            let signer = signed.signer();
+            if !signers.contains(&signer) {
+                let chain = self
+                    .issuers
+                    .get(signer.as_bytes())
+                    .ok()
+                    .flatten()
+                    .and_then(|c| encoding::decode::<Chain>("chain", &c, MAX_CHAIN).ok());
+                let Some(chain) = chain else {
+                    continue;
+                };
+                if signers.len() == MAX_PAGE_ISSUERS {
+                    page.next = last;
+                    break;
+                }
+                signers.push(signer);
+                page.issuers.push(chain);
+            }
+            page.credits.push(signed);
+            last = Some(last_key(&k));
+            if page.credits.len() == MAX_PAGE_CREDITS {
+                page.next = last;
+                break;
+            }
+        }
+        page
     }
 
     /// Every institution's account at `now`, names from `names` where
@@ -214,7 +296,10 @@ mod tests {
     fn balances_are_zero_sum_and_fade() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let credits = Credits::new(db.open_tree("credits").unwrap());
+        let credits = Credits::new(
+            db.open_tree("credits").unwrap(),
+            db.open_tree("issuers").unwrap(),
+        );
         let (a, b) = (Identity::generate(), Identity::generate());
         let submitter = Identity::generate();
         let t0 = Timestamp::now();
@@ -232,14 +317,14 @@ mod tests {
             Signed::sign(&c, &submitter).unwrap()
         };
         // A's workers ran 3 s for B, 1 s for A itself.
-        assert!(credits.add(&credit(0, &a, &b, 2_000_000)).unwrap());
+        assert!(credits.add(&credit(0, &a, &b, 2_000_000), None).unwrap());
         let one = credit(1, &a, &b, 1_000_000);
-        assert!(credits.add(&one).unwrap());
-        assert!(credits.add(&credit(2, &a, &a, 1_000_000)).unwrap());
-        assert!(!credits.add(&one).unwrap(), "a duplicate");
+        assert!(credits.add(&one, None).unwrap());
+        assert!(credits.add(&credit(2, &a, &a, 1_000_000), None).unwrap());
+        assert!(!credits.add(&one, None).unwrap(), "a duplicate");
         assert!(
             credits
-                .add(&credit(3, &a, &b, MAX_GPU_TIME_US + 1))
+                .add(&credit(3, &a, &b, MAX_GPU_TIME_US + 1), None)
                 .is_err()
         );
         let names = HashMap::from([(a.public(), "A".to_owned())]);
@@ -259,7 +344,10 @@ mod tests {
         // the next): allow for one second of decay.
         assert!((credits.balance(&a.public(), later) - 1.5).abs() < 1e-5);
         // Reopened, the table sums the same credits again.
-        let again = Credits::new(db.open_tree("credits").unwrap());
+        let again = Credits::new(
+            db.open_tree("credits").unwrap(),
+            db.open_tree("issuers").unwrap(),
+        );
         let t = again.table(&names, t0);
         assert!(
             (t[0].balance_s - 3.0).abs() < 1e-5 && t[0].credits == 3,

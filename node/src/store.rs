@@ -14,6 +14,7 @@ pub struct Store {
     peers: sled::Tree,
     revocations: sled::Tree,
     credits: sled::Tree,
+    credit_issuers: sled::Tree,
 }
 
 /// The database could not be opened.
@@ -50,13 +51,15 @@ impl Store {
             peers: db.open_tree("peers").map_err(err)?,
             revocations: db.open_tree("revocations").map_err(err)?,
             credits: db.open_tree("credits").map_err(err)?,
+            credit_issuers: db.open_tree("credit_issuers").map_err(err)?,
             db,
         })
     }
 
-    /// The credits table (see [`crate::credits`]).
-    pub fn credits(&self) -> sled::Tree {
-        self.credits.clone()
+    /// The credits table and the chains of their issuers (see
+    /// [`crate::credits`]).
+    pub fn credits(&self) -> (sled::Tree, sled::Tree) {
+        (self.credits.clone(), self.credit_issuers.clone())
     }
 
     /// Another table of the same database (jobs, tasks).

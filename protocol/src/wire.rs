@@ -9,6 +9,7 @@
 //! | `/alliance/progress/1` | [`Progress`] | [`Ack`] | 1 MiB + 64 KiB / 1 KiB |
 //! | gossip `alliance/<id>/adverts/1` | [`AdvertGossip`] | | 32 KiB |
 //! | gossip `alliance/<id>/revocations/1` | [`RevocationGossip`] | | 257 KiB |
+//! | `/alliance/credits/1` | [`CreditsRequest`] | [`CreditsPage`] | 1 KiB / 1 MiB |
 //! | gossip `alliance/<id>/credits/1` | [`CreditGossip`] | | 128 KiB |
 //!
 //! On a stream each message is a frame: a 4-byte big-endian length, then the
@@ -274,6 +275,38 @@ pub struct AdvertGossip {
 pub struct CreditGossip {
     pub chain: Chain,
     pub credits: Vec<Signed<crate::task::Credit>>,
+}
+
+/// Asks a member for the credits it holds, a page at a time: those after
+/// `after` (a credit's key in the holder's order), from the start if none.
+/// A node that joins (or comes back) fetches the credits it missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditsRequest {
+    pub after: Option<Hash>,
+}
+
+impl Message for CreditsRequest {
+    const NAME: &'static str = "credits request";
+    const MAX_SIZE: usize = 1024;
+}
+
+/// A page of credits, with the chains of the submitters that issued them,
+/// and where the next page starts (none: this was the last).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditsPage {
+    pub issuers: Vec<Chain>,
+    pub credits: Vec<Signed<crate::task::Credit>>,
+    pub next: Option<Hash>,
+}
+
+/// Credits one page carries at most.
+pub const MAX_PAGE_CREDITS: usize = 256;
+/// Issuers' chains one page carries at most.
+pub const MAX_PAGE_ISSUERS: usize = 64;
+
+impl Message for CreditsPage {
+    const NAME: &'static str = "credits page";
+    const MAX_SIZE: usize = 1024 * 1024;
 }
 
 /// Credits one gossip message carries at most.

@@ -451,6 +451,7 @@ proptest! {
         all::<TaskResult>(&input); all::<Ack>(&input); all::<BlobRequest>(&input);
         all::<BlobResponse>(&input); all::<Progress>(&input); all::<RevocationGossip>(&input);
         all::<wire::AdvertGossip>(&input); all::<wire::CreditGossip>(&input);
+        all::<wire::CreditsRequest>(&input); all::<wire::CreditsPage>(&input);
         rec::<Charter>(&input); rec::<InstitutionCert>(&input); rec::<NodeCert>(&input);
         rec::<Revocations>(&input); rec::<GpuAdvert>(&input); rec::<TaskOffer>(&input);
         rec::<Receipt>(&input); rec::<CheckpointRecord>(&input); rec::<Credit>(&input);

@@ -1,7 +1,8 @@
 //! Credits and fair share, with real processes: verified work earns the
 //! worker's institution signed credits that every node receives and
-//! counts alike; a busy worker then runs the queued task of an institution
-//! that gave before the earlier-queued task of one that only took.
+//! counts alike (a node that joins later fetches them); a busy worker then
+//! runs the queued task of an institution that gave before the
+//! earlier-queued task of one that only took.
 
 use std::collections::BTreeMap;
 
@@ -130,6 +131,13 @@ fn contributors_are_served_first_and_every_node_counts_alike() {
     assert!(given > 0 && given == took, "{first:?}");
     let out = alliance(&["credits"], &busy.dir.path);
     assert!(text(&out).contains("University A"), "{}", text(&out));
+    // A node that was not there when they were gossiped fetches them from
+    // the first member it meets.
+    let late = start(&a, "late", 2, Roles::SUBMIT, &boot_addr);
+    wait_for(LIMIT, "a late node to count the credits alike", || {
+        accounts(&late) == first
+    });
+    drop(late);
 
     // C's worker gets busy with a long task of B's; B queues a short one,
     // then A queues one. A gave, B only took: A's runs first.
@@ -177,4 +185,80 @@ fn contributors_are_served_first_and_every_node_counts_alike() {
         [long.as_str(), a_short.as_str(), b_short.as_str()],
         "long = {long}, B's short = {b_short}, A's short = {a_short}"
     );
+}
+
+#[test]
+fn credit_pages_hand_on_every_credit_once_with_its_issuer() {
+    use alliance_node::credits::Credits;
+    use alliance_protocol::task::{Credit, JobId};
+    use alliance_protocol::wire::{MAX_PAGE_CREDITS, MAX_PAGE_ISSUERS};
+    use alliance_protocol::{Hash, Identity, Signed, Timestamp};
+
+    let a = TestAlliance::new(
+        "Pages Test",
+        &[("University A", Roles::ALL), ("University B", Roles::ALL)],
+        30,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let credits = Credits::new(
+        db.open_tree("credits").unwrap(),
+        db.open_tree("issuers").unwrap(),
+    );
+    // More issuers than a page may name, and more credits than it holds.
+    let issuers: Vec<(Identity, alliance_protocol::cert::Chain)> = (0..MAX_PAGE_ISSUERS + 6)
+        .map(|_| {
+            let id = Identity::generate();
+            let chain = a.chain(&id, 1, Roles::SUBMIT, Timestamp::now(), 30);
+            (id, chain)
+        })
+        .collect();
+    let total = 700u32;
+    for task in 0..total {
+        let (id, chain) = &issuers[task as usize % issuers.len()];
+        let c = Credit {
+            job: JobId([3; 16]),
+            task,
+            receipt: Hash::of(&task.to_le_bytes()),
+            worker: Identity::generate().public(),
+            worker_institution: a.institutions[0].1.public(),
+            submitter_institution: a.institutions[1].1.public(),
+            gpu_time_us: 1000,
+            issued_at: Timestamp::now(),
+        };
+        let signed = Signed::sign(&c, id).unwrap();
+        assert!(credits.add(&signed, Some(chain)).unwrap());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = credits.page(after);
+        pages += 1;
+        assert!(page.credits.len() <= MAX_PAGE_CREDITS);
+        assert!(page.issuers.len() <= MAX_PAGE_ISSUERS);
+        for c in &page.credits {
+            let key = c.signer();
+            assert!(
+                page.issuers.iter().any(|ch| {
+                    ch.verify(
+                        &a.charter,
+                        &alliance_protocol::cert::RevocationSet::new(&a.charter),
+                        Timestamp::now(),
+                        Roles::SUBMIT,
+                    )
+                    .is_ok_and(|m| m.node_key == key)
+                }),
+                "a credit without its issuer's chain"
+            );
+            assert!(seen.insert(c.verify().unwrap().task), "handed on twice");
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+        assert!(pages < 100, "paging does not end");
+    }
+    assert_eq!(seen.len(), total as usize);
+    assert!(pages >= 3, "{pages} pages");
 }

@@ -27,8 +27,8 @@ use alliance_protocol::cert::{
 };
 use alliance_protocol::task::Credit;
 use alliance_protocol::wire::{
-    Ack, AdvertGossip, CreditGossip, DeclineReason, Hello, MAX_GOSSIP_CREDITS, Message,
-    OfferAnswer, OfferRequest, Progress, RevocationGossip, TaskReport,
+    Ack, AdvertGossip, CreditGossip, CreditsPage, CreditsRequest, DeclineReason, Hello,
+    MAX_GOSSIP_CREDITS, Message, OfferAnswer, OfferRequest, Progress, RevocationGossip, TaskReport,
 };
 use alliance_protocol::{Identity, Signed, Timestamp};
 use futures::StreamExt;
@@ -357,6 +357,10 @@ pub struct EventLoop {
     credits_topic: gossipsub::IdentTopic,
     /// Every credit this node has checked: the alliance's accounts.
     credits: Credits,
+    /// The member this node fetches the credits it missed from, while it
+    /// does; and whether it has since starting.
+    credit_sync: Option<PeerId>,
+    credits_synced: bool,
     revocations_topic: gossipsub::IdentTopic,
     institutions: HashMap<alliance_protocol::PublicKey, Institution>,
     members: HashMap<PeerId, (Member, Chain)>,
@@ -408,7 +412,8 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
     let (tx, rx) = mpsc::channel(64);
     let adverts_topic = super::topic(&setup.charter.id, "adverts");
     let credits_topic = super::topic(&setup.charter.id, "credits");
-    let credits = Credits::new(setup.store.credits());
+    let (credit_table, credit_issuers) = setup.store.credits();
+    let credits = Credits::new(credit_table, credit_issuers);
     let revocations_topic = super::topic(&setup.charter.id, "revocations");
     let now = Instant::now();
     let sequence = Timestamp::now().as_secs().saturating_mul(1_000_000);
@@ -432,6 +437,8 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             adverts_topic,
             credits_topic,
             credits,
+            credit_sync: None,
+            credits_synced: false,
             revocations_topic,
             institutions: HashMap::new(),
             members: HashMap::new(),
@@ -626,6 +633,99 @@ impl EventLoop {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
         self.publish_due = true;
+        // The credits gossiped while this node was away: from the first
+        // member it meets.
+        if !self.credits_synced && self.credit_sync.is_none() {
+            self.swarm
+                .behaviour_mut()
+                .credit_sync
+                .send_request(&peer, CreditsRequest { after: None }.into());
+            self.credit_sync = Some(peer);
+        }
+    }
+
+    /// Pages of credits: served to members; fetched from one after start.
+    fn on_credit_sync(
+        &mut self,
+        event: request_response::Event<CodecInbound<CreditsRequest>, CreditsPage>,
+    ) {
+        use request_response::{Event, Message as M};
+        match event {
+            Event::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                let Some((_, request)) = self.gate(peer, "credits request", request) else {
+                    return;
+                };
+                let page = self.credits.page(request.after);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .credit_sync
+                    .send_response(channel, page);
+            }
+            Event::Message {
+                peer,
+                message: M::Response { response, .. },
+                ..
+            } => {
+                let added = self.take_credits(&response);
+                match response.next {
+                    Some(after) if !response.credits.is_empty() => {
+                        self.swarm
+                            .behaviour_mut()
+                            .credit_sync
+                            .send_request(&peer, CreditsRequest { after: Some(after) }.into());
+                    }
+                    _ => {
+                        self.credits_synced = true;
+                        self.credit_sync = None;
+                    }
+                }
+                if added > 0 {
+                    info!(%peer, added, "credits this node missed, fetched");
+                }
+            }
+            Event::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "credit sync failed; trying the next member met");
+                self.credit_sync = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Keeps the credits of a page that check out as gossiped ones must;
+    /// how many were new.
+    fn take_credits(&mut self, page: &CreditsPage) -> u32 {
+        let now = Timestamp::now();
+        let mut issuers = HashMap::new();
+        for chain in &page.issuers {
+            if let Ok(m) = self.chain_member(chain, Roles::SUBMIT, now) {
+                issuers.insert(m.node_key, (m, chain.clone()));
+            }
+        }
+        let mut added = 0u32;
+        for signed in &page.credits {
+            let Some((member, chain)) = issuers.get(&signed.signer()) else {
+                continue;
+            };
+            let Ok(credit) = signed.verify() else {
+                continue;
+            };
+            if credit.submitter_institution != member.institution_key
+                || credit.issued_at.as_secs() > now.as_secs() + 600
+            {
+                continue;
+            }
+            if let Ok(true) = self.credits.add(signed, Some(chain)) {
+                added += 1;
+            }
+        }
+        added
     }
 
     /// Adds a verified peer's addresses to Kademlia and the peer store.
@@ -745,6 +845,7 @@ impl EventLoop {
                 }
             },
             SwarmEvent::Behaviour(BehaviourEvent::Membership(e)) => self.on_membership(e),
+            SwarmEvent::Behaviour(BehaviourEvent::CreditSync(e)) => self.on_credit_sync(e),
             SwarmEvent::Behaviour(BehaviourEvent::Tasks(e)) => self.on_service(
                 e,
                 "task offer",
@@ -1089,7 +1190,10 @@ impl EventLoop {
                 if credit.issued_at.as_secs() > now.as_secs() + 600 {
                     return Err("a credit is dated in the future".into());
                 }
-                new |= self.credits.add(signed).map_err(|e| e.to_string())?;
+                new |= self
+                    .credits
+                    .add(signed, Some(&g.chain))
+                    .map_err(|e| e.to_string())?;
             }
             Ok(new)
         })();
@@ -1464,7 +1568,7 @@ impl EventLoop {
             }
             Command::PublishCredits(credits) => {
                 for c in &credits {
-                    if let Err(e) = self.credits.add(c) {
+                    if let Err(e) = self.credits.add(c, Some(&self.setup.chain)) {
                         warn!("cannot keep a credit this node issued: {e}");
                     }
                 }

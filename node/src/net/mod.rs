@@ -24,7 +24,9 @@ pub mod codec;
 use std::time::Duration;
 
 use alliance_protocol::Hash;
-use alliance_protocol::wire::{Ack, Hello, OfferAnswer, OfferRequest, Progress, TaskReport};
+use alliance_protocol::wire::{
+    Ack, CreditsPage, CreditsRequest, Hello, OfferAnswer, OfferRequest, Progress, TaskReport,
+};
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, OptionalTransport};
 use libp2p::core::upgrade::Version;
@@ -46,6 +48,8 @@ pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/task/1"
 pub const RESULT_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/result/1");
 /// Progress of running tasks, worker to submitter (renews the lease).
 pub const PROGRESS_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/progress/1");
+/// Credits a node missed, paged from a member that holds them.
+pub const CREDITS_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/credits/1");
 /// Blob ranges, either way: one stream per range (see [`crate::blobs`]).
 pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/blob/2");
 
@@ -58,6 +62,7 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub membership: request_response::Behaviour<codec::Codec<Hello, Hello>>,
+    pub credit_sync: request_response::Behaviour<codec::Codec<CreditsRequest, CreditsPage>>,
     pub tasks: request_response::Behaviour<codec::Codec<OfferRequest, OfferAnswer>>,
     pub results: request_response::Behaviour<codec::Codec<TaskReport, Ack>>,
     pub progress: request_response::Behaviour<codec::Codec<Progress, Ack>>,
@@ -319,6 +324,10 @@ impl Behaviour {
             membership: request_response::Behaviour::new(
                 [(MEMBERSHIP_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+            ),
+            credit_sync: request_response::Behaviour::new(
+                [(CREDITS_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
             ),
             tasks: request_response::Behaviour::new(
                 [(TASK_PROTOCOL, request_response::ProtocolSupport::Full)],

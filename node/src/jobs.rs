@@ -1243,6 +1243,10 @@ impl Jobs {
                 }
             }
             Err(Refusal::Late(why)) => Ack::Refused(why),
+            Err(Refusal::Again(why)) => {
+                self.count_against(&peer.to_string(), &member.institution_name, Event::Lapsed);
+                Ack::Refused(why)
+            }
             Err(Refusal::Bad(why)) => {
                 warn!(%peer, %why, "bad report");
                 self.count_against(&peer.to_string(), &member.institution_name, Event::Wrong);
@@ -1399,13 +1403,21 @@ impl Jobs {
         let l = live
             .get(id)
             .ok_or_else(|| Refusal::Late("no such job here".into()))?;
-        if l.job.state != JobState::Active {
-            return Err(Refusal::Late("the job is no longer active".into()));
-        }
         let t = l
             .tasks
             .get(task as usize)
             .ok_or_else(|| Refusal::Bad("no such task in the job".into()))?;
+        if t.replicas
+            .iter()
+            .any(|r| r.attempt == attempt && r.worker == worker && r.returned())
+        {
+            return Err(Refusal::Again(format!(
+                "attempt {attempt} of task {task} was already reported"
+            )));
+        }
+        if l.job.state != JobState::Active {
+            return Err(Refusal::Late("the job is no longer active".into()));
+        }
         let held = t
             .replicas
             .iter()
@@ -1657,6 +1669,11 @@ struct Market<'a> {
 enum Refusal {
     /// Nothing wrong with the worker: the result is simply not wanted.
     Late(String),
+    /// A report of an attempt the worker already reported: a replay, or a
+    /// retry after a lost acknowledgement. Harmless either way (the
+    /// signature binds it to that attempt), and indistinguishable, so it
+    /// counts against the worker as a lapse, not as a lie.
+    Again(String),
     /// The worker broke the protocol; it is dropped.
     Bad(String),
 }

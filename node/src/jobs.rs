@@ -266,6 +266,9 @@ struct Inner {
     institution: PublicKey,
     /// Credits signed for verified work, to gossip after the next flush.
     credits: Mutex<Vec<Signed<Credit>>>,
+    /// The same credits on disk, written with the verification that earned
+    /// them, removed once handed to the network.
+    unsent_credits: sled::Tree,
     live: Mutex<BTreeMap<String, Live>>,
     /// Writes made, and writes known to be on disk: anything between the
     /// two awaits a flush (shared by concurrent callers: group commit).
@@ -315,6 +318,8 @@ pub struct Tables {
     pub tasks: sled::Tree,
     pub outputs: sled::Tree,
     pub reputation: sled::Tree,
+    /// Credits signed and not yet handed to the network.
+    pub unsent_credits: sled::Tree,
 }
 
 impl Tables {
@@ -324,6 +329,7 @@ impl Tables {
             tasks: store.tree("tasks")?,
             outputs: store.tree("outputs")?,
             reputation: store.tree("reputation")?,
+            unsent_credits: store.tree("unsent_credits")?,
         })
     }
 }
@@ -343,6 +349,7 @@ impl Jobs {
             tasks,
             outputs,
             reputation,
+            unsent_credits,
         } = tables;
         let mut live = BTreeMap::new();
         for item in jobs.iter() {
@@ -372,7 +379,17 @@ impl Jobs {
                 reputation: Reputation::new(reputation),
                 caught: Mutex::new(std::collections::HashSet::new()),
                 institution,
-                credits: Mutex::new(Vec::new()),
+                // Credits signed before a restart and not yet gossiped go
+                // out with the first pass.
+                credits: Mutex::new(
+                    unsent_credits
+                        .iter()
+                        .values()
+                        .flatten()
+                        .filter_map(|v| Signed::<Credit>::from_bytes(&v).ok())
+                        .collect(),
+                ),
+                unsent_credits,
                 live: Mutex::new(live),
                 writes: std::sync::atomic::AtomicU64::new(0),
                 flushed: std::sync::atomic::AtomicU64::new(0),
@@ -811,7 +828,12 @@ impl Jobs {
             .map(|mut c| std::mem::take(&mut *c))
             .unwrap_or_default();
         if !credits.is_empty() {
-            let _ = self.inner.client.publish_credits(credits).await;
+            let keys: Vec<Hash> = credits.iter().map(|c| Hash::of(&c.to_bytes())).collect();
+            if self.inner.client.publish_credits(credits).await.is_ok() {
+                for k in keys {
+                    let _ = self.inner.unsent_credits.remove(k.as_bytes());
+                }
+            }
         }
         for (id, index, attempt, peer, offer, kernel) in offers {
             let me = self.clone();
@@ -1599,6 +1621,14 @@ impl Jobs {
         };
         match Signed::sign(&credit, &self.inner.identity) {
             Ok(signed) => {
+                let bytes = signed.to_bytes();
+                if let Err(e) = self
+                    .inner
+                    .unsent_credits
+                    .insert(Hash::of(&bytes).as_bytes(), bytes)
+                {
+                    warn!("cannot keep a credit: {e}");
+                }
                 if let Ok(mut c) = self.inner.credits.lock() {
                     c.push(signed);
                 }

@@ -169,6 +169,20 @@ fn a_submitter_killed_mid_job_finishes_it_after_a_restart() {
     assert_eq!(all.shape, vec![u64::from(tasks), 64]);
     let want: Vec<u32> = (0..tasks).flat_map(|t| pi_reference(t, steps)).collect();
     assert_eq!(library::to_u32(&all.data), want);
+    // Each verified task earned one credit, and the restart lost none:
+    // the workers count every one.
+    wait_for(LIMIT, "the workers to count a credit per task", || {
+        net.workers.iter().all(|(_, w)| {
+            w.get("/v1/credits").is_some_and(|c| {
+                c.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b["credits"].as_u64().unwrap())
+                    .max()
+                    == Some(u64::from(tasks))
+            })
+        })
+    });
 }
 
 #[test]

@@ -125,6 +125,9 @@ pub enum ReplicaState {
     Verified,
     /// Disagreed with the quorum.
     Outvoted,
+    /// Ran on another GPU model than the quorum, in a job that compares
+    /// replicas only on the same model: not compared, not counted.
+    Unmatched,
     Declined {
         reason: String,
     },
@@ -167,7 +170,10 @@ impl Replica {
     fn returned(&self) -> bool {
         matches!(
             self.state,
-            ReplicaState::Returned | ReplicaState::Verified | ReplicaState::Outvoted
+            ReplicaState::Returned
+                | ReplicaState::Verified
+                | ReplicaState::Outvoted
+                | ReplicaState::Unmatched
         )
     }
 }
@@ -1125,6 +1131,17 @@ impl Jobs {
         // worker where one is free: a check by a stranger catches a liar
         // only as often as the stranger is honest.
         let checking = job.adaptive && !used_institutions.is_empty();
+        // With `group_by_gpu`, a GPU of a model that already returned a
+        // replica of this task can complete its quorum.
+        let models: Vec<&str> = if job.requirements.group_by_gpu {
+            t.replicas
+                .iter()
+                .filter(|r| r.returned())
+                .map(|r| r.adapter.as_str())
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Preferred institutions first, then institutions that hold no
         // replica of this task yet, then trusted checkers, then workers
         // that already hold the job's inputs, then the least loaded, then
@@ -1148,9 +1165,16 @@ impl Jobs {
                     .unwrap_or(0);
                 let untrusted_checker =
                     checking && !self.inner.reputation.worker(&x.peer_id).trusted();
+                let other_model = !models.is_empty()
+                    && !x.gpus.iter().any(|g| {
+                        models
+                            .iter()
+                            .any(|m| m.starts_with(&format!("{} (", g.name)))
+                    });
                 (
                     !preferred,
                     spread,
+                    other_model,
                     untrusted_checker,
                     !warm.contains(&x.peer_id),
                     load,
@@ -1519,12 +1543,22 @@ impl Jobs {
             }
         }
         let quorum = quorum(required);
+        // With `group_by_gpu`, replicas are compared only with replicas
+        // that ran on the same GPU model, backend and driver: bit-exact
+        // floats may differ between models without anyone lying.
+        let gpu = |i: usize| -> &str {
+            if job.requirements.group_by_gpu {
+                t.replicas[i].adapter.as_str()
+            } else {
+                ""
+            }
+        };
         // Group replicas that agree with each other's first member.
         let mut groups: Vec<Vec<usize>> = Vec::new();
         for &i in &returned {
             match groups
                 .iter_mut()
-                .find(|g| self.agree(job, &t.replicas[g[0]], &t.replicas[i]))
+                .find(|g| gpu(g[0]) == gpu(i) && self.agree(job, &t.replicas[g[0]], &t.replicas[i]))
             {
                 Some(g) => g.push(i),
                 None => groups.push(vec![i]),
@@ -1541,9 +1575,16 @@ impl Jobs {
                     .into_iter(),
             )
         };
-        let one_institution = institutions(&returned) <= 1;
+        let one_institution = |g: &[usize]| {
+            let same_gpu: Vec<usize> = returned
+                .iter()
+                .copied()
+                .filter(|&i| gpu(i) == gpu(g[0]))
+                .collect();
+            institutions(&same_gpu) <= 1
+        };
         let support = |g: &[usize]| {
-            if one_institution {
+            if one_institution(g) {
                 count(g.iter())
             } else {
                 institutions(g)
@@ -1559,6 +1600,10 @@ impl Jobs {
             return;
         };
         let winner = winner.clone();
+        let winning_gpu = gpu(winner[0]).to_owned();
+        let compared: Vec<bool> = (0..t.replicas.len())
+            .map(|i| gpu(i) == winning_gpu)
+            .collect();
         t.result = Some(t.replicas[winner[0]].outputs.clone());
         // A result accepted alone proves nothing about its worker: only
         // results another worker confirmed count for it.
@@ -1567,8 +1612,10 @@ impl Jobs {
             let r = &mut t.replicas[i];
             let (state, event) = if winner.contains(&i) {
                 (ReplicaState::Verified, confirmed.then_some(Event::Agreed))
-            } else {
+            } else if compared[i] {
                 (ReplicaState::Outvoted, Some(Event::Wrong))
+            } else {
+                (ReplicaState::Unmatched, None)
             };
             r.state = state;
             if let Some(event) = event {

@@ -619,7 +619,18 @@ impl Worker {
                 *guard = Some(Sandbox::start(config).map_err(|e| e.to_string())?);
             }
             let sb = guard.as_mut().ok_or("no sandbox")?;
-            let adapter = sb.ready().map(|r| r.adapter.name).unwrap_or_default();
+            // Model, backend and driver: what bit-exact comparison of
+            // floats between replicas depends on.
+            let adapter = sb
+                .ready()
+                .map(|r| {
+                    let a = r.adapter;
+                    format!(
+                        "{} ({:?}, {} {})",
+                        a.name, a.backend, a.driver, a.driver_info
+                    )
+                })
+                .unwrap_or_default();
             let wanted = |k: &TaskKey| me.inner.abandoned.lock().map_or(true, |a| !a.contains(k));
             if !wanted(&key) {
                 me.count(|s| s.stopped += 1);

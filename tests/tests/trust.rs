@@ -235,21 +235,28 @@ struct Rogue {
     node: alliance_tests::alliance::InProcess,
     offers: tokio::sync::mpsc::Receiver<alliance_node::net::actor::Inbound>,
     submitter: alliance_protocol::PublicKey,
+    /// What its receipts say it ran on.
+    adapter: String,
 }
 
 impl Rogue {
     async fn join(a: &TestAlliance, sub: &Running) -> Self {
+        Self::join_as(a, sub, 1, "rogue").await
+    }
+
+    async fn join_as(a: &TestAlliance, sub: &Running, inst: usize, adapter: &str) -> Self {
         let (tx, offers) = tokio::sync::mpsc::channel(16);
         let addr: libp2p::Multiaddr = sub.address().parse().unwrap();
         let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
             panic!("{addr} names no peer");
         };
         let submitter = alliance_protocol::PublicKey::from_peer_id(&peer).unwrap();
-        let node = a.spawn_with(1, vec![addr], Some(tx)).await;
+        let node = a.spawn_with(inst, vec![addr], Some(tx)).await;
         Self {
             node,
             offers,
             submitter,
+            adapter: adapter.to_owned(),
         }
     }
 
@@ -293,7 +300,7 @@ impl Rogue {
                 len: digest_of.len() as u64,
             }],
             gpu_time_us: 10,
-            adapter: "rogue".into(),
+            adapter: self.adapter.clone(),
             worker: self.node.identity.public(),
             submitter: self.submitter,
             finished_at: Timestamp::now(),
@@ -482,4 +489,84 @@ fn a_worker_that_turns_liar_after_earning_trust_is_caught_and_rechecked() {
         .unwrap()
         .clone();
     assert_eq!(w["trusted"], false, "{w}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_other_gpu_models_are_not_held_against_them() {
+    let a = TestAlliance::new(
+        "Model Test",
+        &[
+            ("University North", Roles::ALL),
+            ("University South", Roles::ALL),
+            ("University East", Roles::ALL),
+        ],
+        30,
+    );
+    let sub_dir = a.node("sub", 0, Roles::SUBMIT);
+    let sub = sub_dir.start(false);
+    let sub_peer: libp2p::PeerId = sub_dir.peer().parse().unwrap();
+    // Two workers with GPU model X, one with model Y whose floats round
+    // otherwise: its answers differ, honestly.
+    let mut peers = Vec::new();
+    for (inst, model, differs) in [(1, "GPU X", false), (2, "GPU Y", true), (0, "GPU X", false)] {
+        let mut rogue =
+            Rogue::join_as(&a, &sub, inst, &format!("{model} (Vulkan, test 1.0)")).await;
+        peers.push((rogue.node.peer, differs));
+        tokio::spawn(async move {
+            loop {
+                let offer = rogue.accept().await;
+                let mut out = pi_bytes(7, offer.spec.task);
+                if differs {
+                    out[0] ^= 1;
+                }
+                let key = std::sync::Arc::clone(&rogue.node.identity);
+                let report = rogue.report(&offer, &key, out.clone(), &out);
+                let _ = rogue.send(&sub_peer, report).await;
+            }
+        });
+    }
+    wait_for(LIMIT, "the three workers' adverts", || {
+        sub.advertisers().len() == 3
+    });
+    let jobs = a.dir.path().join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let text_of = pi_job(7, 3, 4, 16, 1).replace("steps = 1", "steps = 1\nredundancy = 2")
+        + "[requirements]\ngroup_by_gpu = true\n";
+    let p = write(&jobs, "models.toml", text_of);
+    let out = alliance(&["submit", p.to_str().unwrap()], &sub_dir.path);
+    assert!(out.status.success(), "{}", text(&out));
+    let id = text(&out).split_whitespace().nth(1).unwrap().to_owned();
+    let mut d = Value::Null;
+    wait_for(LIMIT, "the job to end", || {
+        d = sub.get(&format!("/v1/jobs/{id}")).unwrap();
+        d["summary"]["state"] != "active"
+    });
+    assert_eq!(d["summary"]["state"], "done", "{d}");
+    let (model_y, _) = peers.iter().find(|p| p.1).unwrap();
+    let y = model_y.to_string();
+    let all = replicas(&d);
+    assert!(
+        all.iter()
+            .all(|r| r["worker"] != y.as_str() || r["state"] == "unmatched"),
+        "the model-Y worker was compared with model X: {d}"
+    );
+    assert!(
+        all.iter().any(|r| r["worker"] == y.as_str()),
+        "the model-Y worker took no replica: {d}"
+    );
+    for t in d["tasks"].as_array().unwrap() {
+        let winners = verified(t);
+        assert_eq!(winners.len(), 2, "{t}");
+        assert!(
+            winners
+                .iter()
+                .all(|r| r["adapter"].as_str().unwrap().starts_with("GPU X"))
+        );
+    }
+    // Its record holds nothing against it.
+    let rep = alliance(&["reputation", "--json"], &sub_dir.path);
+    let r: Value = serde_json::from_slice(&rep.stdout).unwrap();
+    for w in r["workers"].as_array().unwrap() {
+        assert_eq!(w["wrong"].as_f64().unwrap(), 0.0, "{w}");
+    }
 }

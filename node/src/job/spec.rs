@@ -201,6 +201,11 @@ pub struct Requirements {
     pub prefer_institutions: Vec<String>,
     /// Institutions never to use.
     pub avoid_institutions: Vec<String>,
+    /// Compare replicas only with replicas that ran on the same GPU model,
+    /// backend and driver (as their receipts name them), and send further
+    /// replicas to such GPUs first: for bit-exact floats, which different
+    /// GPUs may round differently without anyone lying.
+    pub group_by_gpu: bool,
 }
 
 /// An input's bytes: the same for every task, or one part per task.

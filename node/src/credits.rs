@@ -11,8 +11,9 @@
 
 use std::collections::HashMap;
 
-use alliance_protocol::cert::Chain;
+use alliance_protocol::cert::{Chain, Member};
 use alliance_protocol::encoding;
+use alliance_protocol::signed::Record;
 use alliance_protocol::task::Credit;
 use alliance_protocol::wire::{CreditsPage, MAX_PAGE_CREDITS, MAX_PAGE_ISSUERS};
 use alliance_protocol::{Hash, PublicKey, Signed, Timestamp};
@@ -20,6 +21,8 @@ use serde::{Deserialize, Serialize};
 
 /// Given and taken GPU time halve over this time.
 pub const HALF_LIFE_SECS: f64 = 7.0 * 24.0 * 3600.0;
+/// How far ahead of this node's clock a credit may be dated.
+const MAX_AHEAD_SECS: u64 = 600;
 /// Longest GPU time one credit may grant.
 pub const MAX_GPU_TIME_US: u64 = 24 * 3600 * 1_000_000;
 
@@ -48,33 +51,15 @@ pub enum CreditError {
     Db(#[from] sled::Error),
 }
 
-#[derive(Serialize, Deserialize)]
-struct Stored {
-    credit: Credit,
-    /// As signed, to hand on.
-    #[serde(with = "serde_bytes_vec")]
-    signed: Vec<u8>,
-}
-
-mod serde_bytes_vec {
-    pub(super) fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(v))
-    }
-    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text: String = serde::Deserialize::deserialize(d)?;
-        hex::decode(text).map_err(serde::de::Error::custom)
-    }
-}
-
 /// Largest issuer chain kept, encoded.
 const MAX_CHAIN: usize = 64 * 1024;
 
-/// A credit's key as a hash (keys are the hashes of the signed bytes).
-fn last_key(k: &[u8]) -> Hash {
-    let mut b = [0u8; 32];
-    let n = k.len().min(32);
-    b[..n].copy_from_slice(&k[..n]);
-    Hash::from_bytes(b)
+/// A stored credit: its signed bytes, and the record inside (whose
+/// signature was checked when it was stored).
+fn stored(bytes: &[u8]) -> Option<(Signed<Credit>, Credit)> {
+    let signed = Signed::<Credit>::from_bytes(bytes).ok()?;
+    let credit = encoding::decode(Credit::NAME, signed.payload(), Credit::MAX_SIZE).ok()?;
+    Some((signed, credit))
 }
 
 /// An institution's decayed sums at `at`.
@@ -122,7 +107,7 @@ impl Credits {
         };
         let now = Timestamp::now().as_secs();
         for (_, v) in me.tree.iter().flatten() {
-            if let Ok(Stored { credit, .. }) = serde_json::from_slice::<Stored>(&v) {
+            if let Some((_, credit)) = stored(&v) {
                 me.count(&credit, now);
             }
         }
@@ -138,29 +123,41 @@ impl Credits {
         let secs = c.gpu_time_us.min(MAX_GPU_TIME_US) as f64 / 1e6
             * 0.5f64.powf(now.saturating_sub(c.issued_at.as_secs()) as f64 / HALF_LIFE_SECS);
         let mut add = |key: PublicKey, given: f64, taken: f64, credits: u64| {
-            let t = totals.entry(key).or_default().at(now);
-            totals.insert(
-                key,
-                Totals {
-                    given_s: t.given_s + given,
-                    taken_s: t.taken_s + taken,
-                    credits: t.credits + credits,
-                    at: t.at,
-                },
-            );
+            let t = totals.entry(key).or_default();
+            *t = t.at(now);
+            t.given_s += given;
+            t.taken_s += taken;
+            t.credits += credits;
         };
         add(c.worker_institution, secs, 0.0, 1);
         let other = u64::from(c.submitter_institution != c.worker_institution);
         add(c.submitter_institution, 0.0, secs, other);
     }
 
-    /// Keeps a credit whose issuer (with `chain`, kept to hand the credit
-    /// on) was checked; its signature is checked here. False if it was here
-    /// already.
-    pub fn add(&self, signed: &Signed<Credit>, chain: Option<&Chain>) -> Result<bool, CreditError> {
+    /// Keeps a credit: its signature is checked, and, given its issuer
+    /// (a member whose chain was checked, and that chain, kept to hand the
+    /// credit on), that the issuer signed it for its own institution and
+    /// did not date it ahead. False if it was here already.
+    pub fn add(
+        &self,
+        signed: &Signed<Credit>,
+        issuer: Option<(&Member, &Chain)>,
+    ) -> Result<bool, CreditError> {
         let credit = signed
             .verify()
             .map_err(|e| CreditError::Bad(e.to_string()))?;
+        if let Some((member, _)) = issuer {
+            if signed.signer() != member.node_key
+                || credit.submitter_institution != member.institution_key
+            {
+                return Err(CreditError::Bad(
+                    "it names another issuer than its chain".into(),
+                ));
+            }
+            if credit.issued_at.as_secs() > Timestamp::now().as_secs() + MAX_AHEAD_SECS {
+                return Err(CreditError::Bad("it is dated in the future".into()));
+            }
+        }
         if credit.gpu_time_us > MAX_GPU_TIME_US {
             return Err(CreditError::Bad(format!(
                 "it grants {} s of GPU time in one task",
@@ -172,20 +169,15 @@ impl Credits {
         if self.tree.contains_key(key.as_bytes())? {
             return Ok(false);
         }
-        let v = serde_json::to_vec(&Stored {
-            credit: credit.clone(),
-            signed: bytes,
-        })
-        .map_err(|e| CreditError::Bad(e.to_string()))?;
         let signer = signed.signer();
-        if let Some(chain) = chain
+        if let Some((_, chain)) = issuer
             && !self.issuers.contains_key(signer.as_bytes())?
         {
             let c = encoding::encode("chain", chain, MAX_CHAIN)
                 .map_err(|e| CreditError::Bad(e.to_string()))?;
             self.issuers.insert(signer.as_bytes(), c)?;
         }
-        self.tree.insert(key.as_bytes(), v)?;
+        self.tree.insert(key.as_bytes(), bytes)?;
         self.count(&credit, Timestamp::now().as_secs());
         Ok(true)
     }
@@ -211,10 +203,7 @@ impl Credits {
             .range::<Vec<u8>, _>((from, Bound::Unbounded))
             .flatten()
         {
-            let Ok(stored) = serde_json::from_slice::<Stored>(&v) else {
-                continue;
-            };
-            let Ok(signed) = Signed::<Credit>::from_bytes(&stored.signed) else {
+            let Some((signed, _)) = stored(&v) else {
                 continue;
             };
             let signer = signed.signer();
@@ -236,7 +225,7 @@ impl Credits {
                 page.issuers.push(chain);
             }
             page.credits.push(signed);
-            last = Some(last_key(&k));
+            last = <[u8; 32]>::try_from(&k[..]).ok().map(Hash::from_bytes);
             if page.credits.len() == MAX_PAGE_CREDITS {
                 page.next = last;
                 break;

@@ -270,10 +270,9 @@ struct Inner {
     caught: Mutex<std::collections::HashSet<String>>,
     /// This node's institution, which credits it issues charge.
     institution: PublicKey,
-    /// Credits signed for verified work, to gossip after the next flush.
-    credits: Mutex<Vec<Signed<Credit>>>,
-    /// The same credits on disk, written with the verification that earned
-    /// them, removed once handed to the network.
+    /// Credits signed for verified work, written with the verification
+    /// that earned them, gossiped after the flush and then removed (a
+    /// restarted node sends what is left).
     unsent_credits: sled::Tree,
     live: Mutex<BTreeMap<String, Live>>,
     /// Writes made, and writes known to be on disk: anything between the
@@ -385,16 +384,6 @@ impl Jobs {
                 reputation: Reputation::new(reputation),
                 caught: Mutex::new(std::collections::HashSet::new()),
                 institution,
-                // Credits signed before a restart and not yet gossiped go
-                // out with the first pass.
-                credits: Mutex::new(
-                    unsent_credits
-                        .iter()
-                        .values()
-                        .flatten()
-                        .filter_map(|v| Signed::<Credit>::from_bytes(&v).ok())
-                        .collect(),
-                ),
                 unsent_credits,
                 live: Mutex::new(live),
                 writes: std::sync::atomic::AtomicU64::new(0),
@@ -418,10 +407,15 @@ impl Jobs {
     fn save_job(&self, job: &JobRecord) -> Result<(), JobsError> {
         let v = serde_json::to_vec(job).map_err(db)?;
         self.inner.jobs.insert(job.id.as_bytes(), v).map_err(db)?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Counts a write that the next flush must cover.
+    fn wrote(&self) {
         self.inner
             .writes
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Ok(())
     }
 
     fn save_task(&self, id: &str, task: &TaskRecord) -> Result<(), JobsError> {
@@ -430,9 +424,7 @@ impl Jobs {
             .tasks
             .insert(task_key(id, task.index), v)
             .map_err(db)?;
-        self.inner
-            .writes
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.wrote();
         Ok(())
     }
 
@@ -694,9 +686,7 @@ impl Jobs {
                         }
                         continue;
                     }
-                    let target = target_replicas(self.required(job, t), t);
                     let active = count(t.replicas.iter().filter(|r| r.in_flight()));
-                    let returned = count(t.replicas.iter().filter(|r| r.returned()));
                     if t.next_attempt >= ATTEMPTS_PER_REPLICA * (job.redundancy + 1) && active == 0
                     {
                         t.state = TaskState::Failed;
@@ -719,13 +709,6 @@ impl Jobs {
                         ));
                         t.waiting = None;
                         self.save_task(&job.id, t)?;
-                        continue;
-                    }
-                    let need = target.saturating_sub(active + returned);
-                    if need == 0 {
-                        if changed {
-                            self.save_task(&job.id, t)?;
-                        }
                         continue;
                     }
                     // The replicas a task needs can grow as they are
@@ -791,7 +774,7 @@ impl Jobs {
                                 ));
                                 changed = true;
                             }
-                            Err(why) if why.starts_with(EXHAUSTED) && active == 0 => {
+                            Err(Unplaced::Exhausted(why)) if active == 0 => {
                                 // Disagreement, and nobody left to ask:
                                 // the task fails with the evidence.
                                 t.state = TaskState::Failed;
@@ -800,7 +783,7 @@ impl Jobs {
                                 changed = true;
                                 break;
                             }
-                            Err(why) => {
+                            Err(Unplaced::Exhausted(why) | Unplaced::Waits(why)) => {
                                 if t.waiting.as_deref() != Some(why.as_str()) {
                                     t.waiting = Some(why);
                                     changed = true;
@@ -826,19 +809,19 @@ impl Jobs {
                 }
             }
         }
-        self.durable().await?;
-        let credits = self
+        // Credits read before the flush are durable after it, with the
+        // verifications that earned them.
+        let (keys, credits): (Vec<_>, Vec<_>) = self
             .inner
-            .credits
-            .lock()
-            .map(|mut c| std::mem::take(&mut *c))
-            .unwrap_or_default();
-        if !credits.is_empty() {
-            let keys: Vec<Hash> = credits.iter().map(|c| Hash::of(&c.to_bytes())).collect();
-            if self.inner.client.publish_credits(credits).await.is_ok() {
-                for k in keys {
-                    let _ = self.inner.unsent_credits.remove(k.as_bytes());
-                }
+            .unsent_credits
+            .iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k, Signed::<Credit>::from_bytes(&v).ok()?)))
+            .unzip();
+        self.durable().await?;
+        if !credits.is_empty() && self.inner.client.publish_credits(credits).await.is_ok() {
+            for k in keys {
+                let _ = self.inner.unsent_credits.remove(k);
             }
         }
         for (id, index, attempt, peer, offer, kernel) in offers {
@@ -973,7 +956,7 @@ impl Jobs {
         job: &JobRecord,
         t: &TaskRecord,
         market: &Market<'a>,
-    ) -> Result<&'a AdvertView, String> {
+    ) -> Result<&'a AdvertView, Unplaced> {
         let Market {
             adverts,
             connected,
@@ -984,7 +967,7 @@ impl Jobs {
         let req = &job.requirements;
         let remote: Vec<&AdvertView> = adverts.iter().filter(|a| !a.local).collect();
         if remote.is_empty() {
-            return Err("no other member advertises a GPU".into());
+            return Err(Unplaced::Waits("no other member advertises a GPU".into()));
         }
         let needed_bytes = job_buffer_bytes(job);
         let capable: Vec<&AdvertView> = remote
@@ -1018,7 +1001,7 @@ impl Jobs {
             if what.is_empty() {
                 what.push(format!("buffers of {needed_bytes} bytes"));
             }
-            return Err(format!(
+            return Err(Unplaced::Waits(format!(
                 "no member advertises a GPU with {} ({} advertise{} GPUs{})",
                 what.join(", "),
                 remote.len(),
@@ -1028,7 +1011,7 @@ impl Jobs {
                 } else {
                     format!(", avoiding {}", req.avoid_institutions.join(", "))
                 }
-            ));
+            )));
         }
         let holders: std::collections::HashSet<&str> = t
             .replicas
@@ -1063,15 +1046,18 @@ impl Jobs {
         if fresh.is_empty() {
             let returned = count(t.replicas.iter().filter(|r| r.returned()));
             if returned >= self.required(job, t) {
-                return Err(format!("{EXHAUSTED}: {}", disagreement(t)));
+                return Err(Unplaced::Exhausted(format!(
+                    "{EXHAUSTED}: {}",
+                    disagreement(t)
+                )));
             }
-            return Err(format!(
+            return Err(Unplaced::Waits(format!(
                 "the {} matching worker{} already hold{} a replica of this task; redundancy {} needs more workers",
                 capable.len(),
                 if capable.len() == 1 { "" } else { "s" },
                 if capable.len() == 1 { "s" } else { "" },
                 job.redundancy
-            ));
+            )));
         }
         let declined = self
             .inner
@@ -1125,7 +1111,7 @@ impl Jobs {
             if !recent.is_empty() {
                 why.push_str(&format!("; {}", recent.join("; ")));
             }
-            return Err(why);
+            return Err(Unplaced::Waits(why));
         }
         // A second opinion on an adaptive job's task comes from a trusted
         // worker where one is free: a check by a stranger catches a liar
@@ -1182,7 +1168,7 @@ impl Jobs {
                     x.peer_id.clone(),
                 )
             })
-            .ok_or_else(|| "no worker".to_owned())?;
+            .ok_or_else(|| Unplaced::Waits("no worker".into()))?;
         Ok(best)
     }
 
@@ -1516,14 +1502,10 @@ impl Jobs {
         if self.inner.flushed.load(Ordering::Acquire) >= mine {
             return Ok(());
         }
-        let upto = self.inner.writes.load(Ordering::Acquire);
-        let tasks = self.inner.tasks.clone();
-        tokio::task::spawn_blocking(move || tasks.flush())
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.flush())
             .await
             .map_err(db)?
-            .map_err(db)?;
-        self.inner.flushed.fetch_max(upto, Ordering::AcqRel);
-        Ok(())
     }
 
     /// Verifies `t` when a quorum of its returned replicas agrees.
@@ -1646,7 +1628,7 @@ impl Jobs {
     }
 
     /// Signs a credit for a replica's verified work; it is gossiped after
-    /// the next flush.
+    /// the next flush (see `unsent_credits`).
     fn issue_credit(&self, job: &JobRecord, task: u32, r: &Replica) {
         let (Some(receipt), Some(worker_institution), Ok(peer)) =
             (r.receipt, r.institution_key, r.worker.parse::<PeerId>())
@@ -1669,15 +1651,13 @@ impl Jobs {
         match Signed::sign(&credit, &self.inner.identity) {
             Ok(signed) => {
                 let bytes = signed.to_bytes();
-                if let Err(e) = self
+                match self
                     .inner
                     .unsent_credits
                     .insert(Hash::of(&bytes).as_bytes(), bytes)
                 {
-                    warn!("cannot keep a credit: {e}");
-                }
-                if let Ok(mut c) = self.inner.credits.lock() {
-                    c.push(signed);
+                    Ok(_) => self.wrote(),
+                    Err(e) => warn!("cannot keep a credit: {e}"),
                 }
             }
             Err(e) => warn!("cannot sign a credit: {e}"),
@@ -1753,6 +1733,15 @@ enum Refusal {
     Again(String),
     /// The worker broke the protocol; it is dropped.
     Bad(String),
+}
+
+/// Why no worker takes another replica of a task now.
+enum Unplaced {
+    /// It waits; why, in words for the researcher.
+    Waits(String),
+    /// Its replicas disagree and no other worker is left to ask: the
+    /// evidence, which fails the task once no replica runs.
+    Exhausted(String),
 }
 
 /// How a task's failure starts when its replicas disagree and no other

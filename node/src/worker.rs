@@ -58,10 +58,11 @@ struct Slot {
     turns: Arc<Turns>,
 }
 
-/// One task at a time on a GPU; the tasks waiting go in order of their
-/// submitting institution's balance (GPU time given minus taken, from
-/// the alliance's credits), then of arrival. Members who give are served
-/// before members who only take.
+/// One task at a time on a GPU; the tasks waiting go in order of the
+/// owner's share for their submitting institution, then of that
+/// institution's balance (GPU time given minus taken, from the alliance's
+/// credits), then of arrival. Members who give are served before members
+/// who only take.
 #[derive(Default)]
 struct Turns {
     state: Mutex<TurnState>,
@@ -699,7 +700,6 @@ impl Worker {
     }
 }
 
-/// Sends `progress` to the submitter every [`PROGRESS_EVERY`] until aborted.
 /// Sends `progress` to the submitter every [`PROGRESS_EVERY`] until aborted;
 /// when the submitter says it no longer wants the task (it was cancelled,
 /// or offered elsewhere), the task is stopped.
@@ -792,7 +792,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_gpu_goes_to_the_highest_balance_then_the_earliest() {
+    async fn the_gpu_goes_to_the_largest_share_then_balance_then_the_earliest() {
         let turns = Arc::new(Turns::default());
         let held = turns.wait((1, 0)).await;
         let order = Arc::new(Mutex::new(Vec::new()));

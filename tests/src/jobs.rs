@@ -37,6 +37,41 @@ pub fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
     p
 }
 
+/// Submits the job file `job` to the node in `sub` without waiting;
+/// returns the job id.
+pub fn submit(sub: &Path, job: &Path) -> String {
+    let out = alliance(&["submit", job.to_str().unwrap()], sub);
+    assert!(out.status.success(), "{}", text(&out));
+    text(&out)
+        .split_whitespace()
+        .nth(1)
+        .expect("a job id")
+        .to_owned()
+}
+
+/// Writes `job_text` to `dir/name` and submits it like [`submit`].
+pub fn submit_text(sub: &Path, dir: &Path, name: &str, job_text: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    submit(sub, &write(dir, name, job_text))
+}
+
+/// Waits until the job leaves the active state; returns its detail.
+pub fn wait_end(node: &Running, id: &str) -> serde_json::Value {
+    let mut detail = serde_json::Value::Null;
+    wait_for(LIMIT, &format!("job {id} to end"), || {
+        detail = node.get(&format!("/v1/jobs/{id}")).unwrap_or_default();
+        detail["summary"]["state"] != "active" && !detail.is_null()
+    });
+    detail
+}
+
+/// `alliance reputation --json` of the node in `dir`.
+pub fn reputation(dir: &Path) -> serde_json::Value {
+    let out = alliance(&["reputation", "--json"], dir);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("reputation JSON")
+}
+
 /// Submits `job` and waits for it; returns the job id.
 pub fn run_job(sub: &NodeDir, job: &Path) -> String {
     let out = alliance(&["submit", job.to_str().unwrap(), "--wait"], &sub.path);

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use alliance_protocol::cert::Roles;
 use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
-use alliance_tests::jobs::{LIMIT, alliance, pi_job, text, write};
+use alliance_tests::jobs::{LIMIT, alliance, pi_job, submit_text, text, wait_end};
 use serde_json::Value;
 
 struct Node {
@@ -24,22 +24,16 @@ fn start(a: &TestAlliance, name: &str, inst: usize, roles: Roles, boot: &str) ->
 }
 
 fn submit(a: &TestAlliance, sub: &Node, name: &str, job: &str) -> String {
-    let jobs = a.dir.path().join("jobs");
-    std::fs::create_dir_all(&jobs).unwrap();
-    let p = write(&jobs, name, job);
-    let out = alliance(&["submit", p.to_str().unwrap()], &sub.dir.path);
-    assert!(out.status.success(), "{}", text(&out));
-    text(&out).split_whitespace().nth(1).unwrap().to_owned()
+    submit_text(&sub.dir.path, &a.dir.path().join("jobs"), name, job)
 }
 
 fn job(sub: &Node, id: &str) -> Value {
     sub.run.get(&format!("/v1/jobs/{id}")).unwrap()
 }
 
-fn wait_state(sub: &Node, id: &str, state: &str) {
-    wait_for(LIMIT, &format!("job {id} to be {state}"), || {
-        job(sub, id)["summary"]["state"] == state
-    });
+fn wait_done(sub: &Node, id: &str) {
+    let d = wait_end(&sub.run, id);
+    assert_eq!(d["summary"]["state"], "done", "{d}");
 }
 
 /// Waits until the job's only task runs (or waits its turn) at a worker.
@@ -116,7 +110,7 @@ fn contributors_are_served_first_and_every_node_counts_alike() {
             .any(|g| g["peer_id"] == busy.dir.peer().as_str() && g["gpus"][0]["state"] == "Paused")
     });
     let taken = submit(&a, &sub_b, "b1.toml", &pi_job(3, 4, 4, 16, 1));
-    wait_state(&sub_b, &taken, "done");
+    wait_done(&sub_b, &taken);
 
     // Every node holds the same four credits: A gave, B took.
     let everyone = [&worker_a, &busy, &sub_a, &sub_b];
@@ -167,8 +161,8 @@ fn contributors_are_served_first_and_every_node_counts_alike() {
         "active",
         "the long task must still hold the GPU while both wait; make it longer"
     );
-    wait_state(&sub_b, &b_short, "done");
-    wait_state(&sub_a, &a_short, "done");
+    wait_done(&sub_b, &b_short);
+    wait_done(&sub_a, &a_short);
     let log = std::fs::read_to_string(busy.dir.path.join("node.log")).unwrap();
     let started: Vec<&str> = log
         .lines()
@@ -206,16 +200,20 @@ fn credit_pages_hand_on_every_credit_once_with_its_issuer() {
         db.open_tree("issuers").unwrap(),
     );
     // More issuers than a page may name, and more credits than it holds.
-    let issuers: Vec<(Identity, alliance_protocol::cert::Chain)> = (0..MAX_PAGE_ISSUERS + 6)
+    let revocations = alliance_protocol::cert::RevocationSet::new(&a.charter);
+    let issuers: Vec<_> = (0..MAX_PAGE_ISSUERS + 6)
         .map(|_| {
             let id = Identity::generate();
             let chain = a.chain(&id, 1, Roles::SUBMIT, Timestamp::now(), 30);
-            (id, chain)
+            let member = chain
+                .verify(&a.charter, &revocations, Timestamp::now(), Roles::SUBMIT)
+                .unwrap();
+            (id, member, chain)
         })
         .collect();
     let total = 700u32;
     for task in 0..total {
-        let (id, chain) = &issuers[task as usize % issuers.len()];
+        let (id, member, chain) = &issuers[task as usize % issuers.len()];
         let c = Credit {
             job: JobId([3; 16]),
             task,
@@ -227,7 +225,7 @@ fn credit_pages_hand_on_every_credit_once_with_its_issuer() {
             issued_at: Timestamp::now(),
         };
         let signed = Signed::sign(&c, id).unwrap();
-        assert!(credits.add(&signed, Some(chain)).unwrap());
+        assert!(credits.add(&signed, Some((member, chain))).unwrap());
     }
     let mut seen = std::collections::BTreeSet::new();
     let mut after = None;
@@ -241,13 +239,8 @@ fn credit_pages_hand_on_every_credit_once_with_its_issuer() {
             let key = c.signer();
             assert!(
                 page.issuers.iter().any(|ch| {
-                    ch.verify(
-                        &a.charter,
-                        &alliance_protocol::cert::RevocationSet::new(&a.charter),
-                        Timestamp::now(),
-                        Roles::SUBMIT,
-                    )
-                    .is_ok_and(|m| m.node_key == key)
+                    ch.verify(&a.charter, &revocations, Timestamp::now(), Roles::SUBMIT)
+                        .is_ok_and(|m| m.node_key == key)
                 }),
                 "a credit without its issuer's chain"
             );

@@ -10,7 +10,7 @@ use alliance_node::job::npy;
 use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::wait_for;
 use alliance_tests::jobs::{
-    LIMIT, alliance, alliance_of_three, pi_job, read_npy, replicas, results, text, write,
+    LIMIT, alliance, alliance_of_three, pi_job, read_npy, replicas, results, submit, text, write,
 };
 use serde_json::Value;
 
@@ -25,12 +25,6 @@ fn pi_reference(task: u32, steps: u32) -> Vec<u32> {
         .into_iter()
         .map(|c| c * steps)
         .collect()
-}
-
-fn submit(sub: &std::path::Path, job: &std::path::Path) -> String {
-    let out = alliance(&["submit", job.to_str().unwrap()], sub);
-    assert!(out.status.success(), "{}", text(&out));
-    text(&out).split_whitespace().nth(1).unwrap().to_owned()
 }
 
 #[test]

@@ -8,7 +8,9 @@
 use alliance_kernels::library::{self, monte_carlo_pi};
 use alliance_protocol::cert::Roles;
 use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
-use alliance_tests::jobs::{LIMIT, alliance, pi_job, read_npy, replicas, results, text, write};
+use alliance_tests::jobs::{
+    LIMIT, pi_job, read_npy, replicas, reputation, results, submit_text, wait_end,
+};
 use serde_json::Value;
 
 /// Makes a worker lie: wrong outputs, consistent hashes, valid signatures
@@ -64,9 +66,7 @@ fn alliance_with(institutions: &[&str], workers: &[(usize, Option<&'static str>)
 impl Net {
     /// `alliance reputation --json` on the submitter.
     fn reputation(&self) -> Value {
-        let out = alliance(&["reputation", "--json"], &self.sub_dir.path);
-        assert!(out.status.success(), "{}", text(&out));
-        serde_json::from_slice(&out.stdout).unwrap()
+        reputation(&self.sub_dir.path)
     }
 
     fn liars(&self) -> Vec<String> {
@@ -79,17 +79,9 @@ impl Net {
 
     /// Submits `job` (a file's text) and waits for it to end; its detail.
     fn run(&self, name: &str, job: &str) -> (String, Value) {
-        let dir = self.a.dir.path().join("jobs");
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = write(&dir, name, job);
-        let out = alliance(&["submit", path.to_str().unwrap()], &self.sub_dir.path);
-        assert!(out.status.success(), "{}", text(&out));
-        let id = text(&out).split_whitespace().nth(1).unwrap().to_owned();
-        let mut detail = Value::Null;
-        wait_for(LIMIT, "the job to end", || {
-            detail = self.sub.get(&format!("/v1/jobs/{id}")).unwrap();
-            detail["summary"]["state"] != "active"
-        });
+        let jobs = self.a.dir.path().join("jobs");
+        let id = submit_text(&self.sub_dir.path, &jobs, name, job);
+        let detail = wait_end(&self.sub, &id);
         (id, detail)
     }
 }
@@ -341,17 +333,11 @@ async fn forged_mismatched_and_replayed_reports_are_refused_and_counted() {
     let sub = sub_dir.start(false);
     let sub_peer: libp2p::PeerId = sub_dir.peer().parse().unwrap();
     let jobs = a.dir.path().join("jobs");
-    std::fs::create_dir_all(&jobs).unwrap();
     let submit = |name: &str, tasks: u32| {
-        let p = write(&jobs, name, pi_job(7, tasks, 4, 16, 1));
-        let out = alliance(&["submit", p.to_str().unwrap()], &sub_dir.path);
-        assert!(out.status.success(), "{}", text(&out));
-        text(&out).split_whitespace().nth(1).unwrap().to_owned()
+        submit_text(&sub_dir.path, &jobs, name, &pi_job(7, tasks, 4, 16, 1))
     };
     let record = |peer: &libp2p::PeerId| -> Value {
-        let out = alliance(&["reputation", "--json"], &sub_dir.path);
-        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-        r["workers"]
+        reputation(&sub_dir.path)["workers"]
             .as_array()
             .unwrap()
             .iter()
@@ -528,19 +514,11 @@ async fn replicas_on_other_gpu_models_are_not_held_against_them() {
     wait_for(LIMIT, "the three workers' adverts", || {
         sub.advertisers().len() == 3
     });
-    let jobs = a.dir.path().join("jobs");
-    std::fs::create_dir_all(&jobs).unwrap();
     let text_of = pi_job(7, 3, 4, 16, 1).replace("steps = 1", "steps = 1\nredundancy = 2")
         + "[requirements]\ngroup_by_gpu = true\n";
-    let p = write(&jobs, "models.toml", text_of);
-    let out = alliance(&["submit", p.to_str().unwrap()], &sub_dir.path);
-    assert!(out.status.success(), "{}", text(&out));
-    let id = text(&out).split_whitespace().nth(1).unwrap().to_owned();
-    let mut d = Value::Null;
-    wait_for(LIMIT, "the job to end", || {
-        d = sub.get(&format!("/v1/jobs/{id}")).unwrap();
-        d["summary"]["state"] != "active"
-    });
+    let jobs = a.dir.path().join("jobs");
+    let id = submit_text(&sub_dir.path, &jobs, "models.toml", &text_of);
+    let d = wait_end(&sub, &id);
     assert_eq!(d["summary"]["state"], "done", "{d}");
     let (model_y, _) = peers.iter().find(|p| p.1).unwrap();
     let y = model_y.to_string();
@@ -564,9 +542,7 @@ async fn replicas_on_other_gpu_models_are_not_held_against_them() {
         );
     }
     // Its record holds nothing against it.
-    let rep = alliance(&["reputation", "--json"], &sub_dir.path);
-    let r: Value = serde_json::from_slice(&rep.stdout).unwrap();
-    for w in r["workers"].as_array().unwrap() {
+    for w in reputation(&sub_dir.path)["workers"].as_array().unwrap() {
         assert_eq!(w["wrong"].as_f64().unwrap(), 0.0, "{w}");
     }
 }

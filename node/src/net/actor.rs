@@ -713,15 +713,7 @@ impl EventLoop {
             let Some((member, chain)) = issuers.get(&signed.signer()) else {
                 continue;
             };
-            let Ok(credit) = signed.verify() else {
-                continue;
-            };
-            if credit.submitter_institution != member.institution_key
-                || credit.issued_at.as_secs() > now.as_secs() + 600
-            {
-                continue;
-            }
-            if let Ok(true) = self.credits.add(signed, Some(chain)) {
+            if let Ok(true) = self.credits.add(signed, Some((member, chain))) {
                 added += 1;
             }
         }
@@ -1181,18 +1173,9 @@ impl EventLoop {
             }
             let mut new = false;
             for signed in &g.credits {
-                let credit = signed.verify().map_err(|e| e.to_string())?;
-                if signed.signer() != member.node_key
-                    || credit.submitter_institution != member.institution_key
-                {
-                    return Err("a credit names another issuer than its chain".into());
-                }
-                if credit.issued_at.as_secs() > now.as_secs() + 600 {
-                    return Err("a credit is dated in the future".into());
-                }
                 new |= self
                     .credits
-                    .add(signed, Some(&g.chain))
+                    .add(signed, Some((&member, &g.chain)))
                     .map_err(|e| e.to_string())?;
             }
             Ok(new)
@@ -1227,29 +1210,9 @@ impl EventLoop {
         let now = Timestamp::now();
         let checked = (|| {
             let g = AdvertGossip::decode(data).map_err(|e| (A::Reject, e.to_string()))?;
-            let key = (
-                g.chain.institution.payload_hash(),
-                g.chain.node.payload_hash(),
-            );
-            let member = match self.verified_chains.get(&key) {
-                Some(m) if m.valid_until > now => m.clone(),
-                _ => {
-                    let m = g
-                        .chain
-                        .verify(
-                            &self.setup.charter,
-                            &self.setup.revocations,
-                            now,
-                            Roles::WORK,
-                        )
-                        .map_err(|e| (A::Reject, e.to_string()))?;
-                    if self.verified_chains.len() >= MAX_CACHED_CHAINS {
-                        self.verified_chains.clear();
-                    }
-                    self.verified_chains.insert(key, m.clone());
-                    m
-                }
-            };
+            let member = self
+                .chain_member(&g.chain, Roles::WORK, now)
+                .map_err(|e| (A::Reject, e))?;
             if source != Some(member.peer_id) {
                 return Err((
                     A::Reject,
@@ -1567,8 +1530,9 @@ impl EventLoop {
                 self.progress_out.insert(id, tx);
             }
             Command::PublishCredits(credits) => {
+                let own = (&self.setup.member, &self.setup.chain);
                 for c in &credits {
-                    if let Err(e) = self.credits.add(c, Some(&self.setup.chain)) {
+                    if let Err(e) = self.credits.add(c, Some(own)) {
                         warn!("cannot keep a credit this node issued: {e}");
                     }
                 }

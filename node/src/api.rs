@@ -17,7 +17,7 @@
 //! | `GET /v1/peers` | verified, connected members |
 //! | `GET /v1/gpus` | the live advert table |
 //! | `GET /v1/worker` | the worker's GPUs and counts: offers accepted and declined, tasks run, input blobs fetched and reused |
-//! | `POST /v1/worker/pause`, `POST /v1/worker/resume` | stop or start lending this node's GPUs |
+//! | `POST /v1/worker/pause`, `POST /v1/worker/resume` | stop or start lending this node's GPUs (`?gpu=N`: one GPU); a pause hands back the tasks they hold |
 //! | `POST /v1/revocations` | apply and gossip a revocation list (body: the armored file) |
 //! | `POST /v1/jobs` | submit a job: `{"file": "/abs/path/job.toml"}` → `{"id": …}` |
 //! | `GET /v1/jobs` | this node's jobs with their progress and why tasks wait |
@@ -275,14 +275,39 @@ async fn metrics(State(c): State<Client>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-async fn pause(State(c): State<Client>) -> Answer {
-    c.set_paused(true).await?;
-    Ok(Json(json!({ "paused": true })))
+/// `?gpu=N` names one GPU; without it, every GPU.
+#[derive(Debug, serde::Deserialize)]
+struct GpuChoice {
+    gpu: Option<usize>,
 }
 
-async fn resume(State(c): State<Client>) -> Answer {
-    c.set_paused(false).await?;
-    Ok(Json(json!({ "paused": false })))
+async fn pause(s: State<ApiState>, q: axum::extract::Query<GpuChoice>) -> Answer {
+    set_paused(s, q, true).await
+}
+
+async fn resume(s: State<ApiState>, q: axum::extract::Query<GpuChoice>) -> Answer {
+    set_paused(s, q, false).await
+}
+
+async fn set_paused(
+    State(s): State<ApiState>,
+    axum::extract::Query(q): axum::extract::Query<GpuChoice>,
+    paused: bool,
+) -> Answer {
+    match &s.worker {
+        Some(w) => w
+            .set_paused(q.gpu, paused)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?,
+        // A node that runs no worker still shows its pause in its advert.
+        None if q.gpu.is_none() => s.client.set_paused(paused).await?,
+        None => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "this node lends no GPU".into(),
+            ));
+        }
+    }
+    Ok(Json(json!({ "paused": paused, "gpu": q.gpu })))
 }
 
 async fn revocations(State(c): State<Client>, body: String) -> Answer {

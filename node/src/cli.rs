@@ -58,9 +58,9 @@ pub enum Command {
     /// The alliance's GPUs as this node sees them (`--local`: this machine's adapters).
     Gpus(GpusArgs),
     /// Stop lending this node's GPUs (other members see it paused within seconds).
-    Pause(DataDirArg),
+    Pause(PauseArgs),
     /// Lend this node's GPUs again.
-    Resume(DataDirArg),
+    Resume(PauseArgs),
     /// Run the whole alliance on this machine: a charter, a bootstrap node,
     /// three workers and a submitter as processes, two jobs, checked results.
     Demo(crate::demo::DemoArgs),
@@ -294,6 +294,15 @@ pub struct DataDirArg {
     /// [default: $ALLIANCE_DATA_DIR, else ~/.local/share/alliance].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    #[command(flatten)]
+    pub dir: DataDirArg,
+    /// Only this GPU (its index in `alliance gpus --local`); default: all.
+    #[arg(long, value_name = "N")]
+    pub gpu: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -1024,13 +1033,29 @@ fn network_gpus(a: &GpusArgs, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<54} {:<24} {:<36} {:<8} {:>5}",
+        "{:<54} {:<24} {:<36} {:<8} {:>5}  why",
         "peer id", "institution", "GPU", "state", "slots"
     );
     for advert in g.as_array().into_iter().flatten() {
         for gpu in advert["gpus"].as_array().into_iter().flatten() {
+            let mut why = gpu["reason"].as_str().unwrap_or("").to_owned();
+            let terms = &gpu["terms"];
+            for (key, label) in [("allow", "only for"), ("deny", "not for")] {
+                let names: Vec<&str> = terms[key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str())
+                    .collect();
+                if !names.is_empty() {
+                    if !why.is_empty() {
+                        why.push_str("; ");
+                    }
+                    why.push_str(&format!("{label} {}", names.join(", ")));
+                }
+            }
             println!(
-                "{:<54} {:<24} {:<36} {:<8} {:>5}",
+                "{:<54} {:<24} {:<36} {:<8} {:>5}  {why}",
                 advert["peer_id"].as_str().unwrap_or("?"),
                 advert["institution"]
                     .as_str()
@@ -1052,24 +1077,25 @@ fn network_gpus(a: &GpusArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn set_paused(a: &DataDirArg, paused: bool, json: bool) -> Result<()> {
-    let path = if paused {
-        "/v1/worker/pause"
-    } else {
-        "/v1/worker/resume"
+fn set_paused(a: &PauseArgs, paused: bool, json: bool) -> Result<()> {
+    let verb = if paused { "pause" } else { "resume" };
+    let path = match a.gpu {
+        Some(n) => format!("/v1/worker/{verb}?gpu={n}"),
+        None => format!("/v1/worker/{verb}"),
     };
-    let v = ask(a, "POST", path, "")?;
+    let v = ask(&a.dir, "POST", &path, "")?;
     if json {
         print_json(&v);
     } else {
-        println!(
-            "{}",
-            if paused {
-                "paused: this node's GPUs are no longer offered"
-            } else {
-                "resumed: this node's GPUs are offered again"
-            }
-        );
+        let what = match a.gpu {
+            Some(n) => format!("GPU {n} of this node is"),
+            None => "this node's GPUs are".to_owned(),
+        };
+        if paused {
+            println!("paused: {what} no longer offered; tasks on it are handed back");
+        } else {
+            println!("resumed: {what} offered again");
+        }
     }
     Ok(())
 }

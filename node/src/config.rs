@@ -13,6 +13,8 @@ use alliance_kernels::intake::Limits;
 use alliance_kernels::sandbox::ResourceLimits;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{IdleConfig, Policy, PolicyPatch};
+
 /// The documented example configuration, written by `alliance init`.
 pub const EXAMPLE: &str = include_str!("../alliance.example.toml");
 
@@ -61,6 +63,12 @@ pub struct WorkerConfig {
     pub limits: Limits,
     /// OS limits on the sandbox process.
     pub sandbox: ResourceLimits,
+    /// The owner's terms for every lent GPU.
+    pub policy: Policy,
+    /// What differs for single GPUs, by index: `[worker.gpu.1]`.
+    pub gpu: std::collections::BTreeMap<String, PolicyPatch>,
+    /// How the node tells that the owner uses a GPU.
+    pub idle: IdleConfig,
 }
 
 /// Peer-to-peer settings.
@@ -140,6 +148,9 @@ impl Default for WorkerConfig {
             shares: std::collections::BTreeMap::new(),
             limits: Limits::default(),
             sandbox: ResourceLimits::default(),
+            policy: Policy::default(),
+            gpu: std::collections::BTreeMap::new(),
+            idle: IdleConfig::default(),
         }
     }
 }
@@ -222,6 +233,35 @@ impl Config {
             return Err(ConfigError::Parse {
                 path: path.to_owned(),
                 message: "worker.tasks_per_gpu = 0: a GPU must take at least one task".into(),
+            });
+        }
+        let w = &config.worker;
+        for key in w.gpu.keys() {
+            if key.parse::<usize>().is_err() {
+                return Err(ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: format!(
+                        "[worker.gpu.{key}]: name a GPU by its index in `alliance gpus --local`, e.g. [worker.gpu.0]"
+                    ),
+                });
+            }
+        }
+        let indices = w.gpu.keys().filter_map(|k| k.parse::<usize>().ok());
+        for index in std::iter::once(usize::MAX).chain(indices) {
+            crate::policy::for_gpu(&w.policy, &w.gpu, index, w.tasks_per_gpu).map_err(
+                |message| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message,
+                },
+            )?;
+        }
+        if w.idle.poll_ms < 50 {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "worker.idle.poll_ms = {} is too often; read the signals at most every 50 ms",
+                    w.idle.poll_ms
+                ),
             });
         }
         let l = &config.network.limits;
@@ -326,6 +366,28 @@ mod tests {
         let err =
             Config::parse("[worker.limits]\nmax_steps = -1\n", Path::new("a.toml")).unwrap_err();
         assert!(err.to_string().contains("max_steps"), "{err}");
+    }
+
+    #[test]
+    fn owner_policy_is_checked_at_load() {
+        let c = Config::parse(
+            "[worker.policy]\nwindows = [\"Mon-Fri 19:00-07:00\"]\ntimezone = \"Europe/Berlin\"\ndeny = [\"U\"]\n[worker.gpu.1]\nshared = false\n[worker.idle]\nbusy_processes = [\"blender\"]\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.worker.policy.deny, ["U"]);
+        assert_eq!(c.worker.gpu["1"].shared, Some(false));
+        for (text, want) in [
+            ("[worker.policy]\nwindows = [\"Mon-Fry\"]\n", "Fry"),
+            ("[worker.gpu.1]\ntimezone = \"Nowhere\"\n", "worker.gpu.1"),
+            ("[worker.gpu.first]\nshared = false\n", "index"),
+            ("[worker.gpu.0]\nmax_tasks = 0\n", "shared = false"),
+        ] {
+            let err = Config::parse(text, Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -76,7 +76,9 @@ pub fn advert_entry(
             fma_mflops: per_thousand(f.fma_gflop_per_s),
         }),
         state,
+        reason: String::new(),
         free_slots,
+        terms: Default::default(),
     }
 }
 

@@ -137,6 +137,11 @@ pub enum ReplicaState {
     Lost {
         reason: String,
     },
+    /// The worker's owner took the GPU back; the task goes elsewhere, from
+    /// its last checkpoint. Not held against the worker.
+    HandedBack {
+        reason: String,
+    },
 }
 
 /// A replica of a task.
@@ -158,6 +163,13 @@ pub struct Replica {
     /// The worker's institution, whose account a credit fills.
     #[serde(default)]
     pub institution_key: Option<PublicKey>,
+    /// The step this attempt started from (non-zero when it resumed from a
+    /// checkpoint).
+    #[serde(default)]
+    pub start_step: u32,
+    /// The last step this attempt sent a checkpoint of.
+    #[serde(default)]
+    pub checkpoint: Option<u32>,
 }
 
 impl Replica {
@@ -208,7 +220,37 @@ pub struct TaskRecord {
     /// was later caught with a wrong result.
     #[serde(default)]
     pub rechecked: bool,
+    /// The checkpoint a new attempt resumes from: the latest one that as
+    /// many institutions vouch for as a result would need.
+    #[serde(default)]
+    pub checkpoint: Option<Checkpoint>,
+    /// Checkpoints the attempts sent, newest last (a few per attempt).
+    #[serde(default)]
+    pub checkpoints: Vec<SentCheckpoint>,
 }
+
+/// A task's state after `step` steps, kept until the task is verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub step: u32,
+    /// The state buffers, by binding, in the checkpoint store.
+    pub state: Vec<OutputDigest>,
+    /// The workers whose checkpoints at this step agree.
+    pub workers: Vec<String>,
+}
+
+/// A checkpoint one attempt sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentCheckpoint {
+    pub attempt: u32,
+    pub worker: String,
+    pub institution: String,
+    pub step: u32,
+    pub state: Vec<OutputDigest>,
+}
+
+/// Checkpoints remembered per attempt (the newest one's buffers are kept).
+const CHECKPOINTS_PER_ATTEMPT: usize = 8;
 
 /// Counts of tasks by state, for progress.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +300,12 @@ struct Inner {
     identity: Arc<Identity>,
     client: Client,
     blobs: Blobs,
+    /// Checkpoint state buffers, content-addressed; a buffer is deleted
+    /// when no task holds it any more.
+    checkpoints: Blobs,
+    /// The checkpoint buffers each task holds, and how many tasks hold
+    /// each buffer.
+    held: Mutex<CheckpointRefs>,
     jobs: sled::Tree,
     tasks: sled::Tree,
     /// Small outputs by hash: durable with the same flush as the task
@@ -270,6 +318,8 @@ struct Inner {
     caught: Mutex<std::collections::HashSet<String>>,
     /// This node's institution, which credits it issues charge.
     institution: PublicKey,
+    /// Its name, which owners' allow and deny lists use.
+    institution_name: String,
     /// Credits signed for verified work, written with the verification
     /// that earned them, gossiped after the flush and then removed (a
     /// restarted node sends what is left).
@@ -303,6 +353,35 @@ pub enum JobsError {
     NotFound(String),
     #[error("the job database failed: {0}")]
     Db(String),
+}
+
+type CheckpointRefs = (HashMap<(String, u32), Vec<Hash>>, HashMap<Hash, u32>);
+
+/// The checkpoint buffers a task keeps: none once it is finished; else
+/// those of the checkpoint it would resume from and the newest of each
+/// attempt still running.
+fn held_checkpoints(t: &TaskRecord) -> Vec<Hash> {
+    if t.state != TaskState::Waiting {
+        return Vec::new();
+    }
+    let mut held: Vec<Hash> = t
+        .checkpoint
+        .iter()
+        .flat_map(|c| c.state.iter().map(|d| d.hash))
+        .collect();
+    for r in t.replicas.iter().filter(|r| r.in_flight()) {
+        if let Some(c) = t
+            .checkpoints
+            .iter()
+            .rev()
+            .find(|c| c.attempt == r.attempt && c.worker == r.worker)
+        {
+            held.extend(c.state.iter().map(|d| d.hash));
+        }
+    }
+    held.sort_unstable_by_key(|h| *h.as_bytes());
+    held.dedup();
+    held
 }
 
 fn task_key(id: &str, index: u32) -> Vec<u8> {
@@ -346,9 +425,11 @@ impl Jobs {
         identity: Arc<Identity>,
         client: Client,
         blobs: Blobs,
+        checkpoints: Blobs,
         tables: Tables,
-        institution: PublicKey,
+        institution: (PublicKey, String),
     ) -> Result<Self, JobsError> {
+        let (institution, institution_name) = institution;
         let Tables {
             jobs,
             tasks,
@@ -356,6 +437,8 @@ impl Jobs {
             reputation,
             unsent_credits,
         } = tables;
+        let mut held: HashMap<(String, u32), Vec<Hash>> = HashMap::new();
+        let mut refs: HashMap<Hash, u32> = HashMap::new();
         let mut live = BTreeMap::new();
         for item in jobs.iter() {
             let (_, v) = item.map_err(db)?;
@@ -366,7 +449,15 @@ impl Jobs {
                     .get(task_key(&job.id, i))
                     .map_err(db)?
                     .ok_or_else(|| JobsError::Db(format!("job {} lacks task {i}", job.id)))?;
-                list.push(serde_json::from_slice(&v).map_err(db)?);
+                let t: TaskRecord = serde_json::from_slice(&v).map_err(db)?;
+                let h = held_checkpoints(&t);
+                for hash in &h {
+                    *refs.entry(*hash).or_default() += 1;
+                }
+                if !h.is_empty() {
+                    held.insert((job.id.clone(), i), h);
+                }
+                list.push(t);
             }
             live.insert(job.id.clone(), Live { job, tasks: list });
         }
@@ -378,12 +469,15 @@ impl Jobs {
                 identity,
                 client,
                 blobs,
+                checkpoints,
+                held: Mutex::new((held, refs)),
                 jobs,
                 tasks,
                 outputs,
                 reputation: Reputation::new(reputation),
                 caught: Mutex::new(std::collections::HashSet::new()),
                 institution,
+                institution_name,
                 unsent_credits,
                 live: Mutex::new(live),
                 writes: std::sync::atomic::AtomicU64::new(0),
@@ -425,7 +519,41 @@ impl Jobs {
             .insert(task_key(id, task.index), v)
             .map_err(db)?;
         self.wrote();
+        self.hold_checkpoints(id, task);
         Ok(())
+    }
+
+    /// Keeps the checkpoint buffers `task` needs and deletes those no task
+    /// needs any more. A buffer deleted before the record that dropped it
+    /// is on disk costs, after a crash, a restart from an older point.
+    fn hold_checkpoints(&self, id: &str, task: &TaskRecord) {
+        let now = held_checkpoints(task);
+        let Ok(mut guard) = self.inner.held.lock() else {
+            return;
+        };
+        let (held, refs) = &mut *guard;
+        let key = (id.to_owned(), task.index);
+        let before = held.get(&key).cloned().unwrap_or_default();
+        if before == now {
+            return;
+        }
+        for h in &now {
+            *refs.entry(*h).or_default() += 1;
+        }
+        for h in &before {
+            if let Some(n) = refs.get_mut(h) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    refs.remove(h);
+                    let _ = std::fs::remove_file(self.inner.checkpoints.path(h));
+                }
+            }
+        }
+        if now.is_empty() {
+            held.remove(&key);
+        } else {
+            held.insert(key, now);
+        }
     }
 
     /// Makes every write so far durable. The trees share one database
@@ -511,6 +639,8 @@ impl Jobs {
                 failure: None,
                 spot_check: false,
                 rechecked: false,
+                checkpoint: None,
+                checkpoints: Vec::new(),
             })
             .collect();
         for t in &tasks {
@@ -687,7 +817,16 @@ impl Jobs {
                         continue;
                     }
                     let active = count(t.replicas.iter().filter(|r| r.in_flight()));
-                    if t.next_attempt >= ATTEMPTS_PER_REPLICA * (job.redundancy + 1) && active == 0
+                    // Attempts handed back by owners who took their GPU
+                    // back are nobody's failure and do not count.
+                    let handed_back = count(
+                        t.replicas
+                            .iter()
+                            .filter(|r| matches!(r.state, ReplicaState::HandedBack { .. })),
+                    );
+                    if t.next_attempt.saturating_sub(handed_back)
+                        >= ATTEMPTS_PER_REPLICA * (job.redundancy + 1)
+                        && active == 0
                     {
                         t.state = TaskState::Failed;
                         let reasons: Vec<String> = t
@@ -741,8 +880,10 @@ impl Jobs {
                                 };
                                 let attempt = t.next_attempt;
                                 t.next_attempt += 1;
+                                let spec = self.resume_spec(job, t);
+                                let start_step = spec.start_step;
                                 let offer = TaskOffer {
-                                    spec: spec(job, t.index),
+                                    spec,
                                     worker: worker_key,
                                     attempt,
                                     expires_at: Timestamp::now().saturating_add_secs(60),
@@ -761,6 +902,8 @@ impl Jobs {
                                     outputs: Vec::new(),
                                     receipt: None,
                                     institution_key: None,
+                                    start_step,
+                                    checkpoint: None,
                                 });
                                 t.waiting = None;
                                 *planned.entry(advert.peer_id.clone()).or_default() += 1;
@@ -987,6 +1130,63 @@ impl Jobs {
                 })
             })
             .collect();
+        // The owners' terms: who may use a GPU, for how long, with how
+        // much memory.
+        let me = self.inner.institution_name.as_str();
+        let timeout_secs = job.timeout_ms.div_ceil(1000);
+        let fits = |g: &alliance_protocol::advert::GpuInfo| {
+            g.terms.admits(me)
+                && (g.terms.max_task_secs == 0 || timeout_secs <= g.terms.max_task_secs)
+                && (g.terms.max_task_bytes == 0 || needed_bytes <= g.terms.max_task_bytes)
+        };
+        let refused: Vec<&AdvertView> = capable
+            .iter()
+            .copied()
+            .filter(|a| !a.gpus.iter().any(fits))
+            .collect();
+        if !capable.is_empty() && refused.len() == capable.len() {
+            let mut why: Vec<String> = Vec::new();
+            let gpus = || refused.iter().flat_map(|a| &a.gpus);
+            let denied = gpus().filter(|g| !g.terms.admits(me)).count();
+            if denied > 0 {
+                why.push(format!(
+                    "{denied} refuse{} {me} (their owners' allow or deny lists)",
+                    if denied == 1 { "s" } else { "" }
+                ));
+            }
+            if let Some(max) = gpus()
+                .filter(|g| g.terms.admits(me) && g.terms.max_task_secs > 0)
+                .map(|g| g.terms.max_task_secs)
+                .max()
+                .filter(|max| timeout_secs > *max)
+            {
+                why.push(format!(
+                    "owners allow tasks of at most {max} s and this job's timeout_secs is {timeout_secs}"
+                ));
+            }
+            if let Some(max) = gpus()
+                .filter(|g| g.terms.admits(me) && g.terms.max_task_bytes > 0)
+                .map(|g| g.terms.max_task_bytes)
+                .max()
+                .filter(|max| needed_bytes > *max)
+            {
+                why.push(format!(
+                    "owners allow at most {} MiB per task and this job needs {} MiB",
+                    max >> 20,
+                    needed_bytes.div_ceil(1 << 20)
+                ));
+            }
+            return Err(Unplaced::Waits(format!(
+                "the {} matching GPU{} will not take this job: {}",
+                refused.len(),
+                if refused.len() == 1 { "" } else { "s" },
+                why.join("; ")
+            )));
+        }
+        let capable: Vec<&AdvertView> = capable
+            .into_iter()
+            .filter(|a| a.gpus.iter().any(fits))
+            .collect();
         if capable.is_empty() {
             let mut what = Vec::new();
             if req.min_memory_mib > 0 {
@@ -1079,6 +1279,7 @@ impl Jobs {
                     .gpus
                     .iter()
                     .filter(|g| g.state == GpuState::Idle || g.state == GpuState::Busy)
+                    .filter(|g| fits(g))
                     .map(|g| u32::from(g.free_slots))
                     .sum();
                 let used = in_flight.get(&a.peer_id).copied().unwrap_or(0)
@@ -1108,6 +1309,25 @@ impl Jobs {
                 fresh.len(),
                 if fresh.len() == 1 { "" } else { "s" }
             );
+            let mut owners: Vec<String> = fresh
+                .iter()
+                .flat_map(|a| {
+                    a.gpus
+                        .iter()
+                        .filter(|g| !g.reason.is_empty())
+                        .map(|g| format!("{}: {}", short(&a.peer_id), g.reason))
+                })
+                .collect();
+            owners.sort();
+            owners.dedup();
+            if !owners.is_empty() {
+                let more = owners.len().saturating_sub(3);
+                owners.truncate(3);
+                why.push_str(&format!(": {}", owners.join("; ")));
+                if more > 0 {
+                    why.push_str(&format!("; and {more} more"));
+                }
+            }
             if !recent.is_empty() {
                 why.push_str(&format!("; {}", recent.join("; ")));
             }
@@ -1228,13 +1448,38 @@ impl Jobs {
         self.inner.wake.notify_one();
     }
 
-    /// A worker says a task still runs: its lease is renewed.
-    pub fn progress(&self, peer: PeerId, p: &alliance_protocol::wire::Progress) -> Ack {
-        let alliance_protocol::wire::Progress::Running {
-            job, task, attempt, ..
-        } = p
-        else {
-            return Ack::Refused("checkpoints are not taken yet".into());
+    /// A worker says a task still runs (its lease is renewed), or sends a
+    /// checkpoint (kept once it checks out, acknowledged once durable).
+    pub async fn progress(
+        &self,
+        peer: PeerId,
+        member: &Member,
+        p: alliance_protocol::wire::Progress,
+    ) -> Ack {
+        use alliance_protocol::wire::Progress as P;
+        let (job, task, attempt) = match &p {
+            P::Running {
+                job, task, attempt, ..
+            } => (*job, *task, *attempt),
+            P::Checkpoint { record, state } => {
+                return match self.take_checkpoint(peer, record, state).await {
+                    Ok(()) => match self.durable().await {
+                        Ok(()) => Ack::Ok,
+                        Err(e) => Ack::Refused(format!("cannot record the checkpoint: {e}")),
+                    },
+                    Err(Refusal::Late(why) | Refusal::Again(why)) => Ack::Refused(why),
+                    Err(Refusal::Bad(why)) => {
+                        warn!(%peer, %why, "bad checkpoint");
+                        self.count_against(
+                            &peer.to_string(),
+                            &member.institution_name,
+                            Event::Wrong,
+                        );
+                        let _ = self.inner.client.punish(peer, why.clone()).await;
+                        Ack::Refused(why)
+                    }
+                };
+            }
         };
         let worker = peer.to_string();
         let id = job.to_string();
@@ -1244,11 +1489,11 @@ impl Jobs {
         let Some(r) = live
             .get_mut(&id)
             .filter(|l| l.job.state == JobState::Active)
-            .and_then(|l| l.tasks.get_mut(*task as usize))
+            .and_then(|l| l.tasks.get_mut(task as usize))
             .and_then(|t| {
                 t.replicas
                     .iter_mut()
-                    .find(|r| r.attempt == *attempt && r.worker == worker)
+                    .find(|r| r.attempt == attempt && r.worker == worker)
             })
         else {
             return Ack::Refused("no such task here".into());
@@ -1262,6 +1507,231 @@ impl Jobs {
             }
             _ => Ack::Refused("this attempt is no longer wanted".into()),
         }
+    }
+
+    /// Checks a checkpoint against the attempt that sends it and the job,
+    /// fetches its buffers and keeps it; a checkpoint that as many
+    /// institutions vouch for as a result needs becomes the task's resume
+    /// point.
+    async fn take_checkpoint(
+        &self,
+        peer: PeerId,
+        record: &Signed<alliance_protocol::task::CheckpointRecord>,
+        state: &[(u32, Data)],
+    ) -> Result<(), Refusal> {
+        let bad = |m: String| Refusal::Bad(m);
+        let worker_key = PublicKey::from_peer_id(&peer).map_err(|e| bad(e.to_string()))?;
+        let rec = record
+            .verify()
+            .map_err(|e| bad(format!("its checkpoint does not verify: {e}")))?;
+        if record.signer() != worker_key || rec.worker != worker_key {
+            return Err(bad(
+                "signed a checkpoint with a key that is not its own".into()
+            ));
+        }
+        let (id, worker) = (rec.job.to_string(), peer.to_string());
+        // What the job expects: its state buffers and their sizes.
+        let expected: Vec<(u32, u64)> = {
+            let live = self.lock().map_err(|e| Refusal::Late(e.to_string()))?;
+            let l = live
+                .get(&id)
+                .filter(|l| l.job.state == JobState::Active)
+                .ok_or_else(|| Refusal::Late("no such active job here".into()))?;
+            let t = l
+                .tasks
+                .get(rec.task as usize)
+                .ok_or_else(|| bad("a checkpoint of no task of the job".into()))?;
+            let r = t
+                .replicas
+                .iter()
+                .find(|r| r.attempt == rec.attempt && r.worker == worker && r.in_flight())
+                .ok_or_else(|| Refusal::Late("this attempt is no longer wanted".into()))?;
+            if rec.kernel != l.job.kernel_hash {
+                return Err(bad("the checkpoint names another kernel".into()));
+            }
+            let Some(every) = l.job.checkpoint_every else {
+                return Err(bad("a checkpoint of a job that takes none".into()));
+            };
+            if rec.step == 0 || rec.step >= l.job.steps || !rec.step.is_multiple_of(every) {
+                return Err(bad(format!(
+                    "a checkpoint at step {} of {}, every {every}",
+                    rec.step, l.job.steps
+                )));
+            }
+            if rec.step <= r.checkpoint.unwrap_or(r.start_step) {
+                return Err(Refusal::Again(format!(
+                    "step {} is not past this attempt's last checkpoint",
+                    rec.step
+                )));
+            }
+            l.job
+                .inputs
+                .iter()
+                .filter(|i| i.kind == InputKind::State)
+                .map(|i| {
+                    let part = if i.split {
+                        i.parts.get(rec.task as usize)
+                    } else {
+                        i.parts.first()
+                    };
+                    (i.binding, part.map_or(0, Data::len))
+                })
+                .collect()
+        };
+        if rec.state.len() != expected.len()
+            || state.len() != expected.len()
+            || expected.iter().any(|(b, len)| {
+                !rec.state.iter().any(|d| d.binding == *b && d.len == *len)
+                    || !state.iter().any(|(sb, _)| sb == b)
+            })
+        {
+            return Err(bad(
+                "the checkpoint's buffers are not the job's state buffers".into(),
+            ));
+        }
+        for (binding, data) in state {
+            let d = rec
+                .state
+                .iter()
+                .find(|d| d.binding == *binding)
+                .ok_or_else(|| bad(format!("state {binding} is not in the record")))?;
+            match data {
+                Data::Inline(bytes) => {
+                    if Hash::of(bytes) != d.hash || bytes.len() as u64 != d.len {
+                        return Err(bad(format!("state {binding} does not match its hash")));
+                    }
+                    self.inner
+                        .checkpoints
+                        .put(bytes)
+                        .map_err(|e| Refusal::Late(format!("cannot keep the checkpoint: {e}")))?;
+                }
+                Data::Blob { hash, len } => {
+                    if *hash != d.hash || *len != d.len {
+                        return Err(bad(format!(
+                            "state {binding} names another blob than its record"
+                        )));
+                    }
+                    blobs::fetch(
+                        &self.inner.client,
+                        &self.inner.checkpoints,
+                        peer,
+                        *hash,
+                        *len,
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        blobs::BlobError::HashMismatch { .. } => Refusal::Bad(e.to_string()),
+                        other => Refusal::Late(other.to_string()),
+                    })?;
+                }
+            }
+        }
+        let mut live = self.lock().map_err(|e| Refusal::Late(e.to_string()))?;
+        let Live { job, tasks } = live
+            .get_mut(&id)
+            .ok_or_else(|| Refusal::Late("no such job here".into()))?;
+        let t = tasks
+            .get_mut(rec.task as usize)
+            .ok_or_else(|| Refusal::Late("no such task".into()))?;
+        let r = t
+            .replicas
+            .iter_mut()
+            .find(|r| r.attempt == rec.attempt && r.worker == worker && r.in_flight())
+            .ok_or_else(|| Refusal::Late("this attempt is no longer wanted".into()))?;
+        r.checkpoint = Some(rec.step);
+        let institution = r.institution.clone();
+        let mut digests = rec.state.clone();
+        digests.sort_by_key(|d| d.binding);
+        t.checkpoints.push(SentCheckpoint {
+            attempt: rec.attempt,
+            worker: worker.clone(),
+            institution,
+            step: rec.step,
+            state: digests.clone(),
+        });
+        let mine = count(t.checkpoints.iter().filter(|c| c.attempt == rec.attempt));
+        if mine as usize > CHECKPOINTS_PER_ATTEMPT
+            && let Some(oldest) = t.checkpoints.iter().position(|c| c.attempt == rec.attempt)
+        {
+            t.checkpoints.remove(oldest);
+        }
+        // Vouched for like a result: by as many institutions as the task's
+        // quorum (workers, where the task's replicas all come from one).
+        let agreeing: Vec<&SentCheckpoint> = t
+            .checkpoints
+            .iter()
+            .filter(|c| c.step == rec.step && c.state == digests)
+            .collect();
+        let institutions: std::collections::HashSet<&str> =
+            t.replicas.iter().map(|r| r.institution.as_str()).collect();
+        let support = if institutions.len() <= 1 {
+            count(
+                agreeing
+                    .iter()
+                    .map(|c| &c.worker)
+                    .collect::<std::collections::HashSet<_>>()
+                    .into_iter(),
+            )
+        } else {
+            count(
+                agreeing
+                    .iter()
+                    .map(|c| &c.institution)
+                    .collect::<std::collections::HashSet<_>>()
+                    .into_iter(),
+            )
+        };
+        if support >= quorum(self.required(job, t))
+            && t.checkpoint.as_ref().is_none_or(|c| c.step < rec.step)
+        {
+            t.checkpoint = Some(Checkpoint {
+                step: rec.step,
+                state: digests,
+                workers: agreeing.iter().map(|c| c.worker.clone()).collect(),
+            });
+        }
+        self.save_task(&id, t)
+            .map_err(|e| Refusal::Late(e.to_string()))
+    }
+
+    /// The offer's task for another attempt of `t`: from its checkpoint
+    /// when it has one whose buffers are at hand, else from the start.
+    fn resume_spec(&self, job: &JobRecord, t: &mut TaskRecord) -> TaskSpec {
+        let mut spec = spec(job, t.index);
+        let Some(c) = &t.checkpoint else {
+            return spec;
+        };
+        let mut state = Vec::new();
+        for d in &c.state {
+            let data = if d.len <= INLINE_INPUT as u64 {
+                self.inner.checkpoints.read(&d.hash).ok().map(Data::Inline)
+            } else {
+                // Workers fetch it from the blob store this node serves.
+                self.inner
+                    .checkpoints
+                    .read(&d.hash)
+                    .ok()
+                    .and_then(|bytes| self.inner.blobs.put(&bytes).ok())
+                    .map(|hash| Data::Blob { hash, len: d.len })
+            };
+            match data {
+                Some(data) if data.hash() == d.hash => state.push((d.binding, data)),
+                _ => {
+                    warn!(job = %job.id, task = t.index, step = c.step, "a checkpoint's buffer is missing; the task starts over");
+                    t.checkpoint = None;
+                    return spec;
+                }
+            }
+        }
+        for b in &mut spec.bindings {
+            if let BindingKind::State { data, .. } = &mut b.kind
+                && let Some((_, d)) = state.iter().find(|(binding, _)| *binding == b.binding)
+            {
+                *data = d.clone();
+            }
+        }
+        spec.start_step = c.step;
+        spec
     }
 
     /// Checks and records a worker's report; the answer goes back to it.
@@ -1311,7 +1781,7 @@ impl Jobs {
                     rec.submitter,
                 )
             }
-            TaskReport::Failed(f) => {
+            TaskReport::Failed(f) | TaskReport::HandedBack(f) => {
                 let rec = f.verify().map_err(|e| {
                     Refusal::Bad(format!("its failure report does not verify: {e}"))
                 })?;
@@ -1344,6 +1814,13 @@ impl Jobs {
                 self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
                     self.count_against(&r.worker, &r.institution, Event::Lapsed);
                     r.state = ReplicaState::Failed { reason };
+                })
+            }
+            TaskReport::HandedBack(f) => {
+                let reason = f.verify().map(|r| r.reason).unwrap_or_default();
+                info!(job = %id, task, worker = %short(&peer.to_string()), %reason, "task handed back; offering it elsewhere");
+                self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
+                    r.state = ReplicaState::HandedBack { reason };
                 })
             }
             TaskReport::Done(result) => {
@@ -1961,6 +2438,7 @@ fn describe_decline(r: &alliance_protocol::wire::DeclineReason) -> String {
     match r {
         D::Busy => "no free GPU".into(),
         D::Paused => "its owner paused sharing".into(),
+        D::Unavailable(m) => format!("no GPU free: {m}"),
         D::PolicyRefuses => "its owner's policy refuses this submitter".into(),
         D::Limits(m) => format!("the task breaks its limits: {m}"),
         D::BadOffer(m) => format!("the offer was refused: {m}"),

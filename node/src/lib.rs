@@ -6,6 +6,8 @@
 //! - [`trust`]: membership files (charters, certificates, revocation lists)
 //!   and checking them as a node does.
 //! - [`gpus`]: this node's GPUs as advert entries.
+//! - [`policy`]: the owner's terms per GPU, sharing windows, idle detection
+//!   ([`nvml`] for NVIDIA GPUs).
 //! - [`net`]: the libp2p swarm and the network actor.
 //! - [`store`]: the node's sled database.
 //! - [`api`]: the local HTTP API and its client.
@@ -31,6 +33,8 @@ pub mod job;
 pub mod jobcli;
 pub mod jobs;
 pub mod net;
+pub mod nvml;
+pub mod policy;
 pub mod reputation;
 pub mod run;
 pub mod store;

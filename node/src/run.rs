@@ -4,11 +4,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use alliance_kernels::executor::Executor;
 use alliance_kernels::intake::Limits;
 use alliance_kernels::{gpu, selfbench};
-use alliance_protocol::advert::GpuState;
+use alliance_protocol::advert::{GpuInfo, GpuState};
 use alliance_protocol::cert::{Chain, ChainError, RevocationSet, Revocations, Roles};
 use alliance_protocol::{Identity, Signed, Timestamp};
 use anyhow::{Context, Result, anyhow, bail};
@@ -21,6 +22,7 @@ use crate::config::Config;
 use crate::jobs::Jobs;
 use crate::net;
 use crate::net::actor::{self, Inbound, Setup};
+use crate::policy::Gate;
 use crate::store::Store;
 use crate::trust::{self, Bundle};
 use crate::worker::{Worker, WorkerSetup};
@@ -144,6 +146,50 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         })
         .await
         .context("GPU discovery stopped")??;
+    // The owner's policy for each lent GPU, and the pauses kept from
+    // before a restart: the first advert already tells them.
+    let pause_file = data_dir.join("paused.json");
+    let paused_gpus: Vec<usize> = std::fs::read_to_string(&pause_file)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    for index in cfg.worker.gpu.keys() {
+        if !lent_gpus.iter().any(|g| g.index.to_string() == *index) {
+            warn!(gpu = %index, "[worker.gpu.{index}] names a GPU this node does not lend");
+        }
+    }
+    let mut gates = Vec::new();
+    for g in &lent_gpus {
+        let policy = crate::policy::for_gpu(
+            &cfg.worker.policy,
+            &cfg.worker.gpu,
+            g.index,
+            cfg.worker.tasks_per_gpu,
+        )
+        .map_err(|e| anyhow!("{}: {e}", data_dir.join(crate::config::FILE_NAME).display()))?;
+        let mut gate = Gate::new(policy, Duration::from_secs(cfg.worker.idle.idle_for_secs));
+        gate.paused = paused_gpus.contains(&g.index);
+        gates.push(gate);
+    }
+    let wall = i64::try_from(Timestamp::now().as_secs()).unwrap_or(i64::MAX);
+    let lent: Vec<GpuInfo> = lent
+        .into_iter()
+        .zip(gates.iter_mut())
+        .map(|(entry, gate)| {
+            let (state, reason) = gate.evaluate(None, std::time::Instant::now(), wall);
+            GpuInfo {
+                state,
+                free_slots: if state == GpuState::Idle {
+                    gate.policy.max_tasks
+                } else {
+                    0
+                },
+                reason,
+                terms: gate.policy.terms(),
+                ..entry
+            }
+        })
+        .collect();
     let blobs = Blobs::open(&data_dir.join("blobs"))
         .with_context(|| format!("cannot open the blob store in {}", data_dir.display()))?;
     let job_tables = crate::jobs::Tables::open(&store)?;
@@ -200,7 +246,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         .collect();
 
     info!(peer = %own_peer, alliance = %charter.charter.name, institution = %member.institution_name, roles = %member.roles, bootstrap, "node starting");
-    let institution = member.institution_key;
+    let institution = (member.institution_key, member.institution_name.clone());
     let (inbound, requests) = tokio::sync::mpsc::channel(256);
     let (client, event_loop) = actor::new(
         network,
@@ -212,7 +258,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             revocations,
             bootstrap: bootstrap_addrs,
             store,
-            gpus: lent,
+            gpus: lent.clone(),
             paused: false,
             inbound: Some(inbound),
         },
@@ -247,13 +293,31 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             program: std::env::current_exe().unwrap_or_else(|_| "alliance".into()),
             args: vec!["sandbox".into()],
             corrupt_after,
+            gates,
+            adverts: lent,
+            idle: crate::policy::IdleConfig {
+                busy_file: cfg
+                    .worker
+                    .idle
+                    .busy_file
+                    .as_ref()
+                    .map(|f| cfg.resolve(data_dir, f)),
+                ..cfg.worker.idle.clone()
+            },
+            pause_file,
         })
     });
+    if let Some(w) = &worker {
+        tokio::spawn(w.clone().watch());
+    }
     let jobs = if submits {
         let j = Jobs::open(
             Arc::clone(&identity),
             client.clone(),
             blobs.clone(),
+            Blobs::open(&data_dir.join("checkpoints")).with_context(|| {
+                format!("cannot open the checkpoint store in {}", data_dir.display())
+            })?,
             job_tables,
             institution,
         )
@@ -342,15 +406,20 @@ async fn serve_requests(
             },
             Inbound::Progress {
                 peer,
+                member,
                 progress,
                 reply,
-            } => {
-                let answer = match &jobs {
-                    Some(j) => j.progress(peer, &progress),
-                    None => Ack::Refused("this node submits no jobs".into()),
-                };
-                let _ = reply.send(answer);
-            }
+            } => match &jobs {
+                Some(j) => {
+                    let j = j.clone();
+                    tokio::spawn(async move {
+                        let _ = reply.send(j.progress(peer, &member, *progress).await);
+                    });
+                }
+                None => {
+                    let _ = reply.send(Ack::Refused("this node submits no jobs".into()));
+                }
+            },
         }
     }
 }

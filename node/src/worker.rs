@@ -35,9 +35,13 @@ use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
 use libp2p::PeerId;
 use tracing::{info, warn};
 
+use alliance_protocol::advert::{GpuInfo, GpuState};
+use alliance_protocol::task::CheckpointRecord;
+
 use crate::blobs::{self, Blobs};
 use crate::job::spec::kernels_elem;
 use crate::net::actor::Client;
+use crate::policy::{Gate, GpuId, IdleConfig, Probe};
 
 /// How often a worker tells the submitter that a task still runs.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -49,6 +53,14 @@ type TaskKey = (alliance_protocol::task::JobId, u32, u32);
 
 struct Slot {
     report: AdapterReport,
+    /// The owner's policy and switches for this GPU.
+    gate: Gate,
+    /// The GPU's state and why, as last evaluated.
+    state: (GpuState, String),
+    /// GPU buffer bytes of the tasks taken.
+    bytes: u64,
+    /// The tasks taken, for handing them back.
+    keys: std::collections::HashSet<TaskKey>,
     /// The task running on this GPU now, and how to stop it.
     running: Arc<Mutex<Option<(TaskKey, sandbox::Stopper)>>>,
     /// Tasks accepted for this GPU and not finished (one runs at a time).
@@ -157,6 +169,15 @@ pub struct WorkerSetup {
     /// results: a lying worker, for testing the alliance's verification
     /// (`ALLIANCE_TEST_CORRUPT_RESULTS=1`, or `=after:N`).
     pub corrupt_after: Option<u64>,
+    /// Each lent GPU's owner policy and switches, in the order of `gpus`.
+    pub gates: Vec<Gate>,
+    /// The advert entry of each lent GPU, in the order of `gpus`; the
+    /// worker fills in state, reason, free slots and terms.
+    pub adverts: Vec<GpuInfo>,
+    /// How the owner's own use of a GPU is detected.
+    pub idle: IdleConfig,
+    /// Where the owner's pauses are kept across restarts.
+    pub pause_file: PathBuf,
 }
 
 /// The worker; cheap to clone.
@@ -174,6 +195,11 @@ struct Inner {
     /// Tasks the submitter no longer wants: stopped if running, skipped if
     /// still waiting for their GPU.
     abandoned: Mutex<std::collections::HashSet<TaskKey>>,
+    /// Tasks whose GPU its owner took back, and why: stopped, and handed
+    /// back to their submitter.
+    preempted: Mutex<HashMap<TaskKey, String>>,
+    /// Wakes the policy watcher at once (the owner paused or resumed).
+    recheck: tokio::sync::Notify,
     /// Intake verdicts by kernel hash and entry point.
     kernels: Mutex<HashMap<(Hash, String), Result<intake::Kernel, String>>>,
     /// One fetch per blob at a time: tasks that need a blob being fetched
@@ -197,6 +223,23 @@ pub struct Stats {
     pub blobs_cached: u64,
     /// Tasks stopped because their submitter no longer wanted them.
     pub stopped: u64,
+    /// Tasks handed back because the owner took the GPU back.
+    pub handed_back: u64,
+    /// Checkpoints the submitters acknowledged.
+    pub checkpoints: u64,
+    /// Each lent GPU's index, state and why.
+    pub states: Vec<GpuStateView>,
+}
+
+/// A lent GPU's state as the owner sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GpuStateView {
+    pub index: usize,
+    pub name: String,
+    pub state: GpuState,
+    pub reason: String,
+    pub paused: bool,
+    pub tasks: usize,
 }
 
 impl std::fmt::Debug for Worker {
@@ -213,11 +256,18 @@ fn decline(reason: DeclineReason) -> OfferAnswer {
 
 impl Worker {
     pub fn new(setup: WorkerSetup) -> Self {
+        let mut setup = setup;
+        let gates = std::mem::take(&mut setup.gates);
         let slots = setup
             .gpus
             .iter()
-            .map(|g| Slot {
+            .zip(gates)
+            .map(|(g, gate)| Slot {
                 report: g.clone(),
+                gate,
+                state: (GpuState::Idle, String::new()),
+                bytes: 0,
+                keys: std::collections::HashSet::new(),
                 running: Arc::new(Mutex::new(None)),
                 taken: 0,
                 sandbox: Arc::new(Mutex::new(None)),
@@ -232,6 +282,8 @@ impl Worker {
                 produced: std::sync::atomic::AtomicU64::new(0),
                 kernels: Mutex::new(HashMap::new()),
                 abandoned: Mutex::new(std::collections::HashSet::new()),
+                preempted: Mutex::new(HashMap::new()),
+                recheck: tokio::sync::Notify::new(),
                 fetching: tokio::sync::Mutex::new(HashMap::new()),
             }),
         }
@@ -254,7 +306,180 @@ impl Worker {
             .unwrap_or_default();
         s.gpus = gpus;
         s.busy = busy;
+        s.states = self
+            .inner
+            .slots
+            .lock()
+            .map(|slots| {
+                slots
+                    .iter()
+                    .map(|x| GpuStateView {
+                        index: x.report.index,
+                        name: x.report.name.clone(),
+                        state: x.state.0,
+                        reason: x.state.1.clone(),
+                        paused: x.gate.paused,
+                        tasks: x.taken,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         s
+    }
+
+    /// Pauses or resumes lending GPU `gpu` (its index), or every GPU; the
+    /// change is kept across restarts, shown in the advert at once, and a
+    /// pause hands back the tasks the GPU holds.
+    pub fn set_paused(&self, gpu: Option<usize>, paused: bool) -> Result<(), String> {
+        let indices = {
+            let mut slots = self
+                .inner
+                .slots
+                .lock()
+                .map_err(|_| "worker state poisoned".to_owned())?;
+            if let Some(g) = gpu
+                && !slots.iter().any(|s| s.report.index == g)
+            {
+                let lent: Vec<String> = slots.iter().map(|s| s.report.index.to_string()).collect();
+                return Err(format!(
+                    "this node lends no GPU {g}; it lends GPU {} (see `alliance gpus --local`)",
+                    lent.join(", ")
+                ));
+            }
+            for s in slots.iter_mut() {
+                if gpu.is_none_or(|g| g == s.report.index) {
+                    s.gate.paused = paused;
+                }
+            }
+            slots
+                .iter()
+                .filter(|s| s.gate.paused)
+                .map(|s| s.report.index)
+                .collect::<Vec<_>>()
+        };
+        let path = &self.inner.setup.pause_file;
+        let text = serde_json::to_string(&indices).map_err(|e| e.to_string())?;
+        std::fs::write(path, text)
+            .map_err(|e| format!("cannot keep the pause in {}: {e}", path.display()))?;
+        self.inner.recheck.notify_one();
+        Ok(())
+    }
+
+    /// Watches the owner's policy and signals: keeps each GPU's state,
+    /// publishes it in the advert when it changes, and hands back the
+    /// tasks of a GPU the owner takes back. Runs until the node stops.
+    pub async fn watch(self) {
+        let s = &self.inner.setup;
+        let ids: Vec<GpuId> = s
+            .gpus
+            .iter()
+            .map(|g| GpuId {
+                index: g.index,
+                vendor: g.vendor,
+                pci_bus_id: g.pci_bus_id.clone(),
+            })
+            .collect();
+        let probe = Arc::new(Probe::new(s.idle.clone(), ids));
+        let poll = Duration::from_millis(s.idle.poll_ms.max(50));
+        let mut published: Option<Vec<GpuInfo>> = None;
+        loop {
+            let running: Vec<bool> = self
+                .inner
+                .slots
+                .lock()
+                .map(|slots| {
+                    slots
+                        .iter()
+                        .map(|x| x.running.lock().map(|r| r.is_some()).unwrap_or(false))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let p = Arc::clone(&probe);
+            let busy = tokio::task::spawn_blocking(move || p.sample(&running))
+                .await
+                .unwrap_or_default();
+            let (adverts, taken_back) = self.evaluate(&busy);
+            for (slot, reason) in taken_back {
+                self.hand_back_all(slot, &reason);
+            }
+            if published.as_ref() != Some(&adverts) {
+                if s.client.set_gpus(adverts.clone()).await.is_err() {
+                    return;
+                }
+                published = Some(adverts);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(poll) => {}
+                () = self.inner.recheck.notified() => {}
+            }
+        }
+    }
+
+    /// Each GPU's state now, as advert entries, and the GPUs that stopped
+    /// taking work with why.
+    fn evaluate(&self, busy: &[Option<String>]) -> (Vec<GpuInfo>, Vec<(usize, String)>) {
+        let now = std::time::Instant::now();
+        let wall = i64::try_from(Timestamp::now().as_secs()).unwrap_or(i64::MAX);
+        let mut adverts = Vec::new();
+        let mut taken_back = Vec::new();
+        let Ok(mut slots) = self.inner.slots.lock() else {
+            return (adverts, taken_back);
+        };
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let signal = busy.get(i).and_then(|b| b.as_deref());
+            let (state, reason) = slot.gate.evaluate(signal, now, wall);
+            if state != GpuState::Idle && slot.state.0 == GpuState::Idle && slot.taken > 0 {
+                taken_back.push((i, reason.clone()));
+            }
+            if state != slot.state.0 || reason != slot.state.1 {
+                info!(gpu = slot.report.index, ?state, %reason, "GPU state");
+            }
+            slot.state = (state, reason.clone());
+            if let Some(base) = self.inner.setup.adverts.get(i) {
+                adverts.push(GpuInfo {
+                    state,
+                    free_slots: if state == GpuState::Idle {
+                        slot.gate.policy.max_tasks
+                    } else {
+                        0
+                    },
+                    reason,
+                    terms: slot.gate.policy.terms(),
+                    ..base.clone()
+                });
+            }
+        }
+        (adverts, taken_back)
+    }
+
+    /// Stops every task GPU `slot` holds, to hand each back to its
+    /// submitter.
+    fn hand_back_all(&self, slot: usize, reason: &str) {
+        let Ok(slots) = self.inner.slots.lock() else {
+            return;
+        };
+        let Some(s) = slots.get(slot) else {
+            return;
+        };
+        if let Ok(mut p) = self.inner.preempted.lock() {
+            for key in &s.keys {
+                p.insert(*key, reason.to_owned());
+            }
+        }
+        if let Ok(r) = s.running.lock()
+            && let Some((_, stopper)) = r.as_ref()
+        {
+            warn!(gpu = s.report.index, %reason, tasks = s.keys.len(), "the owner takes the GPU back; handing its tasks back");
+            stopper.stop();
+        }
+    }
+
+    fn preempted(&self, key: &TaskKey) -> Option<String> {
+        self.inner
+            .preempted
+            .lock()
+            .ok()
+            .and_then(|p| p.get(key).cloned())
     }
 
     /// Answers an offer from `peer`; on acceptance the task starts at once.
@@ -269,19 +494,19 @@ impl Worker {
 
     async fn consider(&self, peer: PeerId, member: &Member, req: OfferRequest) -> OfferAnswer {
         let s = &self.inner.setup;
-        if s.client.paused().await.unwrap_or(true) {
-            return decline(DeclineReason::Paused);
-        }
         let (offer, source) = match self.check_offer(peer, member, req) {
             Ok(checked) => checked,
             Err(reason) => return decline(reason),
         };
         let check = to_task(&offer, &source, |_| PathBuf::new());
-        let Some(slot) = self.claim() else {
-            return decline(DeclineReason::Busy);
+        let key: TaskKey = (offer.spec.job, offer.spec.task, offer.attempt);
+        let bytes = check.bindings.iter().map(executor::Binding::bytes).sum();
+        let slot = match self.claim(&member.institution_name, bytes, offer.spec.timeout_ms, key) {
+            Ok(slot) => slot,
+            Err(reason) => return decline(reason),
         };
         if let Err(e) = self.kernel_ok(&check, offer.spec.kernel, &slot.0.limits) {
-            self.release(slot.1);
+            self.release(slot.1, bytes, key);
             return decline(DeclineReason::Limits(e));
         }
         let lease_until = Timestamp::now().saturating_add_secs(crate::jobs::LEASE.as_secs());
@@ -305,9 +530,10 @@ impl Worker {
             ));
             let report = me.execute(peer, &offer, source, slot.1, from).await;
             beat.abort();
-            me.release(slot.1);
+            me.release(slot.1, bytes, key);
             match &report {
                 Some(TaskReport::Done(_)) => me.count(|s| s.succeeded += 1),
+                Some(TaskReport::HandedBack(_)) => me.count(|s| s.handed_back += 1),
                 _ => me.count(|s| s.failed += 1),
             }
             match report {
@@ -353,24 +579,84 @@ impl Worker {
         }
     }
 
-    /// The least loaded GPU with room for another task, which it takes.
-    fn claim(&self) -> Option<(AdapterReport, usize)> {
-        let depth = self.inner.setup.tasks_per_gpu.max(1);
-        let mut slots = self.inner.slots.lock().ok()?;
-        let (i, slot) = slots
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, s)| s.taken < depth)
-            .min_by_key(|(_, s)| s.taken)?;
+    /// The least loaded GPU that takes this task under its owner's policy
+    /// (state, institutions, memory, duration, tasks at once), which it
+    /// takes; else the most telling reason none does.
+    fn claim(
+        &self,
+        institution: &str,
+        bytes: u64,
+        timeout_ms: u64,
+        key: TaskKey,
+    ) -> Result<(AdapterReport, usize), DeclineReason> {
+        let mut slots = self.inner.slots.lock().map_err(|_| DeclineReason::Busy)?;
+        let mut why: Option<DeclineReason> = None;
+        let mut best: Option<usize> = None;
+        for (i, s) in slots.iter().enumerate() {
+            let p = &s.gate.policy;
+            let refusal = if s.state.0 != GpuState::Idle {
+                Some(DeclineReason::Unavailable(s.state.1.clone()))
+            } else if !p.terms().admits(institution) {
+                Some(DeclineReason::PolicyRefuses)
+            } else if p.max_task_secs > 0 && timeout_ms > p.max_task_secs.saturating_mul(1000) {
+                Some(DeclineReason::Limits(format!(
+                    "tasks here may run at most {} s; this one may run {} s (its job's timeout_secs)",
+                    p.max_task_secs,
+                    timeout_ms.div_ceil(1000)
+                )))
+            } else if p.max_task_bytes > 0 && bytes > p.max_task_bytes {
+                Some(DeclineReason::Limits(format!(
+                    "tasks here may use at most {} MiB of GPU memory; this one needs {} MiB",
+                    p.max_task_bytes >> 20,
+                    bytes.div_ceil(1 << 20)
+                )))
+            } else if s.taken >= usize::from(p.max_tasks)
+                || (p.max_total_bytes > 0 && s.bytes.saturating_add(bytes) > p.max_total_bytes)
+            {
+                Some(DeclineReason::Busy)
+            } else {
+                None
+            };
+            match refusal {
+                None => {
+                    if best.is_none_or(|b| slots[b].taken > s.taken) {
+                        best = Some(i);
+                    }
+                }
+                // The reason of the GPU closest to taking it wins.
+                Some(r) => {
+                    let rank = |r: &DeclineReason| match r {
+                        DeclineReason::Unavailable(_) => 0,
+                        DeclineReason::PolicyRefuses => 1,
+                        DeclineReason::Limits(_) => 2,
+                        _ => 3,
+                    };
+                    if why.as_ref().is_none_or(|w| rank(w) < rank(&r)) {
+                        why = Some(r);
+                    }
+                }
+            }
+        }
+        let Some(i) = best else {
+            return Err(why.unwrap_or(DeclineReason::Busy));
+        };
+        let slot = &mut slots[i];
         slot.taken += 1;
-        Some((slot.report.clone(), i))
+        slot.bytes = slot.bytes.saturating_add(bytes);
+        slot.keys.insert(key);
+        Ok((slot.report.clone(), i))
     }
 
-    fn release(&self, i: usize) {
+    fn release(&self, i: usize, bytes: u64, key: TaskKey) {
         if let Ok(mut slots) = self.inner.slots.lock()
             && let Some(s) = slots.get_mut(i)
         {
             s.taken = s.taken.saturating_sub(1);
+            s.bytes = s.bytes.saturating_sub(bytes);
+            s.keys.remove(&key);
+        }
+        if let Ok(mut p) = self.inner.preempted.lock() {
+            p.remove(&key);
         }
     }
 
@@ -447,9 +733,25 @@ impl Worker {
     ) -> Option<TaskReport> {
         let s = &self.inner.setup;
         let spec = &offer.spec;
-        let result = self.run(peer, offer, source, slot, from).await;
+        let acked = Arc::new(std::sync::atomic::AtomicU32::new(spec.start_step));
+        let result = self
+            .run(peer, offer, source, slot, from, Arc::clone(&acked))
+            .await;
         let now = Timestamp::now();
         let submitter = PublicKey::from_peer_id(&peer).unwrap_or(offer.worker);
+        let key: TaskKey = (spec.job, spec.task, offer.attempt);
+        if result.is_err()
+            && let Some(why) = self.preempted(&key)
+        {
+            let step = acked.load(std::sync::atomic::Ordering::Acquire);
+            let reason = format!(
+                "handed back at the owner's request ({why}); its last checkpoint is step {step}"
+            );
+            info!(job = %spec.job, task = spec.task, %reason, "task handed back");
+            return self
+                .signed_failure(offer, submitter, reason)
+                .map(TaskReport::HandedBack);
+        }
         match result {
             Ok((mut outcome, adapter)) => {
                 let produced = self
@@ -523,8 +825,19 @@ impl Worker {
         &self,
         offer: &TaskOffer,
         submitter: PublicKey,
-        mut reason: String,
+        reason: String,
     ) -> Option<TaskReport> {
+        warn!(job = %offer.spec.job, task = offer.spec.task, %reason, "task failed");
+        self.signed_failure(offer, submitter, reason)
+            .map(TaskReport::Failed)
+    }
+
+    fn signed_failure(
+        &self,
+        offer: &TaskOffer,
+        submitter: PublicKey,
+        mut reason: String,
+    ) -> Option<Signed<TaskFailure>> {
         if reason.len() > 4096 {
             let mut cut = 4096;
             while !reason.is_char_boundary(cut) {
@@ -533,7 +846,6 @@ impl Worker {
             reason.truncate(cut);
         }
         let s = &self.inner.setup;
-        warn!(job = %offer.spec.job, task = offer.spec.task, %reason, "task failed");
         let failure = TaskFailure {
             job: offer.spec.job,
             task: offer.spec.task,
@@ -544,9 +856,7 @@ impl Worker {
             reason,
             failed_at: Timestamp::now(),
         };
-        Signed::sign(&failure, &s.identity)
-            .ok()
-            .map(TaskReport::Failed)
+        Signed::sign(&failure, &s.identity).ok()
     }
 
     async fn run(
@@ -556,6 +866,7 @@ impl Worker {
         source: String,
         slot: usize,
         from: (PublicKey, u32),
+        acked: Arc<std::sync::atomic::AtomicU32>,
     ) -> Result<(Outcome, String), String> {
         let s = &self.inner.setup;
         for b in &offer.spec.bindings {
@@ -611,8 +922,16 @@ impl Worker {
         };
         info!(%peer, job = %offer.spec.job, task = offer.spec.task, "task started");
         let key: TaskKey = (offer.spec.job, offer.spec.task, offer.attempt);
+        let (checkpoints, newest) = tokio::sync::watch::channel(None);
+        let sender = tokio::spawn(send_checkpoints(
+            self.clone(),
+            peer,
+            offer.clone(),
+            newest,
+            acked,
+        ));
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             // The GPU is this task's until the closure ends.
             let _turn = turn;
             let mut guard = sandbox.lock().map_err(|_| "sandbox poisoned".to_owned())?;
@@ -637,10 +956,22 @@ impl Worker {
                 me.count(|s| s.stopped += 1);
                 return Err("stopped before it ran: the submitter no longer wants it".into());
             }
+            if me.preempted(&key).is_some() {
+                return Err("its GPU was taken back before it ran".into());
+            }
             if let Ok(mut r) = running.lock() {
                 *r = Some((key, sb.stopper()));
             }
-            let result = sb.run(&task, timeout, &mut |_| Ok(()));
+            // The GPU may have been taken back between the check and now.
+            if me.preempted(&key).is_some() {
+                sb.stopper().stop();
+            }
+            let result = sb.run(&task, timeout, &mut |c| {
+                // The newest checkpoint replaces one not yet sent: the GPU
+                // never waits for the network.
+                let _ = checkpoints.send(Some(c));
+                Ok(())
+            });
             if let Ok(mut r) = running.lock() {
                 *r = None;
             }
@@ -654,7 +985,15 @@ impl Worker {
             }
         })
         .await
-        .map_err(|e| format!("the task runner stopped: {e}"))?
+        .map_err(|e| format!("the task runner stopped: {e}"))?;
+        if result.is_ok() {
+            sender.abort();
+        } else {
+            // A task handed back resumes from its newest checkpoint: let
+            // the one on its way arrive first.
+            let _ = sender.await;
+        }
+        result
     }
 
     fn sandbox_config(&self, report: &AdapterReport, slot: usize) -> sandbox::Config {
@@ -696,6 +1035,99 @@ impl Worker {
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+/// Inline state bytes a checkpoint message carries at most; larger state
+/// goes as blobs the submitter fetches.
+const INLINE_CHECKPOINT: usize = 512 * 1024;
+
+/// Sends each newest checkpoint of a task to its submitter, signed, until
+/// the task ends; `acked` holds the step of the last one acknowledged.
+/// State too large to travel inline is kept as blobs until the next
+/// checkpoint is acknowledged.
+async fn send_checkpoints(
+    worker: Worker,
+    peer: PeerId,
+    offer: TaskOffer,
+    mut newest: tokio::sync::watch::Receiver<Option<executor::Checkpoint>>,
+    acked: Arc<std::sync::atomic::AtomicU32>,
+) {
+    let s = &worker.inner.setup;
+    let inputs: Vec<Hash> = offer.spec.bindings.iter().filter_map(input_hash).collect();
+    let mut kept: Vec<Hash> = Vec::new();
+    while newest.changed().await.is_ok() {
+        let Some(c) = newest.borrow_and_update().clone() else {
+            continue;
+        };
+        let mut inline = 0usize;
+        let mut state = Vec::new();
+        let mut digests = Vec::new();
+        let mut blobs_now = Vec::new();
+        for o in &c.state {
+            let hash = Hash::from_bytes(o.hash);
+            digests.push(OutputDigest {
+                binding: o.binding,
+                hash,
+                len: o.len,
+            });
+            let data = if inline + o.data.len() <= INLINE_CHECKPOINT {
+                inline += o.data.len();
+                Data::Inline(o.data.clone())
+            } else {
+                match s.blobs.put(&o.data) {
+                    Ok(h) => {
+                        blobs_now.push(h);
+                        Data::Blob {
+                            hash: h,
+                            len: o.len,
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot keep a checkpoint for its submitter");
+                        break;
+                    }
+                }
+            };
+            state.push((o.binding, data));
+        }
+        if state.len() != c.state.len() {
+            continue;
+        }
+        let record = CheckpointRecord {
+            job: offer.spec.job,
+            task: offer.spec.task,
+            attempt: offer.attempt,
+            kernel: offer.spec.kernel,
+            step: c.step,
+            state: digests,
+            worker: s.identity.public(),
+            made_at: Timestamp::now(),
+        };
+        let Ok(record) = Signed::sign(&record, &s.identity) else {
+            continue;
+        };
+        match s
+            .client
+            .progress(peer, Progress::Checkpoint { record, state })
+            .await
+        {
+            Ok(Ok(Ack::Ok)) => {
+                acked.store(c.step, std::sync::atomic::Ordering::Release);
+                worker.count(|s| s.checkpoints += 1);
+                for old in kept.drain(..) {
+                    if !blobs_now.contains(&old) && !inputs.contains(&old) {
+                        let _ = std::fs::remove_file(s.blobs.path(&old));
+                    }
+                }
+                kept = blobs_now;
+            }
+            Ok(Ok(Ack::Refused(why))) => {
+                info!(%peer, step = c.step, %why, "the submitter did not take a checkpoint");
+            }
+            Ok(Err(e)) => info!(%peer, step = c.step, error = %e, "a checkpoint did not arrive"),
+            Err(_) => return,
         }
     }
 }

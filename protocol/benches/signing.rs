@@ -18,7 +18,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use alliance_protocol::advert::{
-    Backend, DeviceType, GpuAdvert, GpuBench, GpuInfo, GpuLimits, GpuState,
+    Backend, DeviceType, GpuAdvert, GpuBench, GpuInfo, GpuLimits, GpuState, Terms,
 };
 use alliance_protocol::task::{
     Binding, BindingKind, Comparison, Credit, Data, ElemType, JobId, TaskOffer, TaskSpec,
@@ -66,7 +66,14 @@ fn advert(k: &Identity) -> GpuAdvert {
             fma_mflops: 60_000_000,
         }),
         state: GpuState::Idle,
+        reason: String::new(),
         free_slots: 4,
+        terms: Terms {
+            max_task_bytes: 8 << 30,
+            max_task_secs: 3600,
+            allow: Vec::new(),
+            deny: vec!["University of Elsewhere".into()],
+        },
     };
     GpuAdvert {
         peer: k.public(),

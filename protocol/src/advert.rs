@@ -87,8 +87,36 @@ pub struct GpuInfo {
     /// Absent until the self-benchmark has run.
     pub bench: Option<GpuBench>,
     pub state: GpuState,
+    /// Why the GPU takes no work now, in words for people (empty when
+    /// idle): paused by its owner, outside its sharing window, its owner's
+    /// own work running on it.
+    pub reason: String,
     /// How many more tasks this GPU accepts now.
     pub free_slots: u16,
+    /// The owner's terms for work on this GPU.
+    pub terms: Terms,
+}
+
+/// What an owner lets alliance work do on one GPU; schedulers read it so
+/// they never offer a task the GPU would decline.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Terms {
+    /// Largest GPU memory one task may use, in bytes (0: the device's limits).
+    pub max_task_bytes: u64,
+    /// Longest a task may run, in seconds (0: no cap).
+    pub max_task_secs: u64,
+    /// Only these institutions' tasks run here (empty: every member's).
+    pub allow: Vec<String>,
+    /// These institutions' tasks never run here.
+    pub deny: Vec<String>,
+}
+
+impl Terms {
+    /// Whether tasks of `institution` may run under these terms.
+    pub fn admits(&self, institution: &str) -> bool {
+        !self.deny.iter().any(|d| d == institution)
+            && (self.allow.is_empty() || self.allow.iter().any(|a| a == institution))
+    }
 }
 
 /// A worker's signed statement of the GPUs it offers.
@@ -107,8 +135,8 @@ pub struct GpuAdvert {
 
 impl Record for GpuAdvert {
     const NAME: &'static str = "GPU advert";
-    const CONTEXT: &'static str = "gpu-advert/v1";
-    const VERSION: u16 = 1;
+    const CONTEXT: &'static str = "gpu-advert/v2";
+    const VERSION: u16 = 2;
     const MAX_SIZE: usize = 16 * 1024;
 }
 

@@ -144,6 +144,9 @@ pub enum DeclineReason {
     Limits(String),
     /// The offer is malformed, expired or not for this worker.
     BadOffer(String),
+    /// No GPU of the worker takes work now, and why (its owner uses it,
+    /// its sharing window is closed, it is not shared).
+    Unavailable(String),
 }
 
 /// A worker's answer to an offer.
@@ -180,6 +183,11 @@ pub enum TaskReport {
     Done(TaskResult),
     /// The task could not run or did not finish; the signed reason.
     Failed(Signed<crate::task::TaskFailure>),
+    /// The worker's owner took the GPU back (paused it, the sharing window
+    /// closed, or the owner's own work started): the task was stopped and
+    /// is handed back to be offered elsewhere, from its last checkpoint.
+    /// Not a failure of the worker's: the signed reason says why.
+    HandedBack(Signed<crate::task::TaskFailure>),
 }
 
 impl Message for TaskReport {

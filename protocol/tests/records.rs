@@ -174,7 +174,12 @@ fn gpu_info() -> impl Strategy<Value = GpuInfo> {
         device_type,
         limits,
         bench,
-        state,
+        (
+            state,
+            text(),
+            any::<(u64, u64)>(),
+            prop::collection::vec(text(), 0..2),
+        ),
     )
         .prop_map(
             |(
@@ -185,7 +190,7 @@ fn gpu_info() -> impl Strategy<Value = GpuInfo> {
                 device_type,
                 limits,
                 bench,
-                state,
+                (state, reason, (max_task_bytes, max_task_secs), names),
             )| GpuInfo {
                 index,
                 name,
@@ -197,7 +202,14 @@ fn gpu_info() -> impl Strategy<Value = GpuInfo> {
                 limits,
                 bench,
                 state,
+                reason,
                 free_slots,
+                terms: alliance_protocol::advert::Terms {
+                    max_task_bytes,
+                    max_task_secs,
+                    allow: names.clone(),
+                    deny: names,
+                },
             },
         )
 }
@@ -433,6 +445,7 @@ proptest! {
         let failure = TaskFailure { job: r.job, task: r.task, attempt: r.attempt, kernel: r.kernel, worker: r.worker, submitter: r.submitter, reason: reason.clone(), failed_at: r.finished_at };
         check_record(failure.clone(), seed)?;
         check_message(TaskReport::Failed(Signed::sign(&failure, &k).unwrap()))?;
+        check_message(TaskReport::HandedBack(Signed::sign(&failure, &k).unwrap()))?;
         check_message(Ack::Refused(reason.clone()))?;
         check_message(BlobRequest { hash: h, offset: off, len: off / 2 })?;
         check_message(BlobResponse::Sending { total_len: off, len: off / 2 })?;

@@ -360,7 +360,9 @@ pub fn test_gpu() -> alliance_protocol::advert::GpuInfo {
         },
         bench: None,
         state: GpuState::Idle,
+        reason: String::new(),
         free_slots: 1,
+        terms: Default::default(),
     }
 }
 

@@ -101,6 +101,7 @@ pub enum Inbound {
     },
     Progress {
         peer: PeerId,
+        member: Member,
         progress: Box<Progress>,
         reply: oneshot::Sender<Ack>,
     },
@@ -184,6 +185,8 @@ pub enum Command {
     Peers(oneshot::Sender<Vec<PeerView>>),
     Gpus(oneshot::Sender<Vec<AdvertView>>),
     SetPaused(bool, oneshot::Sender<()>),
+    /// The lent GPUs' advert entries changed (state, reason, free slots).
+    SetGpus(Vec<GpuInfo>, oneshot::Sender<()>),
     Revoke(
         Box<Signed<Revocations>>,
         oneshot::Sender<Result<(), String>>,
@@ -257,6 +260,12 @@ impl Client {
 
     pub async fn set_paused(&self, paused: bool) -> Result<(), Stopped> {
         self.ask(|tx| Command::SetPaused(paused, tx)).await
+    }
+
+    /// Replaces the lent GPUs' advert entries; a change is published at
+    /// once.
+    pub async fn set_gpus(&self, gpus: Vec<GpuInfo>) -> Result<(), Stopped> {
+        self.ask(|tx| Command::SetGpus(gpus, tx)).await
     }
 
     pub async fn revoke(&self, list: Signed<Revocations>) -> Result<Result<(), String>, Stopped> {
@@ -871,8 +880,9 @@ impl EventLoop {
                 "progress report",
                 |b| &mut b.progress,
                 |me| &mut me.progress_out,
-                |peer, _, progress, reply| Inbound::Progress {
+                |peer, member, progress, reply| Inbound::Progress {
                     peer,
+                    member,
                     progress: Box::new(progress),
                     reply,
                 },
@@ -1389,19 +1399,23 @@ impl EventLoop {
         self.sequence += 1;
         let now = Timestamp::now();
         let ttl = u64::from(self.setup.charter.charter.defaults.advert_ttl_secs);
-        let state = if self.setup.paused {
-            GpuState::Paused
-        } else {
-            GpuState::Idle
-        };
+        // The worker keeps each GPU's state; a node paused as a whole
+        // shows every GPU paused.
         let gpus = self
             .setup
             .gpus
             .iter()
-            .map(|g| GpuInfo {
-                state,
-                free_slots: if self.setup.paused { 0 } else { g.free_slots },
-                ..g.clone()
+            .map(|g| {
+                if self.setup.paused {
+                    GpuInfo {
+                        state: GpuState::Paused,
+                        reason: "paused by its owner".into(),
+                        free_slots: 0,
+                        ..g.clone()
+                    }
+                } else {
+                    g.clone()
+                }
             })
             .collect();
         let advert = GpuAdvert {
@@ -1501,6 +1515,13 @@ impl EventLoop {
             Command::SetPaused(paused, tx) => {
                 if self.setup.paused != paused {
                     self.setup.paused = paused;
+                    self.publish_advert();
+                }
+                let _ = tx.send(());
+            }
+            Command::SetGpus(gpus, tx) => {
+                if self.setup.gpus != gpus {
+                    self.setup.gpus = gpus;
                     self.publish_advert();
                 }
                 let _ = tx.send(());
@@ -1614,7 +1635,9 @@ impl EventLoop {
                 .keys()
                 .filter(|p| self.connected.contains_key(p))
                 .count(),
-            paused: self.setup.paused,
+            paused: self.setup.paused
+                || (!self.setup.gpus.is_empty()
+                    && self.setup.gpus.iter().all(|g| g.state == GpuState::Paused)),
             rejected: self.rejected.clone(),
             revocation_lists: self
                 .setup

@@ -29,6 +29,11 @@ def main():
     m = 128
     save_f32(os.path.join(HERE, "sgemm", "a.npy"), (m, m), [((i * 7) % 17) / 17.0 - 0.5 for i in range(m * m)])
     save_f32(os.path.join(HERE, "sgemm", "b.npy"), (m, m), [((i * 3) % 19) / 19.0 for i in range(m * m)])
+    g = 256
+    hot = lambda i: 100.0 if abs(i // g - g // 2) < 8 and abs(i % g - g // 2) < 8 else 0.0
+    save_f32(os.path.join(HERE, "heat", "grid.npy"), (g, g), [hot(i) for i in range(g * g)])
+    with open(os.path.join(HERE, "heat", "params.bin"), "wb") as f:
+        f.write(struct.pack("<IIf", g, g, 0.2))  # width, height, alpha
 
 
 if __name__ == "__main__":

@@ -267,8 +267,18 @@ pub fn job(cmd: JobCommand, json: bool) -> Result<()> {
                             .as_str()
                             .map(|x| format!(": {x}"))
                             .unwrap_or_default();
+                        // Steps of a checkpointed task: where this
+                        // attempt started and its last checkpoint.
+                        let steps = match (r["start_step"].as_u64(), r["checkpoint"].as_u64()) {
+                            (Some(0) | None, None) => String::new(),
+                            (from, last) => format!(
+                                " steps {}..{}",
+                                from.unwrap_or(0),
+                                last.map_or("?".into(), |l| l.to_string())
+                            ),
+                        };
                         format!(
-                            "{short} {} {}{why} {:.1} ms",
+                            "{short} {} {}{why}{steps} {:.1} ms",
                             r["institution"].as_str().unwrap_or("?"),
                             r["state"].as_str().unwrap_or("?"),
                             r["gpu_time_us"].as_f64().unwrap_or(0.0) / 1000.0

@@ -380,27 +380,6 @@ where
 /// Builds the release `alliance` binary the node processes run; where
 /// there is no cargo (a machine the benchmark was copied to), the binary
 /// beside this one is used as it is.
-fn build_alliance() {
-    let built =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(alliance_tests::workspace_root())
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "alliance-node",
-                "--bin",
-                "alliance",
-            ])
-            .status()
-            .is_ok_and(|s| s.success());
-    if !built {
-        let bin = alliance_tests::alliance_bin();
-        assert!(bin.exists(), "cannot build the alliance binary");
-        println!("(cannot rebuild; using {})", bin.display());
-    }
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -408,7 +387,7 @@ fn main() {
     let parts = std::env::var("JOBS_BENCH").unwrap_or_else(|_| "remote,small,blob".into());
     // The node processes must be this build's.
     if parts.contains("remote") || parts.contains("small") {
-        build_alliance();
+        alliance_tests::build_release_alliance();
     }
     if parts.contains("remote") {
         remote_efficiency();

@@ -52,6 +52,29 @@ pub fn dependency_names(package: &str) -> Result<Vec<String>, String> {
 pub mod alliance;
 pub mod jobs;
 
+/// Builds the release `alliance` binary that benchmarks start as node
+/// processes, so they measure this build; keeps the old one if cargo
+/// cannot run.
+pub fn build_release_alliance() {
+    let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "alliance-node",
+            "--bin",
+            "alliance",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !built {
+        let bin = alliance_bin();
+        assert!(bin.exists(), "cannot build the alliance binary");
+        println!("(cannot rebuild; using {})", bin.display());
+    }
+}
+
 /// The `alliance` binary of this build, built first when missing.
 pub fn alliance_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();

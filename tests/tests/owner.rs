@@ -394,3 +394,46 @@ fn a_killed_worker_s_task_resumes_from_its_last_checkpoint() {
     assert!(resumed["start_step"].as_u64().unwrap() >= at, "{reps:?}");
     assert_eq!(resumed["start_step"], first["checkpoint"], "{reps:?}");
 }
+
+#[test]
+fn the_heat_example_resumed_from_a_checkpoint_gives_the_uninterrupted_answer() {
+    use alliance_kernels::executor::{Binding, Data, Executor};
+    use alliance_node::job::Job;
+    let path = alliance_tests::workspace_root().join("examples/heat/job.toml");
+    let job = Job::load(&path, &Default::default()).unwrap();
+    let gpus = alliance_kernels::gpu::discover(&alliance_kernels::gpu::Selection::All).unwrap();
+    let mut ex = Executor::open(&gpus[0].adapter, Default::default()).unwrap();
+    let whole = job.task(0);
+    assert_eq!(whole.checkpoint_every, Some(100));
+    let mut checkpoints = Vec::new();
+    let uninterrupted = ex
+        .run(&whole, &mut |c| {
+            checkpoints.push(c);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(checkpoints.len(), 19, "every 100 steps but the last");
+    // Resume from the checkpoint at step 1200, as another worker would.
+    let c = checkpoints.iter().find(|c| c.step == 1200).unwrap();
+    let mut rest = whole.clone();
+    rest.start_step = c.step;
+    for b in &mut rest.bindings {
+        if let Binding::State { binding, data, .. } = b {
+            let s = c.state.iter().find(|s| s.binding == *binding).unwrap();
+            *data = Data::Bytes(s.data.clone());
+        }
+    }
+    let resumed = ex.run(&rest, &mut |_| Ok(())).unwrap();
+    let out = |o: &alliance_kernels::executor::Outcome| {
+        o.outputs
+            .iter()
+            .find(|x| x.binding == 2)
+            .unwrap()
+            .data
+            .clone()
+    };
+    assert_eq!(out(&resumed), out(&uninterrupted), "bit for bit");
+    // And the answer is the heat equation's: heat spread from the spot.
+    let u = library::to_f32(&out(&uninterrupted));
+    assert!(u[128 * 256 + 128] < 100.0 && u[128 * 256 + 100] > 0.0);
+}

@@ -2,11 +2,11 @@
 //! binary on 127.0.0.1:
 //!
 //! 1. Checkpoint overhead: a 200-step heat-equation task (the standard
-//!    library's stencil on a 512×512 grid, two 1 MiB state buffers) with a
+//!    library's stencil on a 1024×1024 grid, two 4 MiB state buffers) with a
 //!    checkpoint every 10, 50 and 200 steps, each as a ratio to the same
-//!    task without checkpoints; the four jobs run interleaved, three rounds,
+//!    task without checkpoints; the four jobs run interleaved, five rounds,
 //!    medians compared. A checkpoint here is the state read back from the
-//!    GPU, hashed, signed, sent to the submitter (as blobs: 2 MiB), fetched,
+//!    GPU, hashed, signed, sent to the submitter (as blobs: 8 MiB), fetched,
 //!    stored and acknowledged.
 //! 2. Preemption latency: from the owner's signal file appearing on the
 //!    worker that runs a task to the task being stopped and handed back at
@@ -33,7 +33,7 @@ use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
 use alliance_tests::jobs::{alliance, submit, text, write};
 
-const GRID: u32 = 512;
+const GRID: u32 = 1024;
 const STEPS: u32 = 200;
 
 /// A heat job on a `GRID`² grid: `steps` steps, a checkpoint every
@@ -157,16 +157,16 @@ fn checkpoint_overhead() {
         .collect();
     timed(&net.sub_dir, &net.sub, &jobs[0]);
     let mut times = vec![Vec::new(); kinds.len()];
-    for _ in 0..3 {
+    for _ in 0..5 {
         for (i, job) in jobs.iter().enumerate() {
             times[i].push(timed(&net.sub_dir, &net.sub, job));
         }
     }
     let times: Vec<f64> = times.into_iter().map(median).collect();
-    println!("  no checkpoints: {:.3} s (median of 3)", times[0]);
+    println!("  no checkpoints: {:.3} s (median of 5)", times[0]);
     for (k, t) in kinds.iter().zip(&times).skip(1) {
         println!(
-            "  every {:>3} steps: {t:.3} s; ratio {:.3} ({} checkpoints of 2 MiB)",
+            "  every {:>3} steps: {t:.3} s; ratio {:.3} ({} checkpoints of 8 MiB)",
             k.unwrap(),
             t / times[0],
             (STEPS - 1) / k.unwrap()
@@ -178,10 +178,9 @@ fn preemption_latency() {
     println!("preemption latency: the owner's signal file appears on the worker running a task");
     let net = start(2, |i, d| {
         if i == 0 {
-            d.edit_config(
-                "[worker.limits]",
-                "[worker.idle]\npoll_ms = 100\nidle_for_secs = 1\nbusy_file = \"owner-busy\"\n\n[worker.limits]",
-            );
+            d.edit_config("poll_ms = 1000", "poll_ms = 100");
+            d.edit_config("idle_for_secs = 300", "idle_for_secs = 1");
+            d.edit_config("# busy_file = ", "busy_file = ");
         } else {
             std::fs::write(d.path.join("paused.json"), "[0]").unwrap();
         }

@@ -179,18 +179,16 @@ fn owner_policy_keeps_work_away_and_says_why() {
     let net = alliance_of_three_with(|d| {
         if d.path.ends_with("w1") {
             d.edit_config(
-                "[worker.limits]",
+                "windows = []",
                 &format!(
-                    "[worker.policy]\nwindows = [\"daily {hour:02}:00-{:02}:00\"]\ntimezone = \"UTC\"\n\n[worker.limits]",
+                    "windows = [\"daily {hour:02}:00-{:02}:00\"]",
                     (hour + 1) % 24
                 ),
             );
+            d.edit_config("timezone = \"\"", "timezone = \"UTC\"");
         }
         if d.path.ends_with("w2") {
-            d.edit_config(
-                "[worker.limits]",
-                "[worker.policy]\ndeny = [\"University South\"]\n\n[worker.limits]",
-            );
+            d.edit_config("deny = []", "deny = [\"University South\"]");
         }
     });
     let (w0, w1, w2) = (&net.workers[0], &net.workers[1], &net.workers[2]);
@@ -276,11 +274,12 @@ fn the_owners_work_preempts_a_task_that_resumes_elsewhere_from_its_checkpoint() 
     let net = alliance_of_three_with(|d| {
         only_w0_lends(d);
         if d.path.ends_with("w0") {
+            d.edit_config("poll_ms = 1000", "poll_ms = 200");
+            d.edit_config("idle_for_secs = 300", "idle_for_secs = 1");
+            d.edit_config("# busy_file = ", "busy_file = ");
             d.edit_config(
-                "[worker.limits]",
-                &format!(
-                    "[worker.idle]\npoll_ms = 200\nidle_for_secs = 1\nbusy_file = \"owner-busy\"\nbusy_processes = [\"{owner_program}\"]\n\n[worker.limits]"
-                ),
+                "busy_processes = []",
+                &format!("busy_processes = [\"{owner_program}\"]"),
             );
         }
     });
@@ -436,4 +435,54 @@ fn the_heat_example_resumed_from_a_checkpoint_gives_the_uninterrupted_answer() {
     // And the answer is the heat equation's: heat spread from the spot.
     let u = library::to_f32(&out(&uninterrupted));
     assert!(u[128 * 256 + 128] < 100.0 && u[128 * 256 + 100] > 0.0);
+}
+
+/// Where an NVIDIA GPU and its driver are at hand: NVML reports the GPU,
+/// and idle detection sees another program computing on it. Elsewhere the
+/// test says so and passes.
+#[test]
+fn nvml_sees_a_competing_process_where_an_nvidia_gpu_is_at_hand() {
+    use alliance_node::policy::{GpuId, IdleConfig, Probe};
+    let gpus = alliance_kernels::gpu::discover(&alliance_kernels::gpu::Selection::All).unwrap();
+    let Some(nvidia) = gpus.iter().find(|g| g.report.vendor == 0x10de) else {
+        eprintln!("no NVIDIA GPU here: NVML not checked");
+        return;
+    };
+    let nvml = alliance_node::nvml::Nvml::load().expect("an NVIDIA GPU without NVML");
+    assert!(nvml.count() > 0, "NVML reports no GPU");
+    let probe = Probe::new(
+        IdleConfig {
+            busy_percent: 5,
+            ..IdleConfig::default()
+        },
+        vec![GpuId {
+            index: nvidia.report.index,
+            vendor: nvidia.report.vendor,
+            pci_bus_id: nvidia.report.pci_bus_id.clone(),
+        }],
+    );
+    assert!(probe.has_nvml());
+    let (util, pids) = probe.nvml_view(0).expect("NVML finds the adapter");
+    eprintln!("NVML: {util:?}% busy, compute processes {pids:?}");
+    // Another program (not this process's child: the shell that starts it
+    // exits) runs the self-benchmark on the GPU.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "setsid {} gpus --local --bench --all-backends >/dev/null 2>&1 & echo $!",
+            alliance_tests::alliance_bin().display()
+        ))
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut seen = None;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(60) && seen.is_none() {
+        seen = probe.sample(&[false]).remove(0);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::process::Command::new("kill").arg(&pid).status();
+    let why = seen.expect("idle detection never saw the competing program");
+    assert!(why.contains("NVML"), "{why}");
+    eprintln!("seen: {why}");
 }

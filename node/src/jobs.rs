@@ -527,6 +527,11 @@ impl Jobs {
     /// needs any more. A buffer deleted before the record that dropped it
     /// is on disk costs, after a crash, a restart from an older point.
     fn hold_checkpoints(&self, id: &str, task: &TaskRecord) {
+        // Every save passes here: a task that never sent a checkpoint
+        // (checkpoints are never forgotten to none) holds nothing.
+        if task.checkpoint.is_none() && task.checkpoints.is_empty() {
+            return;
+        }
         let now = held_checkpoints(task);
         let Ok(mut guard) = self.inner.held.lock() else {
             return;
@@ -1135,9 +1140,7 @@ impl Jobs {
         let me = self.inner.institution_name.as_str();
         let timeout_secs = job.timeout_ms.div_ceil(1000);
         let fits = |g: &alliance_protocol::advert::GpuInfo| {
-            g.terms.admits(me)
-                && (g.terms.max_task_secs == 0 || timeout_secs <= g.terms.max_task_secs)
-                && (g.terms.max_task_bytes == 0 || needed_bytes <= g.terms.max_task_bytes)
+            g.terms.check(me, job.timeout_ms, needed_bytes).is_ok()
         };
         let refused: Vec<&AdvertView> = capable
             .iter()

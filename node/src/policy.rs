@@ -127,24 +127,11 @@ impl Default for IdleConfig {
 pub struct GpuPolicy {
     pub shared: bool,
     pub schedule: Schedule,
-    pub max_task_bytes: u64,
+    /// Who may use the GPU, for how long, with how much memory: what the
+    /// advert tells schedulers.
+    pub terms: Terms,
     pub max_total_bytes: u64,
-    pub max_task_secs: u64,
-    pub allow: Vec<String>,
-    pub deny: Vec<String>,
     pub max_tasks: u16,
-}
-
-impl GpuPolicy {
-    /// What the advert tells schedulers.
-    pub fn terms(&self) -> Terms {
-        Terms {
-            max_task_bytes: self.max_task_bytes,
-            max_task_secs: self.max_task_secs,
-            allow: self.allow.clone(),
-            deny: self.deny.clone(),
-        }
-    }
 }
 
 /// The policy of the GPU with index `index`, or what is wrong with it.
@@ -173,15 +160,17 @@ pub fn for_gpu(
     Ok(GpuPolicy {
         shared: patch.shared.unwrap_or(policy.shared),
         schedule,
-        max_task_bytes: mib(patch
-            .max_task_memory_mib
-            .unwrap_or(policy.max_task_memory_mib)),
+        terms: Terms {
+            max_task_bytes: mib(patch
+                .max_task_memory_mib
+                .unwrap_or(policy.max_task_memory_mib)),
+            max_task_secs: patch.max_task_secs.unwrap_or(policy.max_task_secs),
+            allow: patch.allow.unwrap_or_else(|| policy.allow.clone()),
+            deny: patch.deny.unwrap_or_else(|| policy.deny.clone()),
+        },
         max_total_bytes: mib(patch
             .max_total_memory_mib
             .unwrap_or(policy.max_total_memory_mib)),
-        max_task_secs: patch.max_task_secs.unwrap_or(policy.max_task_secs),
-        allow: patch.allow.unwrap_or_else(|| policy.allow.clone()),
-        deny: patch.deny.unwrap_or_else(|| policy.deny.clone()),
         max_tasks,
     })
 }
@@ -738,9 +727,17 @@ mod tests {
         );
         let g0 = for_gpu(&policy, &patches, 0, 4).unwrap();
         let g1 = for_gpu(&policy, &patches, 1, 4).unwrap();
-        assert!(g0.shared && g0.max_tasks == 4 && g0.max_task_secs == 60);
-        assert!(!g1.shared && g1.max_tasks == 1 && g1.deny == ["U"]);
-        assert!(!g0.terms().admits("U") && g0.terms().admits("V"));
+        assert!(g0.shared && g0.max_tasks == 4 && g0.terms.max_task_secs == 60);
+        assert!(!g1.shared && g1.max_tasks == 1 && g1.terms.deny == ["U"]);
+        assert!(!g0.terms.admits("U") && g0.terms.admits("V"));
+        assert_eq!(
+            g0.terms.check("V", 61_000, 0),
+            Err(alliance_protocol::advert::TermsRefusal::TooLong {
+                max_secs: 60,
+                secs: 61
+            })
+        );
+        assert!(g0.terms.check("V", 60_000, 1 << 40).is_ok());
     }
 
     #[test]

@@ -185,7 +185,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
                     0
                 },
                 reason,
-                terms: gate.policy.terms(),
+                terms: gate.policy.terms.clone(),
                 ..entry
             }
         })
@@ -286,7 +286,6 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             blobs: blobs.clone(),
             gpus: lent_gpus.clone(),
             limits: cfg.worker.limits.clone(),
-            tasks_per_gpu: usize::from(cfg.worker.tasks_per_gpu),
             shares: cfg.worker.shares.clone(),
             rlimits: cfg.worker.sandbox,
             scratch: data_dir.join("scratch"),

@@ -35,7 +35,7 @@ use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
 use libp2p::PeerId;
 use tracing::{info, warn};
 
-use alliance_protocol::advert::{GpuInfo, GpuState};
+use alliance_protocol::advert::{GpuInfo, GpuState, TermsRefusal};
 use alliance_protocol::task::CheckpointRecord;
 
 use crate::blobs::{self, Blobs};
@@ -154,8 +154,6 @@ pub struct WorkerSetup {
     /// The lent GPUs.
     pub gpus: Vec<AdapterReport>,
     pub limits: Limits,
-    /// Tasks each GPU takes at once.
-    pub tasks_per_gpu: usize,
     /// The owner's shares by institution name (default 1): larger shares
     /// run first, then higher balances.
     pub shares: std::collections::BTreeMap<String, u32>,
@@ -444,7 +442,7 @@ impl Worker {
                         0
                     },
                     reason,
-                    terms: slot.gate.policy.terms(),
+                    terms: slot.gate.policy.terms.clone(),
                     ..base.clone()
                 });
             }
@@ -596,20 +594,11 @@ impl Worker {
             let p = &s.gate.policy;
             let refusal = if s.state.0 != GpuState::Idle {
                 Some(DeclineReason::Unavailable(s.state.1.clone()))
-            } else if !p.terms().admits(institution) {
-                Some(DeclineReason::PolicyRefuses)
-            } else if p.max_task_secs > 0 && timeout_ms > p.max_task_secs.saturating_mul(1000) {
-                Some(DeclineReason::Limits(format!(
-                    "tasks here may run at most {} s; this one may run {} s (its job's timeout_secs)",
-                    p.max_task_secs,
-                    timeout_ms.div_ceil(1000)
-                )))
-            } else if p.max_task_bytes > 0 && bytes > p.max_task_bytes {
-                Some(DeclineReason::Limits(format!(
-                    "tasks here may use at most {} MiB of GPU memory; this one needs {} MiB",
-                    p.max_task_bytes >> 20,
-                    bytes.div_ceil(1 << 20)
-                )))
+            } else if let Err(e) = p.terms.check(institution, timeout_ms, bytes) {
+                Some(match e {
+                    TermsRefusal::Institution => DeclineReason::PolicyRefuses,
+                    other => DeclineReason::Limits(other.to_string()),
+                })
             } else if s.taken >= usize::from(p.max_tasks)
                 || (p.max_total_bytes > 0 && s.bytes.saturating_add(bytes) > p.max_total_bytes)
             {
@@ -769,30 +758,19 @@ impl Worker {
                 let mut outputs = Vec::new();
                 let mut digests = Vec::new();
                 for o in &outcome.outputs {
-                    let hash = Hash::from_bytes(o.hash);
-                    digests.push(OutputDigest {
-                        binding: o.binding,
-                        hash,
-                        len: o.len,
-                    });
-                    let data = if o.data.len() <= MAX_INLINE_BYTES {
-                        Data::Inline(o.data.clone())
-                    } else {
-                        match s.blobs.put(&o.data) {
-                            Ok(h) => Data::Blob {
-                                hash: h,
-                                len: o.len,
-                            },
-                            Err(e) => {
-                                return self.failure(
-                                    offer,
-                                    submitter,
-                                    format!("cannot keep an output: {e}"),
-                                );
-                            }
+                    match outgoing(&s.blobs, o, o.data.len() <= MAX_INLINE_BYTES) {
+                        Ok((digest, data)) => {
+                            digests.push(digest);
+                            outputs.push((o.binding, data));
                         }
-                    };
-                    outputs.push((o.binding, data));
+                        Err(e) => {
+                            return self.failure(
+                                offer,
+                                submitter,
+                                format!("cannot keep an output: {e}"),
+                            );
+                        }
+                    }
                 }
                 let receipt = Receipt {
                     job: spec.job,
@@ -1055,8 +1033,13 @@ async fn send_checkpoints(
     acked: Arc<std::sync::atomic::AtomicU32>,
 ) {
     let s = &worker.inner.setup;
-    let inputs: Vec<Hash> = offer.spec.bindings.iter().filter_map(input_hash).collect();
-    let mut kept: Vec<Hash> = Vec::new();
+    // The blobs of the last checkpoint the submitter took (it has fetched
+    // them), deleted when the next is taken or the task ends.
+    let mut kept = CheckpointBlobs {
+        blobs: s.blobs.clone(),
+        inputs: offer.spec.bindings.iter().filter_map(input_hash).collect(),
+        held: Vec::new(),
+    };
     while newest.changed().await.is_ok() {
         let Some(c) = newest.borrow_and_update().clone() else {
             continue;
@@ -1064,34 +1047,32 @@ async fn send_checkpoints(
         let mut inline = 0usize;
         let mut state = Vec::new();
         let mut digests = Vec::new();
-        let mut blobs_now = Vec::new();
+        let mut sent = CheckpointBlobs {
+            blobs: s.blobs.clone(),
+            inputs: kept.inputs.clone(),
+            held: Vec::new(),
+        };
         for o in &c.state {
-            let hash = Hash::from_bytes(o.hash);
-            digests.push(OutputDigest {
-                binding: o.binding,
-                hash,
-                len: o.len,
-            });
-            let data = if inline + o.data.len() <= INLINE_CHECKPOINT {
-                inline += o.data.len();
-                Data::Inline(o.data.clone())
-            } else {
-                match s.blobs.put(&o.data) {
-                    Ok(h) => {
-                        blobs_now.push(h);
-                        Data::Blob {
-                            hash: h,
-                            len: o.len,
-                        }
+            let fits = inline + o.data.len() <= INLINE_CHECKPOINT;
+            match outgoing(&s.blobs, o, fits) {
+                Ok((digest, data)) => {
+                    if fits {
+                        inline += o.data.len();
+                    } else {
+                        sent.held.push(digest.hash);
                     }
-                    Err(e) => {
-                        warn!(error = %e, "cannot keep a checkpoint for its submitter");
-                        break;
-                    }
+                    digests.push(digest);
+                    state.push((o.binding, data));
                 }
-            };
-            state.push((o.binding, data));
+                Err(e) => {
+                    warn!(error = %e, "cannot keep a checkpoint for its submitter");
+                    break;
+                }
+            }
         }
+        // A blob the last checkpoint taken holds too stays until that one
+        // goes: dropping `sent` deletes only its own.
+        sent.held.retain(|h| !kept.held.contains(h));
         if state.len() != c.state.len() {
             continue;
         }
@@ -1116,13 +1097,10 @@ async fn send_checkpoints(
             Ok(Ok(Ack::Ok)) => {
                 acked.store(c.step, std::sync::atomic::Ordering::Release);
                 worker.count(|s| s.checkpoints += 1);
-                for old in kept.drain(..) {
-                    if !blobs_now.contains(&old) && !inputs.contains(&old) {
-                        let _ = std::fs::remove_file(s.blobs.path(&old));
-                    }
-                }
-                kept = blobs_now;
+                // The submitter has fetched it: the previous one's blobs go.
+                kept = sent;
             }
+            // Not taken: its own blobs go when `sent` drops.
             Ok(Ok(Ack::Refused(why))) => {
                 info!(%peer, step = c.step, %why, "the submitter did not take a checkpoint");
             }
@@ -1130,6 +1108,50 @@ async fn send_checkpoints(
             Err(_) => return,
         }
     }
+}
+
+/// Checkpoint blobs in this worker's store, deleted when dropped, except
+/// those that are the task's inputs.
+struct CheckpointBlobs {
+    blobs: Blobs,
+    inputs: Vec<Hash>,
+    held: Vec<Hash>,
+}
+
+impl Drop for CheckpointBlobs {
+    fn drop(&mut self) {
+        for h in &self.held {
+            if !self.inputs.contains(h) {
+                let _ = std::fs::remove_file(self.blobs.path(h));
+            }
+        }
+    }
+}
+
+/// An output as it travels to the submitter: its digest, and its bytes
+/// inline or as a blob of this node's store, which the submitter fetches.
+fn outgoing(
+    blobs: &Blobs,
+    o: &executor::Output,
+    inline: bool,
+) -> std::io::Result<(OutputDigest, Data)> {
+    let hash = Hash::from_bytes(o.hash);
+    let data = if inline {
+        Data::Inline(o.data.clone())
+    } else {
+        Data::Blob {
+            hash: blobs.put(&o.data)?,
+            len: o.len,
+        }
+    };
+    Ok((
+        OutputDigest {
+            binding: o.binding,
+            hash,
+            len: o.len,
+        },
+        data,
+    ))
 }
 
 /// Sends `progress` to the submitter every [`PROGRESS_EVERY`] until aborted;

@@ -117,6 +117,46 @@ impl Terms {
         !self.deny.iter().any(|d| d == institution)
             && (self.allow.is_empty() || self.allow.iter().any(|a| a == institution))
     }
+
+    /// Whether a task of `institution` that may run `timeout_ms` and uses
+    /// `bytes` of GPU memory may run under these terms, or why not. The
+    /// worker and the schedulers that read its advert ask the same.
+    pub fn check(
+        &self,
+        institution: &str,
+        timeout_ms: u64,
+        bytes: u64,
+    ) -> Result<(), TermsRefusal> {
+        if !self.admits(institution) {
+            return Err(TermsRefusal::Institution);
+        }
+        if self.max_task_secs > 0 && timeout_ms > self.max_task_secs.saturating_mul(1000) {
+            return Err(TermsRefusal::TooLong {
+                max_secs: self.max_task_secs,
+                secs: timeout_ms.div_ceil(1000),
+            });
+        }
+        if self.max_task_bytes > 0 && bytes > self.max_task_bytes {
+            return Err(TermsRefusal::TooLarge {
+                max_mib: self.max_task_bytes >> 20,
+                mib: bytes.div_ceil(1 << 20),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why an owner's terms refuse a task.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TermsRefusal {
+    #[error("the owner's allow or deny list refuses the submitter's institution")]
+    Institution,
+    #[error(
+        "tasks here may run at most {max_secs} s; this one may run {secs} s (its job's timeout_secs)"
+    )]
+    TooLong { max_secs: u64, secs: u64 },
+    #[error("tasks here may use at most {max_mib} MiB of GPU memory; this one needs {mib} MiB")]
+    TooLarge { max_mib: u64, mib: u64 },
 }
 
 /// A worker's signed statement of the GPUs it offers.

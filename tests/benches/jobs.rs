@@ -37,8 +37,8 @@ use alliance_node::blobs::{self, Blobs};
 use alliance_node::job::Job;
 use alliance_protocol::Hash;
 use alliance_protocol::cert::Roles;
-use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
-use alliance_tests::jobs::{alliance, text, write};
+use alliance_tests::alliance::TestAlliance;
+use alliance_tests::jobs::{submitter_and_workers, time_job, write};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 
 fn local_sandbox(scratch: &Path) -> Sandbox {
@@ -73,69 +73,9 @@ fn run_locally(sb: &mut Sandbox, path: &Path) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-/// Seconds from submitting the job file at `path` to its end.
-fn run_remotely(sub: &NodeDir, node: &Running, path: &Path) -> f64 {
-    let start = Instant::now();
-    let out = alliance(&["submit", path.to_str().unwrap()], &sub.path);
-    assert!(out.status.success(), "{}", text(&out));
-    let id = text(&out).split_whitespace().nth(1).unwrap().to_owned();
-    // The job list carries each job's state without its tasks: polling
-    // it often costs the submitter little.
-    loop {
-        let list = node.get("/v1/jobs").unwrap();
-        let d = list
-            .as_array()
-            .and_then(|l| l.iter().find(|j| j["id"] == id.as_str()))
-            .cloned()
-            .unwrap_or_default();
-        match d["state"].as_str() {
-            Some("done") => return start.elapsed().as_secs_f64(),
-            Some("active") => std::thread::sleep(Duration::from_millis(5)),
-            other => panic!("job {id} ended {other:?}: {d}"),
-        }
-    }
-}
-
-struct Alliance {
-    a: TestAlliance,
-    sub_dir: NodeDir,
-    sub: Running,
-    _workers: Vec<Running>,
-}
-
-fn start(workers: usize) -> Alliance {
-    let a = TestAlliance::new(
-        "Bench",
-        &[
-            ("North", Roles::ALL),
-            ("South", Roles::WORK | Roles::SUBMIT),
-        ],
-        30,
-    );
-    let sub_dir = a.node("sub", 1, Roles::SUBMIT);
-    let sub = sub_dir.start(false);
-    let addr = sub.address();
-    let runs: Vec<Running> = (0..workers)
-        .map(|i| {
-            let d = a.node(&format!("w{i}"), i % 2, Roles::WORK);
-            d.set_bootstrap(std::slice::from_ref(&addr));
-            d.start(false)
-        })
-        .collect();
-    wait_for(Duration::from_secs(60), "the workers' adverts", || {
-        sub.advertisers().len() == workers
-    });
-    Alliance {
-        a,
-        sub_dir,
-        sub,
-        _workers: runs,
-    }
-}
-
 fn remote_efficiency() {
     println!("remote efficiency: 20 tasks of about 100 ms, one remote worker vs a local sandbox");
-    let net = start(1);
+    let net = submitter_and_workers(1, |_, _| {});
     let dir = net.a.dir.path().join("jobs");
     std::fs::create_dir_all(&dir).unwrap();
     let scratch = dir.join("scratch");
@@ -148,11 +88,11 @@ fn remote_efficiency() {
     let steps = ((0.1 / per_step).round() as u32).max(1);
     let job = write(&dir, "job.toml", pi_job(20, 64, 256, steps));
     let warm = write(&dir, "warm.toml", pi_job(1, 64, 256, 1));
-    run_remotely(&net.sub_dir, &net.sub, &warm);
+    time_job(&net.sub_dir, &net.sub, &warm);
     let (mut local, mut remote) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         local.push(run_locally(&mut sb, &job));
-        remote.push(run_remotely(&net.sub_dir, &net.sub, &job));
+        remote.push(time_job(&net.sub_dir, &net.sub, &job));
     }
     local.sort_by(f64::total_cmp);
     remote.sort_by(f64::total_cmp);
@@ -168,7 +108,7 @@ fn small_task_rate() {
     println!(
         "small-task rate: tiny tasks through one submitter and three workers vs a local sandbox"
     );
-    let net = start(3);
+    let net = submitter_and_workers(3, |_, _| {});
     let dir = net.a.dir.path().join("jobs");
     std::fs::create_dir_all(&dir).unwrap();
     let scratch = dir.join("scratch");
@@ -178,11 +118,11 @@ fn small_task_rate() {
     let job = write(&dir, "tiny.toml", pi_job(n, 1, 1, 1));
     let warm = write(&dir, "warm.toml", pi_job(6, 1, 1, 1));
     run_locally(&mut sb, &warm);
-    run_remotely(&net.sub_dir, &net.sub, &warm);
+    time_job(&net.sub_dir, &net.sub, &warm);
     let (mut local, mut remote) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         local.push(f64::from(n) / run_locally(&mut sb, &job));
-        remote.push(f64::from(n) / run_remotely(&net.sub_dir, &net.sub, &job));
+        remote.push(f64::from(n) / time_job(&net.sub_dir, &net.sub, &job));
     }
     local.sort_by(f64::total_cmp);
     remote.sort_by(f64::total_cmp);

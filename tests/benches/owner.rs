@@ -28,10 +28,9 @@ use std::time::{Duration, Instant};
 
 use alliance_kernels::library;
 use alliance_node::job::npy;
-use alliance_protocol::cert::Roles;
 use alliance_protocol::task::ElemType;
-use alliance_tests::alliance::{NodeDir, Running, TestAlliance, wait_for};
-use alliance_tests::jobs::{alliance, submit, text, write};
+use alliance_tests::alliance::{NodeDir, wait_for};
+use alliance_tests::jobs::{alliance, submit, submitter_and_workers, text, time_job, write};
 
 const GRID: u32 = 1024;
 const STEPS: u32 = 200;
@@ -84,60 +83,6 @@ file = "grid.npy"
     )
 }
 
-/// Seconds from submitting `job` to its end.
-fn timed(sub_dir: &NodeDir, sub: &Running, job: &Path) -> f64 {
-    let start = Instant::now();
-    let id = submit(&sub_dir.path, job);
-    loop {
-        let d = sub.get(&format!("/v1/jobs/{id}")).unwrap_or_default();
-        match d["summary"]["state"].as_str() {
-            Some("done") => return start.elapsed().as_secs_f64(),
-            Some("active") | None => std::thread::sleep(Duration::from_millis(5)),
-            other => panic!("job {id} ended {other:?}"),
-        }
-    }
-}
-
-struct Net {
-    a: TestAlliance,
-    sub_dir: NodeDir,
-    sub: Running,
-    workers: Vec<(NodeDir, Running)>,
-}
-
-/// A submitter and `n` workers; `prepare` edits each worker's directory.
-fn start(n: usize, prepare: impl Fn(usize, &NodeDir)) -> Net {
-    let a = TestAlliance::new(
-        "Owner Bench",
-        &[
-            ("North", Roles::ALL),
-            ("South", Roles::WORK | Roles::SUBMIT),
-        ],
-        30,
-    );
-    let sub_dir = a.node("sub", 1, Roles::SUBMIT);
-    let sub = sub_dir.start(false);
-    let addr = sub.address();
-    let workers = (0..n)
-        .map(|i| {
-            let d = a.node(&format!("w{i}"), i % 2, Roles::WORK);
-            d.set_bootstrap(std::slice::from_ref(&addr));
-            prepare(i, &d);
-            let r = d.start(false);
-            (d, r)
-        })
-        .collect();
-    wait_for(Duration::from_secs(60), "the workers' adverts", || {
-        sub.advertisers().len() == n
-    });
-    Net {
-        a,
-        sub_dir,
-        sub,
-        workers,
-    }
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -147,7 +92,7 @@ fn checkpoint_overhead() {
     println!(
         "checkpoint overhead: a {STEPS}-step heat task on a {GRID}x{GRID} grid through a submitter and one worker"
     );
-    let net = start(1, |_, _| {});
+    let net = submitter_and_workers(1, |_, _| {});
     let dir = net.a.dir.path().join("ckpt");
     std::fs::create_dir_all(&dir).unwrap();
     let kinds: [Option<u32>; 4] = [None, Some(10), Some(50), Some(200)];
@@ -155,11 +100,11 @@ fn checkpoint_overhead() {
         .iter()
         .map(|k| heat_job(&dir, &format!("heat-{k:?}.toml"), STEPS, *k))
         .collect();
-    timed(&net.sub_dir, &net.sub, &jobs[0]);
+    time_job(&net.sub_dir, &net.sub, &jobs[0]);
     let mut times = vec![Vec::new(); kinds.len()];
     for _ in 0..5 {
         for (i, job) in jobs.iter().enumerate() {
-            times[i].push(timed(&net.sub_dir, &net.sub, job));
+            times[i].push(time_job(&net.sub_dir, &net.sub, job));
         }
     }
     let times: Vec<f64> = times.into_iter().map(median).collect();
@@ -176,7 +121,7 @@ fn checkpoint_overhead() {
 
 fn preemption_latency() {
     println!("preemption latency: the owner's signal file appears on the worker running a task");
-    let net = start(2, |i, d| {
+    let net = submitter_and_workers(2, |i, d| {
         if i == 0 {
             d.edit_config("poll_ms = 1000", "poll_ms = 100");
             d.edit_config("idle_for_secs = 300", "idle_for_secs = 1");

@@ -181,3 +181,68 @@ pub fn replicas(detail: &serde_json::Value) -> Vec<serde_json::Value> {
         .flat_map(|t| t["replicas"].as_array().cloned().unwrap_or_default())
         .collect()
 }
+
+/// A submitter and workers that dial it, for benchmarks: no bootstrap node.
+#[derive(Debug)]
+pub struct Small {
+    pub a: TestAlliance,
+    pub sub_dir: NodeDir,
+    pub sub: Running,
+    pub workers: Vec<(NodeDir, Running)>,
+}
+
+/// Starts a submitter and `n` workers of two institutions; `prepare`
+/// edits worker `i`'s directory before it starts.
+pub fn submitter_and_workers(n: usize, prepare: impl Fn(usize, &NodeDir)) -> Small {
+    let a = TestAlliance::new(
+        "Bench",
+        &[
+            ("North", Roles::ALL),
+            ("South", Roles::WORK | Roles::SUBMIT),
+        ],
+        30,
+    );
+    let sub_dir = a.node("sub", 1, Roles::SUBMIT);
+    let sub = sub_dir.start(false);
+    let addr = sub.address();
+    let workers = (0..n)
+        .map(|i| {
+            let d = a.node(&format!("w{i}"), i % 2, Roles::WORK);
+            d.set_bootstrap(std::slice::from_ref(&addr));
+            prepare(i, &d);
+            let r = d.start(false);
+            (d, r)
+        })
+        .collect();
+    wait_for(Duration::from_secs(60), "the workers' adverts", || {
+        sub.advertisers().len() == n
+    });
+    Small {
+        a,
+        sub_dir,
+        sub,
+        workers,
+    }
+}
+
+/// Seconds from submitting the job file at `path` to its end; panics if
+/// it does not end done.
+pub fn time_job(sub: &NodeDir, node: &Running, path: &Path) -> f64 {
+    let start = std::time::Instant::now();
+    let id = submit(&sub.path, path);
+    // The job list carries each job's state without its tasks: polling
+    // it often costs the submitter little.
+    loop {
+        let list = node.get("/v1/jobs").unwrap_or_default();
+        let d = list
+            .as_array()
+            .and_then(|l| l.iter().find(|j| j["id"] == id.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        match d["state"].as_str() {
+            Some("done") => return start.elapsed().as_secs_f64(),
+            Some("active") | None => std::thread::sleep(Duration::from_millis(5)),
+            other => panic!("job {id} ended {other:?}: {d}"),
+        }
+    }
+}

@@ -180,7 +180,6 @@ pub struct AdvertView {
 #[derive(Debug)]
 pub enum Command {
     Status(oneshot::Sender<Status>),
-    Paused(oneshot::Sender<bool>),
     Metrics(oneshot::Sender<String>),
     Peers(oneshot::Sender<Vec<PeerView>>),
     Gpus(oneshot::Sender<Vec<AdvertView>>),
@@ -243,11 +242,6 @@ impl Client {
     /// The node's traffic counters, as Prometheus text.
     pub async fn metrics(&self) -> Result<String, Stopped> {
         self.ask(Command::Metrics).await
-    }
-
-    /// Whether the owner paused lending (cheaper than [`Self::status`]).
-    pub async fn paused(&self) -> Result<bool, Stopped> {
-        self.ask(Command::Paused).await
     }
 
     pub async fn peers(&self) -> Result<Vec<PeerView>, Stopped> {
@@ -1463,9 +1457,6 @@ impl EventLoop {
         match command {
             Command::Status(tx) => {
                 let _ = tx.send(self.status());
-            }
-            Command::Paused(tx) => {
-                let _ = tx.send(self.setup.paused);
             }
             Command::Metrics(tx) => {
                 let _ = tx.send(super::metrics_text(&self.metrics));

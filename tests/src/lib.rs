@@ -63,6 +63,11 @@ pub fn build_release_alliance() {
             "--release",
             "-p",
             "alliance-node",
+            // With the benchmarks' package in the build, its dependencies'
+            // features unify as in `cargo bench`: the shared libraries are
+            // not rebuilt on every run.
+            "-p",
+            "alliance-tests",
             "--bin",
             "alliance",
         ])

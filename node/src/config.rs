@@ -52,8 +52,9 @@ pub struct Config {
 pub struct WorkerConfig {
     /// Which GPUs are lent.
     pub gpus: Selection,
-    /// Tasks each GPU takes at once: one runs, the rest wait their turn.
-    /// More than one hides the network round trips between small tasks.
+    /// Tasks each GPU holds at once: one runs, the rest wait their turn
+    /// at the worker, so the GPU does not wait for the network between
+    /// small tasks.
     pub tasks_per_gpu: u16,
     /// The owner's shares by institution name: a waiting task of an
     /// institution with a larger share runs first; equal shares go by
@@ -144,7 +145,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             gpus: Selection::default(),
-            tasks_per_gpu: 4,
+            tasks_per_gpu: 32,
             shares: std::collections::BTreeMap::new(),
             limits: Limits::default(),
             sandbox: ResourceLimits::default(),

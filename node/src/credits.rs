@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use alliance_protocol::cert::{Chain, Member};
 use alliance_protocol::encoding;
 use alliance_protocol::signed::Record;
-use alliance_protocol::task::Credit;
+use alliance_protocol::task::{Credit, MAX_CREDIT_TASKS};
 use alliance_protocol::wire::{CreditsPage, MAX_PAGE_CREDITS, MAX_PAGE_ISSUERS};
 use alliance_protocol::{Hash, PublicKey, Signed, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -23,8 +23,13 @@ use serde::{Deserialize, Serialize};
 pub const HALF_LIFE_SECS: f64 = 7.0 * 24.0 * 3600.0;
 /// How far ahead of this node's clock a credit may be dated.
 const MAX_AHEAD_SECS: u64 = 600;
-/// Longest GPU time one credit may grant.
+/// Longest GPU time one credit may grant per task it pays for.
 pub const MAX_GPU_TIME_US: u64 = 24 * 3600 * 1_000_000;
+
+/// The most GPU time `c` may grant: [`MAX_GPU_TIME_US`] per task.
+fn max_gpu_time(c: &Credit) -> u64 {
+    MAX_GPU_TIME_US.saturating_mul(c.tasks.len() as u64)
+}
 
 /// One institution's account.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -120,7 +125,7 @@ impl Credits {
             return;
         };
         #[allow(clippy::cast_precision_loss)]
-        let secs = c.gpu_time_us.min(MAX_GPU_TIME_US) as f64 / 1e6
+        let secs = c.gpu_time_us.min(max_gpu_time(c)) as f64 / 1e6
             * 0.5f64.powf(now.saturating_sub(c.issued_at.as_secs()) as f64 / HALF_LIFE_SECS);
         let mut add = |key: PublicKey, given: f64, taken: f64, credits: u64| {
             let t = totals.entry(key).or_default();
@@ -129,8 +134,14 @@ impl Credits {
             t.taken_s += taken;
             t.credits += credits;
         };
-        add(c.worker_institution, secs, 0.0, 1);
-        let other = u64::from(c.submitter_institution != c.worker_institution);
+        // Counted per task paid for, as the alliance's members see them.
+        let tasks = c.tasks.len() as u64;
+        add(c.worker_institution, secs, 0.0, tasks);
+        let other = if c.submitter_institution != c.worker_institution {
+            tasks
+        } else {
+            0
+        };
         add(c.submitter_institution, 0.0, secs, other);
     }
 
@@ -146,6 +157,30 @@ impl Credits {
         let credit = signed
             .verify()
             .map_err(|e| CreditError::Bad(e.to_string()))?;
+        self.keep(signed, &credit, issuer)
+    }
+
+    /// Keeps a credit this node issued (`own` signed it, `issuer` is this
+    /// node's member and chain): its signature, made here, is not checked
+    /// again.
+    pub fn add_own(
+        &self,
+        signed: &Signed<Credit>,
+        own: &alliance_protocol::Identity,
+        issuer: (&Member, &Chain),
+    ) -> Result<bool, CreditError> {
+        let credit = signed
+            .open_own(own)
+            .map_err(|e| CreditError::Bad(e.to_string()))?;
+        self.keep(signed, &credit, Some(issuer))
+    }
+
+    fn keep(
+        &self,
+        signed: &Signed<Credit>,
+        credit: &Credit,
+        issuer: Option<(&Member, &Chain)>,
+    ) -> Result<bool, CreditError> {
         if let Some((member, _)) = issuer {
             if signed.signer() != member.node_key
                 || credit.submitter_institution != member.institution_key
@@ -158,10 +193,17 @@ impl Credits {
                 return Err(CreditError::Bad("it is dated in the future".into()));
             }
         }
-        if credit.gpu_time_us > MAX_GPU_TIME_US {
+        if credit.tasks.is_empty() || credit.tasks.len() > MAX_CREDIT_TASKS {
             return Err(CreditError::Bad(format!(
-                "it grants {} s of GPU time in one task",
-                credit.gpu_time_us / 1_000_000
+                "it pays for {} tasks; a credit pays for 1 to {MAX_CREDIT_TASKS}",
+                credit.tasks.len()
+            )));
+        }
+        if credit.gpu_time_us > max_gpu_time(credit) {
+            return Err(CreditError::Bad(format!(
+                "it grants {} s of GPU time for {} task(s)",
+                credit.gpu_time_us / 1_000_000,
+                credit.tasks.len()
             )));
         }
         let bytes = signed.to_bytes();
@@ -178,7 +220,7 @@ impl Credits {
             self.issuers.insert(signer.as_bytes(), c)?;
         }
         self.tree.insert(key.as_bytes(), bytes)?;
-        self.count(&credit, Timestamp::now().as_secs());
+        self.count(credit, Timestamp::now().as_secs());
         Ok(true)
     }
 
@@ -279,7 +321,7 @@ impl Credits {
 mod tests {
     use super::*;
     use alliance_protocol::Identity;
-    use alliance_protocol::task::JobId;
+    use alliance_protocol::task::{CreditedTask, JobId};
 
     #[test]
     fn balances_are_zero_sum_and_fade() {
@@ -295,8 +337,10 @@ mod tests {
         let credit = |task: u32, worker: &Identity, from: &Identity, us: u64| {
             let c = Credit {
                 job: JobId([1; 16]),
-                task,
-                receipt: Hash::of(&task.to_le_bytes()),
+                tasks: vec![CreditedTask {
+                    task,
+                    receipt: Hash::of(&task.to_le_bytes()),
+                }],
                 worker: Identity::generate().public(),
                 worker_institution: worker.public(),
                 submitter_institution: from.public(),

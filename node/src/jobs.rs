@@ -29,10 +29,13 @@ use alliance_kernels::intake::Limits;
 use alliance_protocol::advert::GpuState;
 use alliance_protocol::cert::Member;
 use alliance_protocol::task::{
-    Binding, BindingKind, Comparison, Credit, Data, ElemType, JobId, OutputDigest, TaskOffer,
-    TaskSpec,
+    Binding, BindingKind, Comparison, Credit, CreditedTask, Data, ElemType, JobId,
+    MAX_CREDIT_TASKS, OutputDigest, TaskOffer, TaskSpec,
 };
-use alliance_protocol::wire::{Ack, OfferAnswer, OfferRequest, TaskReport};
+use alliance_protocol::wire::{
+    Ack, Acks, MAX_BATCH, OFFER_BATCH_BYTES, OfferAnswer, OfferRequest, Reports, TaskReport,
+    short_reason,
+};
 use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
@@ -288,6 +291,20 @@ pub struct JobDetail {
 struct Live {
     job: JobRecord,
     tasks: Vec<TaskRecord>,
+    /// Workers that accepted a task of this job, and so hold its inputs.
+    warm: std::collections::HashSet<String>,
+}
+
+impl Live {
+    fn new(job: JobRecord, tasks: Vec<TaskRecord>) -> Self {
+        let warm = tasks
+            .iter()
+            .flat_map(|t| &t.replicas)
+            .filter(|r| r.in_flight() || r.returned())
+            .map(|r| r.worker.clone())
+            .collect();
+        Self { job, tasks, warm }
+    }
 }
 
 /// The submitter; cheap to clone.
@@ -324,6 +341,10 @@ struct Inner {
     /// that earned them, gossiped after the flush and then removed (a
     /// restarted node sends what is left).
     unsent_credits: sled::Tree,
+    /// Verified results not yet in a signed credit, written with the
+    /// verification; [`Jobs::durable`] seals them into credits (up to
+    /// [`MAX_CREDIT_TASKS`] tasks each) before it flushes.
+    owed_credits: sled::Tree,
     live: Mutex<BTreeMap<String, Live>>,
     /// Writes made, and writes known to be on disk: anything between the
     /// two awaits a flush (shared by concurrent callers: group commit).
@@ -404,6 +425,8 @@ pub struct Tables {
     pub reputation: sled::Tree,
     /// Credits signed and not yet handed to the network.
     pub unsent_credits: sled::Tree,
+    /// Verified results not yet paid for by a signed credit.
+    pub owed_credits: sled::Tree,
 }
 
 impl Tables {
@@ -414,6 +437,7 @@ impl Tables {
             outputs: store.tree("outputs")?,
             reputation: store.tree("reputation")?,
             unsent_credits: store.tree("unsent_credits")?,
+            owed_credits: store.tree("owed_credits")?,
         })
     }
 }
@@ -436,6 +460,7 @@ impl Jobs {
             outputs,
             reputation,
             unsent_credits,
+            owed_credits,
         } = tables;
         let mut held: HashMap<(String, u32), Vec<Hash>> = HashMap::new();
         let mut refs: HashMap<Hash, u32> = HashMap::new();
@@ -459,7 +484,7 @@ impl Jobs {
                 }
                 list.push(t);
             }
-            live.insert(job.id.clone(), Live { job, tasks: list });
+            live.insert(job.id.clone(), Live::new(job, list));
         }
         if !live.is_empty() {
             info!(jobs = live.len(), "jobs loaded from the database");
@@ -479,6 +504,7 @@ impl Jobs {
                 institution,
                 institution_name,
                 unsent_credits,
+                owed_credits,
                 live: Mutex::new(live),
                 writes: std::sync::atomic::AtomicU64::new(0),
                 flushed: std::sync::atomic::AtomicU64::new(0),
@@ -654,7 +680,7 @@ impl Jobs {
         self.save_job(&record)?;
         self.flush()?;
         info!(job = %id, name = %record.name, tasks = record.tasks, "job submitted");
-        self.lock()?.insert(id.clone(), Live { job: record, tasks });
+        self.lock()?.insert(id.clone(), Live::new(record, tasks));
         self.inner.wake.notify_one();
         Ok(id)
     }
@@ -780,7 +806,8 @@ impl Jobs {
                 .map_err(|_| JobsError::Db("poisoned".into()))?;
             gone.retain(|w, _| !connected.contains(w));
         }
-        let mut offers: Vec<(String, u32, u32, PeerId, Signed<TaskOffer>, String)> = Vec::new();
+        let mut offers: Vec<(String, u32, u32, PeerId, Signed<TaskOffer>)> = Vec::new();
+        let mut kernels: HashMap<String, String> = HashMap::new();
         {
             let mut live = self.lock()?;
             let caught: Vec<String> = self
@@ -800,14 +827,11 @@ impl Jobs {
                 }
                 // Read the job, write its tasks: no copy of the job's
                 // kernel and inputs on every pass.
-                let Live { job, tasks } = l;
-                // Workers that already hold this job's inputs.
-                let warm: std::collections::HashSet<String> = tasks
-                    .iter()
-                    .flat_map(|t| &t.replicas)
-                    .filter(|r| r.in_flight() || r.returned())
-                    .map(|r| r.worker.clone())
-                    .collect();
+                let Live { job, tasks, warm } = l;
+                // Tasks with no replica yet look alike to `choose`, and the
+                // market only fills up during a pass: once one of them
+                // cannot be placed, the rest wait for the same reason.
+                let mut blank_waits: Option<String> = None;
                 for t in tasks.iter_mut() {
                     if t.state != TaskState::Waiting {
                         continue;
@@ -865,6 +889,15 @@ impl Jobs {
                         if have >= target {
                             break;
                         }
+                        if t.replicas.is_empty()
+                            && let Some(why) = &blank_waits
+                        {
+                            if t.waiting.as_ref() != Some(why) {
+                                t.waiting = Some(why.clone());
+                                changed = true;
+                            }
+                            break;
+                        }
                         match self.choose(
                             job,
                             t,
@@ -873,7 +906,7 @@ impl Jobs {
                                 connected: &connected,
                                 in_flight: &in_flight,
                                 planned: &planned,
-                                warm: &warm,
+                                warm,
                             },
                         ) {
                             Ok(advert) => {
@@ -911,15 +944,13 @@ impl Jobs {
                                     checkpoint: None,
                                 });
                                 t.waiting = None;
-                                *planned.entry(advert.peer_id.clone()).or_default() += 1;
-                                offers.push((
-                                    job.id.clone(),
-                                    t.index,
-                                    attempt,
-                                    peer,
-                                    signed,
-                                    job.kernel.clone(),
-                                ));
+                                let chosen = advert.peer_id.clone();
+                                warm.insert(chosen.clone());
+                                *planned.entry(chosen).or_default() += 1;
+                                if !kernels.contains_key(&job.id) {
+                                    kernels.insert(job.id.clone(), job.kernel.clone());
+                                }
+                                offers.push((job.id.clone(), t.index, attempt, peer, signed));
                                 changed = true;
                             }
                             Err(Unplaced::Exhausted(why)) if active == 0 => {
@@ -932,6 +963,9 @@ impl Jobs {
                                 break;
                             }
                             Err(Unplaced::Exhausted(why) | Unplaced::Waits(why)) => {
+                                if t.replicas.is_empty() {
+                                    blank_waits = Some(why.clone());
+                                }
                                 if t.waiting.as_deref() != Some(why.as_str()) {
                                     t.waiting = Some(why);
                                     changed = true;
@@ -972,27 +1006,64 @@ impl Jobs {
                 let _ = self.inner.unsent_credits.remove(k);
             }
         }
-        for (id, index, attempt, peer, offer, kernel) in offers {
+        // One request per worker and job, up to a batch: a pass that
+        // places many small tasks on a worker sends them, and the kernel,
+        // once.
+        let mut batches: Vec<OfferBatch> = Vec::new();
+        for (id, index, attempt, peer, offer) in offers {
+            let size = offer.payload().len() + 128;
+            let open = batches.iter_mut().rev().find(|b| {
+                b.peer == peer
+                    && b.job == id
+                    && b.offers.len() < MAX_BATCH
+                    && b.bytes + size <= OFFER_BATCH_BYTES
+            });
+            match open {
+                Some(b) => {
+                    b.bytes += size;
+                    b.tasks.push((index, attempt));
+                    b.offers.push(offer);
+                }
+                None => batches.push(OfferBatch {
+                    peer,
+                    kernel: kernels.get(&id).cloned().unwrap_or_default(),
+                    job: id,
+                    bytes: size,
+                    tasks: vec![(index, attempt)],
+                    offers: vec![offer],
+                }),
+            }
+        }
+        for b in batches {
             let me = self.clone();
             tokio::spawn(async move {
-                let answer = me
+                let answers = me
                     .inner
                     .client
                     .offer(
-                        peer,
+                        b.peer,
                         OfferRequest {
-                            offer,
-                            kernel_source: Some(kernel),
+                            offers: b.offers,
+                            kernel_source: Some(b.kernel),
                         },
                     )
-                    .await;
-                me.on_answer(
-                    &id,
-                    index,
-                    attempt,
-                    peer,
-                    answer.map_err(|e| e.to_string()).and_then(|a| a),
-                );
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|a| a);
+                let mut answers = match answers {
+                    Ok(a) if a.0.len() == b.tasks.len() => a.0.into_iter().map(Ok).collect(),
+                    Ok(a) => vec![
+                        Err(format!(
+                            "the worker answered {} of {} offers",
+                            a.0.len(),
+                            b.tasks.len()
+                        ));
+                        b.tasks.len()
+                    ],
+                    Err(e) => vec![Err(e); b.tasks.len()],
+                }
+                .into_iter();
+                me.on_answers(&b.job, b.peer, b.tasks.iter().copied().zip(&mut answers));
             });
         }
         Ok(())
@@ -1352,9 +1423,11 @@ impl Jobs {
             Vec::new()
         };
         // Preferred institutions first, then institutions that hold no
-        // replica of this task yet, then trusted checkers, then workers
-        // that already hold the job's inputs, then the least loaded, then
-        // the fastest.
+        // replica of this task yet, then trusted checkers, then the least
+        // loaded, then among those workers that already hold the job's
+        // inputs, then the fastest. Load comes before warm inputs: a GPU
+        // holds many tasks at once, and warmth first would pile a job on
+        // the worker that took its first task.
         let best = free
             .iter()
             .copied()
@@ -1385,8 +1458,8 @@ impl Jobs {
                     spread,
                     other_model,
                     untrusted_checker,
-                    !warm.contains(&x.peer_id),
                     load,
+                    !warm.contains(&x.peer_id),
                     std::cmp::Reverse(speed),
                     x.peer_id.clone(),
                 )
@@ -1395,13 +1468,13 @@ impl Jobs {
         Ok(best)
     }
 
-    fn on_answer(
+    /// Records a worker's answers to offers of tasks of job `id`, given as
+    /// ((task, attempt), answer).
+    fn on_answers(
         &self,
         id: &str,
-        index: u32,
-        attempt: u32,
         peer: PeerId,
-        answer: Result<OfferAnswer, String>,
+        answers: impl Iterator<Item = ((u32, u32), Result<OfferAnswer, String>)>,
     ) {
         let worker = peer.to_string();
         let Ok(mut live) = self.lock() else {
@@ -1410,43 +1483,46 @@ impl Jobs {
         let Some(l) = live.get_mut(id) else {
             return;
         };
-        let Some(t) = l.tasks.get_mut(index as usize) else {
-            return;
-        };
-        let Some(r) = t
-            .replicas
-            .iter_mut()
-            .find(|r| r.attempt == attempt && r.worker == worker)
-        else {
-            return;
-        };
-        if r.state != ReplicaState::Offered {
-            return;
-        }
-        r.state = match answer {
-            // The lease runs on this node's clock; progress reports renew it.
-            Ok(OfferAnswer::Accept { .. }) => ReplicaState::Running {
-                lease_until: lease_from_now(),
-            },
-            Ok(OfferAnswer::Decline(reason)) => {
-                if let Ok(mut d) = self.inner.declined.lock() {
-                    d.insert(worker.clone(), Instant::now());
-                }
-                ReplicaState::Declined {
-                    reason: describe_decline(&reason),
-                }
+        for ((index, attempt), answer) in answers {
+            let Some(t) = l.tasks.get_mut(index as usize) else {
+                continue;
+            };
+            let Some(r) = t
+                .replicas
+                .iter_mut()
+                .find(|r| r.attempt == attempt && r.worker == worker)
+            else {
+                continue;
+            };
+            if r.state != ReplicaState::Offered {
+                continue;
             }
-            Err(e) => ReplicaState::Lost {
-                reason: format!("the offer did not arrive: {e}"),
-            },
-        };
-        if !r.in_flight() {
-            r.finished_at = Some(Timestamp::now());
-        }
-        // No sync here, with the job state locked: an answer promises
-        // nothing to anyone, and the pass this wakes flushes it.
-        if self.save_task(id, t).is_err() {
-            warn!(job = %id, "cannot save an offer's answer");
+            r.state = match answer {
+                // The lease runs on this node's clock; progress reports
+                // renew it.
+                Ok(OfferAnswer::Accept { .. }) => ReplicaState::Running {
+                    lease_until: lease_from_now(),
+                },
+                Ok(OfferAnswer::Decline(reason)) => {
+                    if let Ok(mut d) = self.inner.declined.lock() {
+                        d.insert(worker.clone(), Instant::now());
+                    }
+                    ReplicaState::Declined {
+                        reason: describe_decline(&reason),
+                    }
+                }
+                Err(e) => ReplicaState::Lost {
+                    reason: format!("the offer did not arrive: {e}"),
+                },
+            };
+            if !r.in_flight() {
+                r.finished_at = Some(Timestamp::now());
+            }
+            // No sync here, with the job state locked: an answer promises
+            // nothing to anyone, and the pass this wakes flushes it.
+            if self.save_task(id, t).is_err() {
+                warn!(job = %id, "cannot save an offer's answer");
+            }
         }
         self.inner.wake.notify_one();
     }
@@ -1630,7 +1706,7 @@ impl Jobs {
             }
         }
         let mut live = self.lock().map_err(|e| Refusal::Late(e.to_string()))?;
-        let Live { job, tasks } = live
+        let Live { job, tasks, .. } = live
             .get_mut(&id)
             .ok_or_else(|| Refusal::Late("no such job here".into()))?;
         let t = tasks
@@ -1738,27 +1814,62 @@ impl Jobs {
     }
 
     /// Checks and records a worker's report; the answer goes back to it.
-    pub async fn report(&self, peer: PeerId, member: &Member, report: TaskReport) -> Ack {
-        match self.take_report(peer, member, report).await {
-            Ok(()) => {
-                self.inner.wake.notify_one();
-                match self.durable().await {
-                    Ok(()) => Ack::Ok,
-                    Err(e) => Ack::Refused(format!("cannot record the result: {e}")),
-                }
-            }
-            Err(Refusal::Late(why)) => Ack::Refused(why),
-            Err(Refusal::Again(why)) => {
-                self.count_against(&peer.to_string(), &member.institution_name, Event::Lapsed);
-                Ack::Refused(why)
-            }
-            Err(Refusal::Bad(why)) => {
-                warn!(%peer, %why, "bad report");
-                self.count_against(&peer.to_string(), &member.institution_name, Event::Wrong);
-                let _ = self.inner.client.punish(peer, why.clone()).await;
-                Ack::Refused(why)
-            }
+    /// Takes a batch of reports from `peer`; every result kept is durable
+    /// before the acknowledgements (one disk sync for the batch) go back.
+    pub async fn reports(&self, peer: PeerId, member: &Member, reports: Reports) -> Acks {
+        if reports.0.len() > MAX_BATCH {
+            let why = format!(
+                "sent {} reports in one request; at most {MAX_BATCH} may travel together",
+                reports.0.len()
+            );
+            warn!(%peer, %why, "bad reports");
+            let _ = self.inner.client.punish(peer, why.clone()).await;
+            return Acks(
+                reports
+                    .0
+                    .iter()
+                    .map(|_| Ack::Refused(why.clone()))
+                    .collect(),
+            );
         }
+        let mut acks = Vec::with_capacity(reports.0.len());
+        let mut kept = false;
+        for report in reports.0 {
+            acks.push(match self.take_report(peer, member, report).await {
+                Ok(()) => {
+                    kept = true;
+                    None
+                }
+                Err(Refusal::Late(why)) => Some(why),
+                Err(Refusal::Again(why)) => {
+                    self.count_against(&peer.to_string(), &member.institution_name, Event::Lapsed);
+                    Some(why)
+                }
+                Err(Refusal::Bad(why)) => {
+                    warn!(%peer, %why, "bad report");
+                    self.count_against(&peer.to_string(), &member.institution_name, Event::Wrong);
+                    let _ = self.inner.client.punish(peer, why.clone()).await;
+                    Some(why)
+                }
+            });
+        }
+        let synced = if kept {
+            self.inner.wake.notify_one();
+            self.durable()
+                .await
+                .map_err(|e| format!("cannot record the result: {e}"))
+        } else {
+            Ok(())
+        };
+        Acks(
+            acks.into_iter()
+                .map(|refused| match (refused, &synced) {
+                    (Some(why), _) => Ack::Refused(short_reason(why)),
+                    (None, Err(why)) => Ack::Refused(short_reason(why.clone())),
+                    (None, Ok(())) => Ack::Ok,
+                })
+                .collect(),
+        )
     }
 
     async fn take_report(
@@ -1769,34 +1880,27 @@ impl Jobs {
     ) -> Result<(), Refusal> {
         let worker_key = PublicKey::from_peer_id(&peer).map_err(|e| Refusal::Bad(e.to_string()))?;
         let me = self.inner.identity.public();
-        let (job_id, task, attempt, kernel, signer, submitter) = match &report {
-            TaskReport::Done(r) => {
-                let rec = r
-                    .receipt
+        // Each signed record is checked once; what follows reads the
+        // checked copy.
+        let checked = match &report {
+            TaskReport::Done(r) => Checked::Receipt(
+                r.receipt
                     .verify()
-                    .map_err(|e| Refusal::Bad(format!("its receipt does not verify: {e}")))?;
-                (
-                    rec.job,
-                    rec.task,
-                    rec.attempt,
-                    rec.kernel,
-                    r.receipt.signer(),
-                    rec.submitter,
-                )
-            }
+                    .map_err(|e| Refusal::Bad(format!("its receipt does not verify: {e}")))?,
+            ),
             TaskReport::Failed(f) | TaskReport::HandedBack(f) => {
-                let rec = f.verify().map_err(|e| {
+                Checked::Failure(f.verify().map_err(|e| {
                     Refusal::Bad(format!("its failure report does not verify: {e}"))
-                })?;
-                (
-                    rec.job,
-                    rec.task,
-                    rec.attempt,
-                    rec.kernel,
-                    f.signer(),
-                    rec.submitter,
-                )
+                })?)
             }
+        };
+        let (job_id, task, attempt, kernel, submitter) = match &checked {
+            Checked::Receipt(r) => (r.job, r.task, r.attempt, r.kernel, r.submitter),
+            Checked::Failure(f) => (f.job, f.task, f.attempt, f.kernel, f.submitter),
+        };
+        let signer = match &report {
+            TaskReport::Done(r) => r.receipt.signer(),
+            TaskReport::Failed(f) | TaskReport::HandedBack(f) => f.signer(),
         };
         if signer != worker_key {
             return Err(Refusal::Bad(
@@ -1811,26 +1915,22 @@ impl Jobs {
         if kernel != kernel_hash {
             return Err(Refusal::Bad("the report names another kernel".into()));
         }
-        match report {
-            TaskReport::Failed(f) => {
-                let reason = f.verify().map(|r| r.reason).unwrap_or_default();
+        match (report, checked) {
+            (TaskReport::Failed(_), Checked::Failure(f)) => {
+                let reason = f.reason;
                 self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
                     self.count_against(&r.worker, &r.institution, Event::Lapsed);
                     r.state = ReplicaState::Failed { reason };
                 })
             }
-            TaskReport::HandedBack(f) => {
-                let reason = f.verify().map(|r| r.reason).unwrap_or_default();
+            (TaskReport::HandedBack(_), Checked::Failure(f)) => {
+                let reason = f.reason;
                 info!(job = %id, task, worker = %short(&peer.to_string()), %reason, "task handed back; offering it elsewhere");
                 self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
                     r.state = ReplicaState::HandedBack { reason };
                 })
             }
-            TaskReport::Done(result) => {
-                let receipt = result
-                    .receipt
-                    .verify()
-                    .map_err(|e| Refusal::Bad(e.to_string()))?;
+            (TaskReport::Done(result), Checked::Receipt(receipt)) => {
                 let mut digests = Vec::new();
                 for o in &outputs {
                     let d = receipt
@@ -1899,6 +1999,10 @@ impl Jobs {
                     r.institution_key = Some(member.institution_key);
                 })
             }
+            // A report's record is of its kind (checked above).
+            _ => Err(Refusal::Bad(
+                "the report's record is of another kind".into(),
+            )),
         }
     }
 
@@ -1953,7 +2057,7 @@ impl Jobs {
     ) -> Result<(), Refusal> {
         let late = |m: &str| Refusal::Late(m.to_owned());
         let mut live = self.lock().map_err(|e| Refusal::Late(e.to_string()))?;
-        let Live { job, tasks } = live.get_mut(id).ok_or_else(|| late("no such job here"))?;
+        let Live { job, tasks, .. } = live.get_mut(id).ok_or_else(|| late("no such job here"))?;
         let t = tasks
             .get_mut(task as usize)
             .ok_or_else(|| late("no such task"))?;
@@ -1979,13 +2083,81 @@ impl Jobs {
         use std::sync::atomic::Ordering;
         let mine = self.inner.writes.load(Ordering::Acquire);
         let _turn = self.inner.flushing.lock().await;
-        if self.inner.flushed.load(Ordering::Acquire) >= mine {
+        if self.inner.flushed.load(Ordering::Acquire) >= mine && self.inner.owed_credits.is_empty()
+        {
             return Ok(());
         }
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.flush())
-            .await
-            .map_err(db)?
+        tokio::task::spawn_blocking(move || {
+            me.seal_credits();
+            me.flush()
+        })
+        .await
+        .map_err(db)?
+    }
+
+    /// Signs credits for the verified results owed one: a credit per job
+    /// and worker for up to [`MAX_CREDIT_TASKS`] tasks. Each credit is
+    /// stored, and the results it pays for struck off, in one transaction:
+    /// no result is paid twice, none is forgotten.
+    fn seal_credits(&self) {
+        use sled::Transactional;
+        type Group = (JobId, PublicKey, PublicKey);
+        let mut groups: BTreeMap<Group, Vec<(sled::IVec, Owed)>> = BTreeMap::new();
+        for (k, v) in self.inner.owed_credits.iter().flatten() {
+            match serde_json::from_slice::<Owed>(&v) {
+                Ok(o) => groups
+                    .entry((o.job, o.worker, o.worker_institution))
+                    .or_default()
+                    .push((k, o)),
+                Err(e) => {
+                    warn!("dropping an unreadable owed credit: {e}");
+                    let _ = self.inner.owed_credits.remove(k);
+                }
+            }
+        }
+        for ((job, worker, worker_institution), owed) in groups {
+            for part in owed.chunks(MAX_CREDIT_TASKS) {
+                let credit = Credit {
+                    job,
+                    tasks: part
+                        .iter()
+                        .map(|(_, o)| CreditedTask {
+                            task: o.task,
+                            receipt: o.receipt,
+                        })
+                        .collect(),
+                    worker,
+                    worker_institution,
+                    submitter_institution: self.inner.institution,
+                    gpu_time_us: part.iter().fold(0u64, |sum, (_, o)| {
+                        sum.saturating_add(o.gpu_time_us.min(crate::credits::MAX_GPU_TIME_US))
+                    }),
+                    issued_at: Timestamp::now(),
+                };
+                let bytes = match Signed::sign(&credit, &self.inner.identity) {
+                    Ok(signed) => signed.to_bytes(),
+                    Err(e) => {
+                        warn!("cannot sign a credit: {e}");
+                        continue;
+                    }
+                };
+                let key = Hash::of(&bytes);
+                let stored = (&self.inner.owed_credits, &self.inner.unsent_credits).transaction(
+                    |(owed, unsent)| {
+                        for (k, _) in part {
+                            owed.remove(k.clone())?;
+                        }
+                        unsent.insert(key.as_bytes(), bytes.as_slice())?;
+                        Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                    },
+                );
+                match stored {
+                    Ok(()) => self.wrote(),
+                    Err(e) => warn!("cannot keep a credit: {e:?}"),
+                }
+            }
+        }
     }
 
     /// Verifies `t` when a quorum of its returned replicas agrees.
@@ -2073,7 +2245,21 @@ impl Jobs {
         for &i in &returned {
             let r = &mut t.replicas[i];
             let (state, event) = if winner.contains(&i) {
-                (ReplicaState::Verified, confirmed.then_some(Event::Agreed))
+                // A recheck that confirms a result from before the
+                // worker's last lie does not make it trusted again.
+                let before_wrong = self
+                    .inner
+                    .reputation
+                    .worker(&r.worker)
+                    .last_wrong
+                    .zip(r.finished_at)
+                    .is_some_and(|(wrong, returned)| returned <= wrong);
+                let agreed = if before_wrong {
+                    Event::AgreedBeforeWrong
+                } else {
+                    Event::Agreed
+                };
+                (ReplicaState::Verified, confirmed.then_some(agreed))
             } else if compared[i] {
                 (ReplicaState::Outvoted, Some(Event::Wrong))
             } else {
@@ -2107,8 +2293,9 @@ impl Jobs {
         if all_trusted { 1 } else { job.redundancy }
     }
 
-    /// Signs a credit for a replica's verified work; it is gossiped after
-    /// the next flush (see `unsent_credits`).
+    /// Records that a replica's verified work is owed a credit; the next
+    /// flush signs it into one (see `seal_credits`), and the pass after
+    /// gossips it.
     fn issue_credit(&self, job: &JobRecord, task: u32, r: &Replica) {
         let (Some(receipt), Some(worker_institution), Ok(peer)) =
             (r.receipt, r.institution_key, r.worker.parse::<PeerId>())
@@ -2118,29 +2305,26 @@ impl Jobs {
         let Ok(worker) = PublicKey::from_peer_id(&peer) else {
             return;
         };
-        let credit = Credit {
+        let owed = Owed {
             job: job_id(&job.id),
             task,
             receipt,
             worker,
             worker_institution,
-            submitter_institution: self.inner.institution,
-            gpu_time_us: r.gpu_time_us.min(crate::credits::MAX_GPU_TIME_US),
-            issued_at: Timestamp::now(),
+            gpu_time_us: r.gpu_time_us,
         };
-        match Signed::sign(&credit, &self.inner.identity) {
-            Ok(signed) => {
-                let bytes = signed.to_bytes();
-                match self
-                    .inner
-                    .unsent_credits
-                    .insert(Hash::of(&bytes).as_bytes(), bytes)
-                {
-                    Ok(_) => self.wrote(),
-                    Err(e) => warn!("cannot keep a credit: {e}"),
-                }
-            }
-            Err(e) => warn!("cannot sign a credit: {e}"),
+        let mut key = owed.job.0.to_vec();
+        key.extend_from_slice(&task.to_be_bytes());
+        key.extend_from_slice(worker.as_bytes());
+        match serde_json::to_vec(&owed).map_err(db).and_then(|v| {
+            self.inner
+                .owed_credits
+                .insert(key, v)
+                .map_err(db)
+                .map(|_| ())
+        }) {
+            Ok(()) => self.wrote(),
+            Err(e) => warn!("cannot record a credit owed: {e}"),
         }
     }
 
@@ -2201,6 +2385,34 @@ struct Market<'a> {
     planned: &'a HashMap<String, u32>,
     /// Workers that hold the current job's inputs.
     warm: &'a std::collections::HashSet<String>,
+}
+
+/// A verified result that a credit is owed for.
+#[derive(Debug, Serialize, Deserialize)]
+struct Owed {
+    job: JobId,
+    task: u32,
+    receipt: Hash,
+    worker: PublicKey,
+    worker_institution: PublicKey,
+    gpu_time_us: u64,
+}
+
+/// The record inside a report, its signature checked.
+enum Checked {
+    Receipt(alliance_protocol::task::Receipt),
+    Failure(alliance_protocol::task::TaskFailure),
+}
+
+/// Offers of one pass to one worker for one job, sent as one request.
+struct OfferBatch {
+    peer: PeerId,
+    job: String,
+    kernel: String,
+    bytes: usize,
+    /// (task, attempt) of each offer, in order.
+    tasks: Vec<(u32, u32)>,
+    offers: Vec<Signed<TaskOffer>>,
 }
 
 enum Refusal {

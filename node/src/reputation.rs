@@ -35,6 +35,10 @@ const MIN_SPOT_CHECK: f64 = 0.05;
 pub enum Event {
     /// Agreed with the quorum or a spot check.
     Agreed,
+    /// Agreed, about a result the worker returned before its last wrong
+    /// one (a recheck of what it ran alone): it counts as agreement, but
+    /// does not rebuild the streak that the wrong result ended.
+    AgreedBeforeWrong,
     /// Outvoted, caught by a spot check, or a report that broke the
     /// protocol (bad signature, outputs that do not match their hashes).
     Wrong,
@@ -83,6 +87,7 @@ impl Record {
                 self.streak = 0;
                 self.last_wrong = Some(now);
             }
+            Event::AgreedBeforeWrong => self.agreed += 1.0,
             Event::Lapsed => self.lapses += 1.0,
         }
     }
@@ -282,6 +287,9 @@ mod tests {
         // One lie: trust gone, and it weighs ten agreements.
         let r = rep.record("a", "North", Event::Wrong).unwrap();
         assert!(!r.trusted() && r.streak == 0);
+        // Old results confirmed after the lie do not restore trust.
+        let r = rep.record("a", "North", Event::AgreedBeforeWrong).unwrap();
+        assert!(!r.trusted() && r.streak == 0 && r.agreed > 0.0);
         assert!(r.score() < 0.9);
         rep.record("b", "North", Event::Lapsed).unwrap();
         rep.record("c", "South", Event::Agreed).unwrap();
@@ -293,7 +301,7 @@ mod tests {
             .find(|i| i.institution == "North")
             .unwrap();
         assert_eq!(north.workers, 2);
-        assert!((north.record.agreed - 100.0).abs() < 1e-3);
+        assert!((north.record.agreed - 101.0).abs() < 1e-3);
         assert!((north.record.wrong - 1.0).abs() < 1e-3);
         assert!((north.record.lapses - 1.0).abs() < 1e-3);
     }

@@ -366,7 +366,7 @@ async fn serve_requests(
     worker: Option<Worker>,
     jobs: Option<Jobs>,
 ) {
-    use alliance_protocol::wire::{Ack, DeclineReason, OfferAnswer};
+    use alliance_protocol::wire::{Ack, Acks, DeclineReason, OfferAnswer, OfferAnswers};
     while let Some(request) = requests.recv().await {
         match request {
             Inbound::Offer {
@@ -378,29 +378,43 @@ async fn serve_requests(
                 Some(w) => {
                     let w = w.clone();
                     tokio::spawn(async move {
-                        let _ = reply.send(w.offer(peer, &member, *request).await);
+                        let _ = reply.send(w.offers(peer, &member, *request).await);
                     });
                 }
                 None => {
-                    let _ = reply.send(OfferAnswer::Decline(DeclineReason::BadOffer(
-                        "this node lends no GPU".into(),
-                    )));
+                    let _ = reply.send(OfferAnswers(
+                        request
+                            .offers
+                            .iter()
+                            .map(|_| {
+                                OfferAnswer::Decline(DeclineReason::BadOffer(
+                                    "this node lends no GPU".into(),
+                                ))
+                            })
+                            .collect(),
+                    ));
                 }
             },
             Inbound::Report {
                 peer,
                 member,
-                report,
+                reports,
                 reply,
             } => match &jobs {
                 Some(j) => {
                     let j = j.clone();
                     tokio::spawn(async move {
-                        let _ = reply.send(j.report(peer, &member, *report).await);
+                        let _ = reply.send(j.reports(peer, &member, *reports).await);
                     });
                 }
                 None => {
-                    let _ = reply.send(Ack::Refused("this node submits no jobs".into()));
+                    let _ = reply.send(Acks(
+                        reports
+                            .0
+                            .iter()
+                            .map(|_| Ack::Refused("this node submits no jobs".into()))
+                            .collect(),
+                    ));
                 }
             },
             Inbound::Progress {

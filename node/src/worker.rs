@@ -29,7 +29,8 @@ use alliance_protocol::task::{
     Binding, BindingKind, Data, MAX_INLINE_BYTES, OutputDigest, Receipt, TaskFailure, TaskOffer,
 };
 use alliance_protocol::wire::{
-    Ack, DeclineReason, OfferAnswer, OfferRequest, Progress, TaskReport, TaskResult,
+    Ack, Acks, DeclineReason, MAX_BATCH, Message, OfferAnswer, OfferAnswers, OfferRequest,
+    Progress, REPORT_BATCH_BYTES, Reports, TaskReport, TaskResult,
 };
 use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
 use libp2p::PeerId;
@@ -203,6 +204,23 @@ struct Inner {
     /// One fetch per blob at a time: tasks that need a blob being fetched
     /// wait for it instead of fetching it again.
     fetching: tokio::sync::Mutex<HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
+    /// Reports on their way, by submitter.
+    outbox: Mutex<HashMap<PeerId, Outbox>>,
+}
+
+/// The reports waiting to go to one submitter, and whether a sender is
+/// draining them.
+#[derive(Default)]
+struct Outbox {
+    queue: std::collections::VecDeque<Outgoing>,
+    sending: bool,
+}
+
+struct Outgoing {
+    report: TaskReport,
+    /// Encoded bytes, for sizing batches.
+    size: usize,
+    since: std::time::Instant,
 }
 
 /// What the worker has done since it started.
@@ -283,6 +301,7 @@ impl Worker {
                 preempted: Mutex::new(HashMap::new()),
                 recheck: tokio::sync::Notify::new(),
                 fetching: tokio::sync::Mutex::new(HashMap::new()),
+                outbox: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -481,18 +500,53 @@ impl Worker {
     }
 
     /// Answers an offer from `peer`; on acceptance the task starts at once.
-    pub async fn offer(&self, peer: PeerId, member: &Member, req: OfferRequest) -> OfferAnswer {
-        let answer = self.consider(peer, member, req).await;
-        match answer {
-            OfferAnswer::Accept { .. } => self.count(|s| s.accepted += 1),
-            OfferAnswer::Decline(_) => self.count(|s| s.declined += 1),
+    /// Answers a batch of offers from `peer`, one answer per offer in
+    /// their order; each accepted task starts at once.
+    pub async fn offers(&self, peer: PeerId, member: &Member, req: OfferRequest) -> OfferAnswers {
+        if req.offers.len() > MAX_BATCH {
+            let why = format!(
+                "{} offers in one request; at most {MAX_BATCH} may travel together",
+                req.offers.len()
+            );
+            warn!(%peer, %why, "bad offers");
+            let _ = self.inner.setup.client.punish(peer, why.clone()).await;
+            return OfferAnswers(
+                req.offers
+                    .iter()
+                    .map(|_| decline(DeclineReason::BadOffer(why.clone())))
+                    .collect(),
+            );
         }
-        answer
+        // The kernel is hashed once for the batch.
+        let kernel = req
+            .kernel_source
+            .map(|src| (Hash::of(src.as_bytes()), Arc::<str>::from(src)));
+        let mut answers = Vec::with_capacity(req.offers.len());
+        let (mut accepted, mut declined) = (0, 0);
+        for offer in &req.offers {
+            let answer = self.consider(peer, member, offer, kernel.as_ref());
+            match answer {
+                OfferAnswer::Accept { .. } => accepted += 1,
+                OfferAnswer::Decline(_) => declined += 1,
+            }
+            answers.push(answer);
+        }
+        self.count(|s| {
+            s.accepted += accepted;
+            s.declined += declined;
+        });
+        OfferAnswers(answers)
     }
 
-    async fn consider(&self, peer: PeerId, member: &Member, req: OfferRequest) -> OfferAnswer {
+    fn consider(
+        &self,
+        peer: PeerId,
+        member: &Member,
+        offer: &Signed<TaskOffer>,
+        kernel: Option<&(Hash, Arc<str>)>,
+    ) -> OfferAnswer {
         let s = &self.inner.setup;
-        let (offer, source) = match self.check_offer(peer, member, req) {
+        let (offer, source) = match self.check_offer(peer, member, offer, kernel) {
             Ok(checked) => checked,
             Err(reason) => return decline(reason),
         };
@@ -535,7 +589,7 @@ impl Worker {
                 _ => me.count(|s| s.failed += 1),
             }
             match report {
-                Some(r) => me.deliver(peer, r).await,
+                Some(r) => me.deliver(peer, r),
                 // Only a record too large to sign gets here; the lease
                 // runs out and the submitter offers the task again.
                 None => warn!(%peer, "the task's report could not be signed"),
@@ -549,14 +603,14 @@ impl Worker {
         &self,
         peer: PeerId,
         member: &Member,
-        req: OfferRequest,
-    ) -> Result<(TaskOffer, String), DeclineReason> {
+        signed: &Signed<TaskOffer>,
+        kernel: Option<&(Hash, Arc<str>)>,
+    ) -> Result<(TaskOffer, Arc<str>), DeclineReason> {
         let bad = |m: &str| DeclineReason::BadOffer(m.to_owned());
-        let offer = req
-            .offer
+        let offer = signed
             .verify()
             .map_err(|e| DeclineReason::BadOffer(e.to_string()))?;
-        if PublicKey::from_peer_id(&peer).ok() != Some(req.offer.signer()) {
+        if PublicKey::from_peer_id(&peer).ok() != Some(signed.signer()) {
             return Err(bad(
                 "the offer is signed by another node than the one that sent it",
             ));
@@ -570,8 +624,8 @@ impl Worker {
         if offer.expires_at <= Timestamp::now() {
             return Err(bad("the offer has expired"));
         }
-        match req.kernel_source {
-            Some(src) if Hash::of(src.as_bytes()) == offer.spec.kernel => Ok((offer, src)),
+        match kernel {
+            Some((hash, src)) if *hash == offer.spec.kernel => Ok((offer, Arc::clone(src))),
             Some(_) => Err(bad("the kernel does not match the hash in the offer")),
             None => Err(bad("the offer carries no kernel")),
         }
@@ -716,7 +770,7 @@ impl Worker {
         &self,
         peer: PeerId,
         offer: &TaskOffer,
-        source: String,
+        source: Arc<str>,
         slot: usize,
         from: (PublicKey, u32),
     ) -> Option<TaskReport> {
@@ -841,7 +895,7 @@ impl Worker {
         &self,
         peer: PeerId,
         offer: &TaskOffer,
-        source: String,
+        source: Arc<str>,
         slot: usize,
         from: (PublicKey, u32),
         acked: Arc<std::sync::atomic::AtomicU32>,
@@ -992,27 +1046,93 @@ impl Worker {
         }
     }
 
-    /// Sends `report` to the submitter until it answers.
-    async fn deliver(&self, peer: PeerId, report: TaskReport) {
+    /// Queues `report` for the submitter `peer`. One sender per submitter
+    /// drains its queue: reports that end while one request is on its way
+    /// travel together in the next.
+    fn deliver(&self, peer: PeerId, report: TaskReport) {
+        let size = report.encode().map_or(0, |b| b.len());
+        let start = {
+            let Ok(mut out) = self.inner.outbox.lock() else {
+                return;
+            };
+            let o = out.entry(peer).or_default();
+            o.queue.push_back(Outgoing {
+                report,
+                size,
+                since: std::time::Instant::now(),
+            });
+            !std::mem::replace(&mut o.sending, true)
+        };
+        if start {
+            tokio::spawn(self.clone().send_reports(peer));
+        }
+    }
+
+    /// Sends the reports queued for `peer`, a batch at a time, until the
+    /// queue is empty; a batch that does not arrive is sent again, with
+    /// backoff, until the submitter answers or half an hour passes.
+    async fn send_reports(self, peer: PeerId) {
         let s = &self.inner.setup;
-        let start = std::time::Instant::now();
         let mut wait = Duration::from_millis(500);
         loop {
-            match s.client.report(peer, report.clone()).await {
-                Ok(Ok(Ack::Ok)) => return,
-                Ok(Ok(Ack::Refused(why))) => {
-                    warn!(%peer, %why, "the submitter refused the report");
+            let batch: Vec<Outgoing> = {
+                let Ok(mut out) = self.inner.outbox.lock() else {
+                    return;
+                };
+                let Some(o) = out.get_mut(&peer) else {
+                    return;
+                };
+                let mut bytes = 0;
+                let mut batch = Vec::new();
+                while let Some(next) = o.queue.front() {
+                    if batch.len() >= MAX_BATCH
+                        || (!batch.is_empty() && bytes + next.size > REPORT_BATCH_BYTES)
+                    {
+                        break;
+                    }
+                    bytes += next.size;
+                    batch.extend(o.queue.pop_front());
+                }
+                if batch.is_empty() {
+                    out.remove(&peer);
                     return;
                 }
-                Ok(Err(e)) => warn!(%peer, error = %e, "report not delivered yet"),
+                batch
+            };
+            let reports = Reports(batch.iter().map(|o| o.report.clone()).collect());
+            match s.client.report(peer, reports).await {
+                Ok(Ok(Acks(acks))) => {
+                    wait = Duration::from_millis(500);
+                    if acks.len() != batch.len() {
+                        warn!(%peer, reports = batch.len(), acks = acks.len(), "the submitter acknowledged another number of reports than it got");
+                    }
+                    for ack in acks {
+                        if let Ack::Refused(why) = ack {
+                            warn!(%peer, %why, "the submitter refused a report");
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    warn!(%peer, error = %e, reports = batch.len(), "reports not delivered yet");
+                    let keep: Vec<Outgoing> = batch
+                        .into_iter()
+                        .filter(|o| o.since.elapsed() <= REPORT_PATIENCE)
+                        .collect();
+                    if keep.is_empty() {
+                        warn!(%peer, "giving up delivering reports");
+                    }
+                    if let Ok(mut out) = self.inner.outbox.lock() {
+                        let o = out.entry(peer).or_default();
+                        o.sending = true;
+                        for k in keep.into_iter().rev() {
+                            o.queue.push_front(k);
+                        }
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
                 Err(_) => return,
             }
-            if start.elapsed() > REPORT_PATIENCE {
-                warn!(%peer, "giving up delivering a report");
-                return;
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(30));
         }
     }
 }

@@ -32,8 +32,10 @@ const BATCH_TIME: Duration = Duration::from_millis(40);
 fn credit(k: &Identity) -> Credit {
     Credit {
         job: JobId([7; 16]),
-        task: 12,
-        receipt: Hash::of(b"receipt"),
+        tasks: vec![alliance_protocol::task::CreditedTask {
+            task: 12,
+            receipt: Hash::of(b"receipt"),
+        }],
         worker: k.public(),
         worker_institution: Identity::from_secret_bytes([2; 32]).public(),
         submitter_institution: Identity::from_secret_bytes([3; 32]).public(),

@@ -251,25 +251,37 @@ impl Record for CheckpointRecord {
     const MAX_SIZE: usize = 64 * 1024;
 }
 
-/// A submitter's signed grant of validated GPU time to a worker.
+/// Most tasks one [`Credit`] pays for.
+pub const MAX_CREDIT_TASKS: usize = 32;
+
+/// A task a credit pays for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditedTask {
+    pub task: u32,
+    /// Hash of the receipt payload of the verified result.
+    pub receipt: Hash,
+}
+
+/// A submitter's signed grant of validated GPU time to a worker, for 1 to
+/// [`MAX_CREDIT_TASKS`] tasks of one job whose results were verified
+/// together. Every member checks and keeps every credit, so one signature
+/// pays for a burst of small tasks rather than one each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credit {
     pub job: JobId,
-    pub task: u32,
-    /// Hash of the receipt payload this credit pays for.
-    pub receipt: Hash,
+    pub tasks: Vec<CreditedTask>,
     pub worker: PublicKey,
     pub worker_institution: PublicKey,
     /// The submitter's institution (the submitter's node key signs).
     pub submitter_institution: PublicKey,
-    /// Validated GPU time, µs.
+    /// Validated GPU time of all its tasks, µs.
     pub gpu_time_us: u64,
     pub issued_at: Timestamp,
 }
 
 impl Record for Credit {
     const NAME: &'static str = "credit";
-    const CONTEXT: &'static str = "credit/v1";
-    const VERSION: u16 = 1;
-    const MAX_SIZE: usize = 1024;
+    const CONTEXT: &'static str = "credit/v2";
+    const VERSION: u16 = 2;
+    const MAX_SIZE: usize = 2048;
 }

@@ -3,8 +3,8 @@
 //! | protocol | request | response | cap (request / response) |
 //! |---|---|---|---|
 //! | `/alliance/membership/1` | [`Hello`] | [`Hello`] | about 1 MiB each (hello plus up to 4 revocation lists) |
-//! | `/alliance/task/1` | [`OfferRequest`] | [`OfferAnswer`] | 3 MiB / 4 KiB |
-//! | `/alliance/result/1` | [`TaskReport`] | [`Ack`] | 5 MiB / 1 KiB |
+//! | `/alliance/task/2` | [`OfferRequest`] | [`OfferAnswers`] | 8 MiB / 257 KiB |
+//! | `/alliance/result/2` | [`Reports`] | [`Acks`] | 8 MiB / 65 KiB |
 //! | `/alliance/blob/2` (a stream) | [`BlobRequest`] | [`BlobResponse`], then raw bytes | 1 KiB / 4 KiB |
 //! | `/alliance/progress/1` | [`Progress`] | [`Ack`] | 1 MiB + 64 KiB / 1 KiB |
 //! | gossip `alliance/<id>/adverts/1` | [`AdvertGossip`] | | 32 KiB |
@@ -17,6 +17,13 @@
 //! message's cap *before* the reader allocates, and [`Message::decode`]
 //! checks it again, so no peer can make a node allocate more than the cap.
 //! Decoders return errors on bad bytes; none panics.
+//!
+//! Offers and reports travel in batches of up to [`MAX_BATCH`] tasks: a
+//! scheduler that places many small tasks on one worker sends them in one
+//! request, and a worker that finishes several while a report is on its
+//! way sends them together in the next. Each offer, receipt and failure in
+//! a batch is still a record signed on its own, so each stays evidence by
+//! itself.
 
 use std::io::Read;
 
@@ -118,18 +125,28 @@ impl Message for Hello {
     const MAX_SIZE: usize = 16 * 1024 + MAX_HELLO_LISTS * RevocationGossip::MAX_SIZE;
 }
 
-/// A task offer, with the kernel source when the worker may lack it.
+/// Most offers one [`OfferRequest`] carries, and most reports one
+/// [`Reports`] carries.
+pub const MAX_BATCH: usize = 64;
+
+/// Offers of tasks of one job to one worker, at most [`MAX_BATCH`], with
+/// the kernel source when the worker may lack it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OfferRequest {
-    pub offer: Signed<TaskOffer>,
-    /// The WGSL source; its blake3 hash must equal the spec's kernel hash.
+    pub offers: Vec<Signed<TaskOffer>>,
+    /// The WGSL source; its blake3 hash must equal every spec's kernel
+    /// hash.
     pub kernel_source: Option<String>,
 }
 
 impl Message for OfferRequest {
     const NAME: &'static str = "task offer request";
-    const MAX_SIZE: usize = 3 * 1024 * 1024;
+    const MAX_SIZE: usize = 8 * 1024 * 1024;
 }
+
+/// Offers a scheduler puts in one request while their encoded size stays
+/// under this (a single offer may be larger, up to the request's cap).
+pub const OFFER_BATCH_BYTES: usize = 2 * 1024 * 1024;
 
 /// Why a worker declines an offer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +181,33 @@ impl Message for OfferAnswer {
     const MAX_SIZE: usize = 4 * 1024;
 }
 
+/// The worker's answers to an [`OfferRequest`], one per offer in the
+/// order of the offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferAnswers(pub Vec<OfferAnswer>);
+
+impl Message for OfferAnswers {
+    const NAME: &'static str = "task offer answers";
+    const MAX_SIZE: usize = MAX_BATCH * OfferAnswer::MAX_SIZE + 1024;
+}
+
+/// The longest reason a decline or a refusal carries; longer ones are cut
+/// (see [`short_reason`]), so that a batch of answers stays under its cap.
+pub const MAX_REASON: usize = 900;
+
+/// `reason` cut to at most [`MAX_REASON`] bytes, at a character boundary.
+pub fn short_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON {
+        let mut cut = MAX_REASON - 3;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push_str("...");
+    }
+    reason
+}
+
 /// A finished task: the signed receipt and the outputs, inline when small.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskResult {
@@ -193,6 +237,31 @@ pub enum TaskReport {
 impl Message for TaskReport {
     const NAME: &'static str = "task report";
     const MAX_SIZE: usize = TaskResult::MAX_SIZE;
+}
+
+/// Reports of tasks to their submitter: at most [`MAX_BATCH`], and more
+/// than one only while their encoded size stays under
+/// [`REPORT_BATCH_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reports(pub Vec<TaskReport>);
+
+impl Message for Reports {
+    const NAME: &'static str = "task reports";
+    const MAX_SIZE: usize = 8 * 1024 * 1024;
+}
+
+/// Reports a worker puts in one request while their encoded size stays
+/// under this (a single report may be larger, up to its own cap).
+pub const REPORT_BATCH_BYTES: usize = 2 * 1024 * 1024;
+
+/// The submitter's acknowledgements of [`Reports`], one per report in
+/// their order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acks(pub Vec<Ack>);
+
+impl Message for Acks {
+    const NAME: &'static str = "acknowledgements";
+    const MAX_SIZE: usize = MAX_BATCH * Ack::MAX_SIZE + 1024;
 }
 
 /// Acknowledges a result or progress message.
@@ -322,7 +391,7 @@ pub const MAX_GOSSIP_CREDITS: usize = 64;
 
 impl Message for CreditGossip {
     const NAME: &'static str = "credit gossip";
-    const MAX_SIZE: usize = 128 * 1024;
+    const MAX_SIZE: usize = 256 * 1024;
 }
 
 impl Message for AdvertGossip {

@@ -14,8 +14,8 @@ use alliance_protocol::task::{
     OutputDigest, Receipt, TaskFailure, TaskOffer, TaskSpec,
 };
 use alliance_protocol::wire::{
-    self, Ack, BlobRequest, BlobResponse, DeclineReason, Hello, Message, OfferAnswer, OfferRequest,
-    Progress, RevocationGossip, TaskReport, TaskResult,
+    self, Ack, Acks, BlobRequest, BlobResponse, DeclineReason, Hello, Message, OfferAnswer,
+    OfferAnswers, OfferRequest, Progress, Reports, RevocationGossip, TaskReport, TaskResult,
 };
 use alliance_protocol::{Hash, Identity, PublicKey, Record, Signed, Timestamp};
 use proptest::prelude::*;
@@ -340,21 +340,29 @@ fn checkpoint() -> impl Strategy<Value = CheckpointRecord> {
 }
 fn credit() -> impl Strategy<Value = Credit> {
     (
-        (job(), any::<u32>(), hash()),
+        (
+            job(),
+            proptest::collection::vec(
+                (any::<u32>(), hash()),
+                1..=alliance_protocol::task::MAX_CREDIT_TASKS,
+            ),
+        ),
         (key(), key(), key()),
         any::<u64>(),
         ts(),
     )
         .prop_map(
             |(
-                (job, task, receipt),
+                (job, tasks),
                 (worker, worker_institution, submitter_institution),
                 gpu_time_us,
                 issued_at,
             )| Credit {
                 job,
-                task,
-                receipt,
+                tasks: tasks
+                    .into_iter()
+                    .map(|(task, receipt)| alliance_protocol::task::CreditedTask { task, receipt })
+                    .collect(),
                 worker,
                 worker_institution,
                 submitter_institution,
@@ -438,15 +446,19 @@ proptest! {
     fn wire_messages(o in offer(), r in receipt(), c in checkpoint(), rv in revocations(), d in data(), seed in any::<[u8; 32]>(),
                      h in hash(), off in any::<u64>(), reason in text()) {
         let k = Identity::from_secret_bytes(seed);
-        check_message(OfferRequest { offer: Signed::sign(&o, &k).unwrap(), kernel_source: Some(reason.clone()) })?;
+        let signed_offer = Signed::sign(&o, &k).unwrap();
+        check_message(OfferRequest { offers: vec![signed_offer.clone(), signed_offer], kernel_source: Some(reason.clone()) })?;
         check_message(OfferAnswer::Accept { lease_until: Timestamp::from_secs(off) })?;
         check_message(OfferAnswer::Decline(DeclineReason::Limits(reason.clone())))?;
+        check_message(OfferAnswers(vec![OfferAnswer::Accept { lease_until: Timestamp::from_secs(off) }, OfferAnswer::Decline(DeclineReason::Limits(wire::short_reason(reason.clone())))]))?;
         check_message(TaskResult { receipt: Signed::sign(&r, &k).unwrap(), outputs: vec![(0, d.clone())] })?;
         let failure = TaskFailure { job: r.job, task: r.task, attempt: r.attempt, kernel: r.kernel, worker: r.worker, submitter: r.submitter, reason: reason.clone(), failed_at: r.finished_at };
         check_record(failure.clone(), seed)?;
         check_message(TaskReport::Failed(Signed::sign(&failure, &k).unwrap()))?;
         check_message(TaskReport::HandedBack(Signed::sign(&failure, &k).unwrap()))?;
         check_message(Ack::Refused(reason.clone()))?;
+        check_message(Reports(vec![TaskReport::Failed(Signed::sign(&failure, &k).unwrap()), TaskReport::Done(TaskResult { receipt: Signed::sign(&r, &k).unwrap(), outputs: vec![] })]))?;
+        check_message(Acks(vec![Ack::Ok, Ack::Refused(wire::short_reason(reason.clone()))]))?;
         check_message(BlobRequest { hash: h, offset: off, len: off / 2 })?;
         check_message(BlobResponse::Sending { total_len: off, len: off / 2 })?;
         check_message(BlobResponse::Refused(reason.clone()))?;
@@ -462,6 +474,7 @@ proptest! {
         fn rec<T: Record>(b: &[u8]) { if let Ok(s) = Signed::<T>::from_bytes(b) { let _ = s.verify(); } }
         all::<Hello>(&input); all::<OfferRequest>(&input); all::<OfferAnswer>(&input);
         all::<TaskResult>(&input); all::<Ack>(&input); all::<BlobRequest>(&input);
+        all::<OfferAnswers>(&input); all::<Reports>(&input); all::<Acks>(&input);
         all::<BlobResponse>(&input); all::<Progress>(&input); all::<RevocationGossip>(&input);
         all::<wire::AdvertGossip>(&input); all::<wire::CreditGossip>(&input);
         all::<wire::CreditsRequest>(&input); all::<wire::CreditsPage>(&input);
@@ -509,8 +522,10 @@ fn oversized_messages_cannot_be_sent() {
 fn weak_and_non_canonical_signer_keys_are_refused() {
     let note = Credit {
         job: JobId([0; 16]),
-        task: 0,
-        receipt: Hash::of(b"r"),
+        tasks: vec![alliance_protocol::task::CreditedTask {
+            task: 0,
+            receipt: Hash::of(b"r"),
+        }],
         worker: Identity::generate().public(),
         worker_institution: Identity::generate().public(),
         submitter_institution: Identity::generate().public(),

@@ -7,7 +7,8 @@
 //!    local sandbox. Target ≥ 0.9.
 //! 2. Small-task rate: tiny tasks per second through one submitter and
 //!    three workers, against a local sandbox's rate for the same tasks.
-//!    Target ≥ 0.5.
+//!    Target ≥ 0.5. (`SMALL_TASKS=N` sets the job's size, 300 by default;
+//!    `SMALL_QUEUE=N` the workers' `tasks_per_gpu`.)
 //! 3. Blob transfer: a 1 GiB input fetched between two nodes (blob
 //!    protocol, hashed and written to the blob store), against one bare
 //!    libp2p stream between the same two nodes' stacks. Target ≥ 0.9 of
@@ -108,13 +109,20 @@ fn small_task_rate() {
     println!(
         "small-task rate: tiny tasks through one submitter and three workers vs a local sandbox"
     );
-    let net = submitter_and_workers(3, |_, _| {});
+    let net = submitter_and_workers(3, |_, d| {
+        if let Ok(q) = std::env::var("SMALL_QUEUE") {
+            d.edit_config("tasks_per_gpu = 32", &format!("tasks_per_gpu = {q}"));
+        }
+    });
     let dir = net.a.dir.path().join("jobs");
     std::fs::create_dir_all(&dir).unwrap();
     let scratch = dir.join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
     let mut sb = local_sandbox(&scratch);
-    let n = 300;
+    let n: u32 = std::env::var("SMALL_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
     let job = write(&dir, "tiny.toml", pi_job(n, 1, 1, 1));
     let warm = write(&dir, "warm.toml", pi_job(6, 1, 1, 1));
     run_locally(&mut sb, &warm);

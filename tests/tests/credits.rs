@@ -216,8 +216,10 @@ fn credit_pages_hand_on_every_credit_once_with_its_issuer() {
         let (id, member, chain) = &issuers[task as usize % issuers.len()];
         let c = Credit {
             job: JobId([3; 16]),
-            task,
-            receipt: Hash::of(&task.to_le_bytes()),
+            tasks: vec![alliance_protocol::task::CreditedTask {
+                task,
+                receipt: Hash::of(&task.to_le_bytes()),
+            }],
             worker: Identity::generate().public(),
             worker_institution: a.institutions[0].1.public(),
             submitter_institution: a.institutions[1].1.public(),
@@ -244,7 +246,10 @@ fn credit_pages_hand_on_every_credit_once_with_its_issuer() {
                 }),
                 "a credit without its issuer's chain"
             );
-            assert!(seen.insert(c.verify().unwrap().task), "handed on twice");
+            assert!(
+                seen.insert(c.verify().unwrap().tasks[0].task),
+                "handed on twice"
+            );
         }
         match page.next {
             Some(next) => after = Some(next),

@@ -226,6 +226,8 @@ fn two_liars_of_one_institution_cannot_outvote_another() {
 struct Rogue {
     node: alliance_tests::alliance::InProcess,
     offers: tokio::sync::mpsc::Receiver<alliance_node::net::actor::Inbound>,
+    /// Offers accepted and not yet handed out by `accept`.
+    accepted: std::collections::VecDeque<alliance_protocol::task::TaskOffer>,
     submitter: alliance_protocol::PublicKey,
     /// What its receipts say it ran on.
     adapter: String,
@@ -247,22 +249,31 @@ impl Rogue {
         Self {
             node,
             offers,
+            accepted: std::collections::VecDeque::new(),
             submitter,
             adapter: adapter.to_owned(),
         }
     }
 
-    /// Accepts the next offer; the offer.
+    /// The next offer, accepted (a request's offers are all accepted
+    /// together, and handed out one per call).
     async fn accept(&mut self) -> alliance_protocol::task::TaskOffer {
         use alliance_node::net::actor::Inbound;
-        use alliance_protocol::wire::OfferAnswer;
+        use alliance_protocol::wire::{OfferAnswer, OfferAnswers};
         loop {
+            if let Some(offer) = self.accepted.pop_front() {
+                return offer;
+            }
             let next = tokio::time::timeout(LIMIT, self.offers.recv()).await;
             if let Ok(Some(Inbound::Offer { request, reply, .. })) = next {
-                let offer = request.offer.verify().unwrap();
                 let lease_until = alliance_protocol::Timestamp::now().saturating_add_secs(60);
-                reply.send(OfferAnswer::Accept { lease_until }).unwrap();
-                return offer;
+                let mut answers = Vec::new();
+                for o in &request.offers {
+                    self.accepted.push_back(o.verify().unwrap());
+                    answers.push(OfferAnswer::Accept { lease_until });
+                }
+                reply.send(OfferAnswers(answers)).unwrap();
+                continue;
             }
             assert!(next.is_ok(), "no offer came");
         }
@@ -308,7 +319,15 @@ impl Rogue {
         sub: &libp2p::PeerId,
         report: alliance_protocol::wire::TaskReport,
     ) -> String {
-        format!("{:?}", self.node.client.report(*sub, report).await.unwrap())
+        let acks = self
+            .node
+            .client
+            .report(*sub, alliance_protocol::wire::Reports(vec![report]))
+            .await
+            .unwrap();
+        // The one report's acknowledgement, as `Ok(Ok)` or `Ok(Refused(..))`.
+        let ack = acks.map(|a| a.0.into_iter().next().expect("one acknowledgement"));
+        format!("{ack:?}")
     }
 }
 

@@ -27,8 +27,9 @@ use alliance_protocol::cert::{
 };
 use alliance_protocol::task::Credit;
 use alliance_protocol::wire::{
-    Ack, AdvertGossip, CreditGossip, CreditsPage, CreditsRequest, DeclineReason, Hello,
-    MAX_GOSSIP_CREDITS, Message, OfferAnswer, OfferRequest, Progress, RevocationGossip, TaskReport,
+    Ack, Acks, AdvertGossip, CreditGossip, CreditsPage, CreditsRequest, DeclineReason, Hello,
+    MAX_GOSSIP_CREDITS, Message, OfferAnswer, OfferAnswers, OfferRequest, Progress, Reports,
+    RevocationGossip,
 };
 use alliance_protocol::{Identity, Signed, Timestamp};
 use futures::StreamExt;
@@ -91,13 +92,13 @@ pub enum Inbound {
         peer: PeerId,
         member: Member,
         request: Box<OfferRequest>,
-        reply: oneshot::Sender<OfferAnswer>,
+        reply: oneshot::Sender<OfferAnswers>,
     },
     Report {
         peer: PeerId,
         member: Member,
-        report: Box<TaskReport>,
-        reply: oneshot::Sender<Ack>,
+        reports: Box<Reports>,
+        reply: oneshot::Sender<Acks>,
     },
     Progress {
         peer: PeerId,
@@ -109,8 +110,8 @@ pub enum Inbound {
 
 /// An answer the node's parts produced, on its way back to the peer.
 enum Answer {
-    Offer(Option<OfferAnswer>, ResponseChannel<OfferAnswer>),
-    Report(Option<Ack>, ResponseChannel<Ack>),
+    Offer(Option<OfferAnswers>, ResponseChannel<OfferAnswers>),
+    Report(Option<Acks>, ResponseChannel<Acks>),
     Progress(Option<Ack>, ResponseChannel<Ack>),
 }
 
@@ -193,9 +194,9 @@ pub enum Command {
     Offer(
         PeerId,
         Box<OfferRequest>,
-        oneshot::Sender<Reply<OfferAnswer>>,
+        oneshot::Sender<Reply<OfferAnswers>>,
     ),
-    Report(PeerId, Box<TaskReport>, oneshot::Sender<Reply<Ack>>),
+    Report(PeerId, Box<Reports>, oneshot::Sender<Reply<Acks>>),
     Progress(PeerId, Box<Progress>, oneshot::Sender<Reply<Ack>>),
     /// The verified member behind a peer, if it is one and connected.
     Member(PeerId, oneshot::Sender<Option<Member>>),
@@ -266,18 +267,19 @@ impl Client {
         self.ask(|tx| Command::Revoke(Box::new(list), tx)).await
     }
 
-    /// Offers a task to `peer`.
+    /// Offers tasks to `peer`; the answers come one per offer.
     pub async fn offer(
         &self,
         peer: PeerId,
         req: OfferRequest,
-    ) -> Result<Reply<OfferAnswer>, Stopped> {
+    ) -> Result<Reply<OfferAnswers>, Stopped> {
         self.ask(|tx| Command::Offer(peer, Box::new(req), tx)).await
     }
 
-    /// Reports a task's end to its submitter `peer`.
-    pub async fn report(&self, peer: PeerId, report: TaskReport) -> Result<Reply<Ack>, Stopped> {
-        self.ask(|tx| Command::Report(peer, Box::new(report), tx))
+    /// Reports tasks' ends to their submitter `peer`; the acknowledgements
+    /// come one per report.
+    pub async fn report(&self, peer: PeerId, reports: Reports) -> Result<Reply<Acks>, Stopped> {
+        self.ask(|tx| Command::Report(peer, Box::new(reports), tx))
             .await
     }
 
@@ -392,8 +394,8 @@ pub struct EventLoop {
     last_discovery: Instant,
     redial_backoff: Duration,
     last_redial: Instant,
-    offers_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<OfferAnswer>>>,
-    reports_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<Ack>>>,
+    offers_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<OfferAnswers>>>,
+    reports_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<Acks>>>,
     progress_out: HashMap<OutboundRequestId, oneshot::Sender<Reply<Ack>>>,
     answers: FuturesUnordered<BoxFuture<'static, Answer>>,
 }
@@ -853,21 +855,38 @@ impl EventLoop {
                     reply,
                 },
                 Answer::Offer,
-                || OfferAnswer::Decline(DeclineReason::BadOffer("this node runs no worker".into())),
+                |r: &OfferRequest| {
+                    OfferAnswers(
+                        r.offers
+                            .iter()
+                            .map(|_| {
+                                OfferAnswer::Decline(DeclineReason::BadOffer(
+                                    "this node runs no worker".into(),
+                                ))
+                            })
+                            .collect(),
+                    )
+                },
             ),
             SwarmEvent::Behaviour(BehaviourEvent::Results(e)) => self.on_service(
                 e,
                 "task report",
                 |b| &mut b.results,
                 |me| &mut me.reports_out,
-                |peer, member, report, reply| Inbound::Report {
+                |peer, member, reports, reply| Inbound::Report {
                     peer,
                     member,
-                    report: Box::new(report),
+                    reports: Box::new(reports),
                     reply,
                 },
                 Answer::Report,
-                || Ack::Refused("this node has no jobs".into()),
+                |r: &Reports| {
+                    Acks(
+                        r.0.iter()
+                            .map(|_| Ack::Refused("this node has no jobs".into()))
+                            .collect(),
+                    )
+                },
             ),
             SwarmEvent::Behaviour(BehaviourEvent::Progress(e)) => self.on_service(
                 e,
@@ -881,7 +900,7 @@ impl EventLoop {
                     reply,
                 },
                 Answer::Progress,
-                || Ack::Refused("this node has no jobs".into()),
+                |_: &Progress| Ack::Refused("this node has no jobs".into()),
             ),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
@@ -1035,7 +1054,7 @@ impl EventLoop {
         waiting: fn(&mut Self) -> &mut HashMap<OutboundRequestId, oneshot::Sender<Reply<Resp>>>,
         inbound: fn(PeerId, Member, Req, oneshot::Sender<Resp>) -> Inbound,
         answer: fn(Option<Resp>, ResponseChannel<Resp>) -> Answer,
-        refusal: fn() -> Resp,
+        refusal: fn(&Req) -> Resp,
     ) where
         Req: alliance_protocol::wire::Message + Send + Sync + 'static,
         Resp: alliance_protocol::wire::Message + Send + Sync + 'static,
@@ -1053,6 +1072,7 @@ impl EventLoop {
                     return;
                 };
                 let (reply, rx) = oneshot::channel();
+                let refused = refusal(&request);
                 let sent =
                     self.setup.inbound.as_ref().is_some_and(|tx| {
                         tx.try_send(inbound(peer, member, request, reply)).is_ok()
@@ -1061,7 +1081,7 @@ impl EventLoop {
                     self.answers
                         .push(Box::pin(async move { answer(rx.await.ok(), channel) }));
                 } else {
-                    let _ = behaviour(self.swarm.behaviour_mut()).send_response(channel, refusal());
+                    let _ = behaviour(self.swarm.behaviour_mut()).send_response(channel, refused);
                 }
             }
             Event::Message {
@@ -1525,12 +1545,12 @@ impl EventLoop {
                     .send_request(&peer, (*req).into());
                 self.offers_out.insert(id, tx);
             }
-            Command::Report(peer, report, tx) => {
+            Command::Report(peer, reports, tx) => {
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .results
-                    .send_request(&peer, (*report).into());
+                    .send_request(&peer, (*reports).into());
                 self.reports_out.insert(id, tx);
             }
             Command::Progress(peer, p, tx) => {
@@ -1544,7 +1564,7 @@ impl EventLoop {
             Command::PublishCredits(credits) => {
                 let own = (&self.setup.member, &self.setup.chain);
                 for c in &credits {
-                    if let Err(e) = self.credits.add(c, Some(own)) {
+                    if let Err(e) = self.credits.add_own(c, &self.setup.identity, own) {
                         warn!("cannot keep a credit this node issued: {e}");
                     }
                 }

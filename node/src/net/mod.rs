@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use alliance_protocol::Hash;
 use alliance_protocol::wire::{
-    Ack, CreditsPage, CreditsRequest, Hello, OfferAnswer, OfferRequest, Progress, TaskReport,
+    Ack, Acks, CreditsPage, CreditsRequest, Hello, OfferAnswers, OfferRequest, Progress, Reports,
 };
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, OptionalTransport};
@@ -42,10 +42,10 @@ use libp2p::{
 
 /// The membership exchange protocol.
 pub const MEMBERSHIP_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/membership/1");
-/// Task offers, submitter to worker.
-pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/task/1");
-/// Task results and failures, worker to submitter.
-pub const RESULT_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/result/1");
+/// Task offers in batches, submitter to worker.
+pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/task/2");
+/// Task results and failures in batches, worker to submitter.
+pub const RESULT_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/result/2");
 /// Progress of running tasks, worker to submitter (renews the lease).
 pub const PROGRESS_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/progress/1");
 /// Credits a node missed, paged from a member that holds them.
@@ -63,8 +63,8 @@ pub struct Behaviour {
     pub ping: ping::Behaviour,
     pub membership: request_response::Behaviour<codec::Codec<Hello, Hello>>,
     pub credit_sync: request_response::Behaviour<codec::Codec<CreditsRequest, CreditsPage>>,
-    pub tasks: request_response::Behaviour<codec::Codec<OfferRequest, OfferAnswer>>,
-    pub results: request_response::Behaviour<codec::Codec<TaskReport, Ack>>,
+    pub tasks: request_response::Behaviour<codec::Codec<OfferRequest, OfferAnswers>>,
+    pub results: request_response::Behaviour<codec::Codec<Reports, Acks>>,
     pub progress: request_response::Behaviour<codec::Codec<Progress, Ack>>,
     /// Raw streams: blob ranges.
     pub streams: libp2p_stream::Behaviour,

@@ -30,7 +30,7 @@ use alliance_protocol::advert::GpuState;
 use alliance_protocol::cert::Member;
 use alliance_protocol::task::{
     Binding, BindingKind, Comparison, Credit, CreditedTask, Data, ElemType, JobId,
-    MAX_CREDIT_TASKS, OutputDigest, TaskOffer, TaskSpec,
+    MAX_CREDIT_TASKS, OutputDigest, TaskFailure, TaskOffer, TaskSpec,
 };
 use alliance_protocol::wire::{
     Ack, Acks, MAX_BATCH, OFFER_BATCH_BYTES, OfferAnswer, OfferRequest, Reports, TaskReport,
@@ -1814,24 +1814,10 @@ impl Jobs {
     }
 
     /// Checks and records a worker's report; the answer goes back to it.
-    /// Takes a batch of reports from `peer`; every result kept is durable
-    /// before the acknowledgements (one disk sync for the batch) go back.
+    /// Takes a batch of reports from `peer` (at most `MAX_BATCH`: the
+    /// codec refuses more); every result kept is durable before the
+    /// acknowledgements (one disk sync for the batch) go back.
     pub async fn reports(&self, peer: PeerId, member: &Member, reports: Reports) -> Acks {
-        if reports.0.len() > MAX_BATCH {
-            let why = format!(
-                "sent {} reports in one request; at most {MAX_BATCH} may travel together",
-                reports.0.len()
-            );
-            warn!(%peer, %why, "bad reports");
-            let _ = self.inner.client.punish(peer, why.clone()).await;
-            return Acks(
-                reports
-                    .0
-                    .iter()
-                    .map(|_| Ack::Refused(why.clone()))
-                    .collect(),
-            );
-        }
         let mut acks = Vec::with_capacity(reports.0.len());
         let mut kept = false;
         for report in reports.0 {
@@ -1880,27 +1866,33 @@ impl Jobs {
     ) -> Result<(), Refusal> {
         let worker_key = PublicKey::from_peer_id(&peer).map_err(|e| Refusal::Bad(e.to_string()))?;
         let me = self.inner.identity.public();
-        // Each signed record is checked once; what follows reads the
-        // checked copy.
-        let checked = match &report {
-            TaskReport::Done(r) => Checked::Receipt(
-                r.receipt
-                    .verify()
-                    .map_err(|e| Refusal::Bad(format!("its receipt does not verify: {e}")))?,
-            ),
-            TaskReport::Failed(f) | TaskReport::HandedBack(f) => {
-                Checked::Failure(f.verify().map_err(|e| {
-                    Refusal::Bad(format!("its failure report does not verify: {e}"))
-                })?)
-            }
-        };
-        let (job_id, task, attempt, kernel, submitter) = match &checked {
-            Checked::Receipt(r) => (r.job, r.task, r.attempt, r.kernel, r.submitter),
-            Checked::Failure(f) => (f.job, f.task, f.attempt, f.kernel, f.submitter),
-        };
         let signer = match &report {
             TaskReport::Done(r) => r.receipt.signer(),
             TaskReport::Failed(f) | TaskReport::HandedBack(f) => f.signer(),
+        };
+        // Each signed record is checked once; what follows reads the
+        // checked copy.
+        let failure = |f: Signed<TaskFailure>| {
+            f.verify()
+                .map_err(|e| Refusal::Bad(format!("its failure report does not verify: {e}")))
+        };
+        let checked = match report {
+            TaskReport::Done(r) => Checked::Done(
+                Box::new(
+                    r.receipt
+                        .verify()
+                        .map_err(|e| Refusal::Bad(format!("its receipt does not verify: {e}")))?,
+                ),
+                r,
+            ),
+            TaskReport::Failed(f) => Checked::Failed(failure(f)?),
+            TaskReport::HandedBack(f) => Checked::HandedBack(failure(f)?),
+        };
+        let (job_id, task, attempt, kernel, submitter) = match &checked {
+            Checked::Done(r, _) => (r.job, r.task, r.attempt, r.kernel, r.submitter),
+            Checked::Failed(f) | Checked::HandedBack(f) => {
+                (f.job, f.task, f.attempt, f.kernel, f.submitter)
+            }
         };
         if signer != worker_key {
             return Err(Refusal::Bad(
@@ -1915,22 +1907,22 @@ impl Jobs {
         if kernel != kernel_hash {
             return Err(Refusal::Bad("the report names another kernel".into()));
         }
-        match (report, checked) {
-            (TaskReport::Failed(_), Checked::Failure(f)) => {
+        match checked {
+            Checked::Failed(f) => {
                 let reason = f.reason;
                 self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
                     self.count_against(&r.worker, &r.institution, Event::Lapsed);
                     r.state = ReplicaState::Failed { reason };
                 })
             }
-            (TaskReport::HandedBack(_), Checked::Failure(f)) => {
+            Checked::HandedBack(f) => {
                 let reason = f.reason;
                 info!(job = %id, task, worker = %short(&peer.to_string()), %reason, "task handed back; offering it elsewhere");
                 self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
                     r.state = ReplicaState::HandedBack { reason };
                 })
             }
-            (TaskReport::Done(result), Checked::Receipt(receipt)) => {
+            Checked::Done(receipt, result) => {
                 let mut digests = Vec::new();
                 for o in &outputs {
                     let d = receipt
@@ -1999,10 +1991,6 @@ impl Jobs {
                     r.institution_key = Some(member.institution_key);
                 })
             }
-            // A report's record is of its kind (checked above).
-            _ => Err(Refusal::Bad(
-                "the report's record is of another kind".into(),
-            )),
         }
     }
 
@@ -2398,10 +2386,14 @@ struct Owed {
     gpu_time_us: u64,
 }
 
-/// The record inside a report, its signature checked.
+/// A report with its signed record checked.
 enum Checked {
-    Receipt(alliance_protocol::task::Receipt),
-    Failure(alliance_protocol::task::TaskFailure),
+    Done(
+        Box<alliance_protocol::task::Receipt>,
+        alliance_protocol::wire::TaskResult,
+    ),
+    Failed(TaskFailure),
+    HandedBack(TaskFailure),
 }
 
 /// Offers of one pass to one worker for one job, sent as one request.

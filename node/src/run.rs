@@ -366,7 +366,7 @@ async fn serve_requests(
     worker: Option<Worker>,
     jobs: Option<Jobs>,
 ) {
-    use alliance_protocol::wire::{Ack, Acks, DeclineReason, OfferAnswer, OfferAnswers};
+    use alliance_protocol::wire::{Ack, DeclineReason};
     while let Some(request) = requests.recv().await {
         match request {
             Inbound::Offer {
@@ -382,17 +382,10 @@ async fn serve_requests(
                     });
                 }
                 None => {
-                    let _ = reply.send(OfferAnswers(
-                        request
-                            .offers
-                            .iter()
-                            .map(|_| {
-                                OfferAnswer::Decline(DeclineReason::BadOffer(
-                                    "this node lends no GPU".into(),
-                                ))
-                            })
-                            .collect(),
-                    ));
+                    let _ = reply
+                        .send(request.decline_all(&DeclineReason::BadOffer(
+                            "this node lends no GPU".into(),
+                        )));
                 }
             },
             Inbound::Report {
@@ -408,13 +401,7 @@ async fn serve_requests(
                     });
                 }
                 None => {
-                    let _ = reply.send(Acks(
-                        reports
-                            .0
-                            .iter()
-                            .map(|_| Ack::Refused("this node submits no jobs".into()))
-                            .collect(),
-                    ));
+                    let _ = reply.send(reports.refuse_all("this node submits no jobs"));
                 }
             },
             Inbound::Progress {

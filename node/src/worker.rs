@@ -29,8 +29,8 @@ use alliance_protocol::task::{
     Binding, BindingKind, Data, MAX_INLINE_BYTES, OutputDigest, Receipt, TaskFailure, TaskOffer,
 };
 use alliance_protocol::wire::{
-    Ack, Acks, DeclineReason, MAX_BATCH, Message, OfferAnswer, OfferAnswers, OfferRequest,
-    Progress, REPORT_BATCH_BYTES, Reports, TaskReport, TaskResult,
+    Ack, Acks, DeclineReason, MAX_BATCH, OfferAnswer, OfferAnswers, OfferRequest, Progress,
+    REPORT_BATCH_BYTES, Reports, TaskReport, TaskResult,
 };
 use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
 use libp2p::PeerId;
@@ -500,23 +500,10 @@ impl Worker {
     }
 
     /// Answers an offer from `peer`; on acceptance the task starts at once.
-    /// Answers a batch of offers from `peer`, one answer per offer in
-    /// their order; each accepted task starts at once.
+    /// Answers a batch of offers from `peer` (at most `MAX_BATCH`: the
+    /// codec refuses more), one answer per offer in their order; each
+    /// accepted task starts at once.
     pub async fn offers(&self, peer: PeerId, member: &Member, req: OfferRequest) -> OfferAnswers {
-        if req.offers.len() > MAX_BATCH {
-            let why = format!(
-                "{} offers in one request; at most {MAX_BATCH} may travel together",
-                req.offers.len()
-            );
-            warn!(%peer, %why, "bad offers");
-            let _ = self.inner.setup.client.punish(peer, why.clone()).await;
-            return OfferAnswers(
-                req.offers
-                    .iter()
-                    .map(|_| decline(DeclineReason::BadOffer(why.clone())))
-                    .collect(),
-            );
-        }
         // The kernel is hashed once for the batch.
         let kernel = req
             .kernel_source
@@ -1050,7 +1037,7 @@ impl Worker {
     /// drains its queue: reports that end while one request is on its way
     /// travel together in the next.
     fn deliver(&self, peer: PeerId, report: TaskReport) {
-        let size = report.encode().map_or(0, |b| b.len());
+        let size = report.size_hint();
         let start = {
             let Ok(mut out) = self.inner.outbox.lock() else {
                 return;

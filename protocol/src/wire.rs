@@ -142,6 +142,35 @@ pub struct OfferRequest {
 impl Message for OfferRequest {
     const NAME: &'static str = "task offer request";
     const MAX_SIZE: usize = 8 * 1024 * 1024;
+
+    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let m: Self = encoding::decode(Self::NAME, bytes, Self::MAX_SIZE)?;
+        batch_cap(Self::NAME, m.offers.len())?;
+        Ok(m)
+    }
+}
+
+impl OfferRequest {
+    /// The same answer, `reason`, to every offer.
+    pub fn decline_all(&self, reason: &DeclineReason) -> OfferAnswers {
+        OfferAnswers(
+            self.offers
+                .iter()
+                .map(|_| OfferAnswer::Decline(reason.clone()))
+                .collect(),
+        )
+    }
+}
+
+/// Refuses a batch of more than [`MAX_BATCH`] items.
+fn batch_cap(what: &'static str, items: usize) -> Result<(), DecodeError> {
+    if items > MAX_BATCH {
+        return Err(DecodeError::Malformed {
+            what,
+            detail: format!("{items} items; at most {MAX_BATCH} travel together"),
+        });
+    }
+    Ok(())
 }
 
 /// Offers a scheduler puts in one request while their encoded size stays
@@ -248,6 +277,45 @@ pub struct Reports(pub Vec<TaskReport>);
 impl Message for Reports {
     const NAME: &'static str = "task reports";
     const MAX_SIZE: usize = 8 * 1024 * 1024;
+
+    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let m: Self = encoding::decode(Self::NAME, bytes, Self::MAX_SIZE)?;
+        batch_cap(Self::NAME, m.0.len())?;
+        Ok(m)
+    }
+}
+
+impl Reports {
+    /// The same refusal, `why`, to every report.
+    pub fn refuse_all(&self, why: &str) -> Acks {
+        Acks(
+            self.0
+                .iter()
+                .map(|_| Ack::Refused(why.to_owned()))
+                .collect(),
+        )
+    }
+}
+
+impl TaskReport {
+    /// About the report's encoded size, without encoding it: its signed
+    /// record and inline outputs, plus room for the framing around them.
+    pub fn size_hint(&self) -> usize {
+        match self {
+            Self::Done(r) => {
+                r.receipt.payload().len()
+                    + r.outputs
+                        .iter()
+                        .map(|(_, d)| match d {
+                            Data::Inline(b) => b.len() + 16,
+                            Data::Blob { .. } => 64,
+                        })
+                        .sum::<usize>()
+                    + 256
+            }
+            Self::Failed(f) | Self::HandedBack(f) => f.payload().len() + 256,
+        }
+    }
 }
 
 /// Reports a worker puts in one request while their encoded size stays

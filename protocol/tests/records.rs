@@ -509,6 +509,33 @@ fn frame_cap_is_enforced_before_allocation() {
     ));
 }
 
+/// A batch of more offers or reports than may travel together is refused
+/// by the decoder, before any part of the node sees it.
+#[test]
+fn batches_past_their_count_are_refused() {
+    let k = Identity::generate();
+    let failure = TaskFailure {
+        job: JobId([1; 16]),
+        task: 0,
+        attempt: 0,
+        kernel: Hash::of(b"k"),
+        worker: k.public(),
+        submitter: k.public(),
+        reason: "r".into(),
+        failed_at: Timestamp::from_secs(1),
+    };
+    let report = TaskReport::Failed(Signed::sign(&failure, &k).unwrap());
+    let full = Reports(vec![report; wire::MAX_BATCH]);
+    assert_eq!(Reports::decode(&full.encode().unwrap()).unwrap(), full);
+    let mut over = full;
+    over.0.push(over.0[0].clone());
+    let err = Reports::decode(&over.encode().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("at most 64"), "{err}");
+    assert!(
+        wire::read_frame::<Reports, _>(&mut wire::encode_frame(&over).unwrap().as_slice()).is_err()
+    );
+}
+
 #[test]
 fn oversized_messages_cannot_be_sent() {
     let msg = Ack::Refused("x".repeat(Ack::MAX_SIZE + 1));

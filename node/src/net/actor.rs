@@ -28,8 +28,7 @@ use alliance_protocol::cert::{
 use alliance_protocol::task::Credit;
 use alliance_protocol::wire::{
     Ack, Acks, AdvertGossip, CreditGossip, CreditsPage, CreditsRequest, DeclineReason, Hello,
-    MAX_GOSSIP_CREDITS, Message, OfferAnswer, OfferAnswers, OfferRequest, Progress, Reports,
-    RevocationGossip,
+    MAX_GOSSIP_CREDITS, Message, OfferAnswers, OfferRequest, Progress, Reports, RevocationGossip,
 };
 use alliance_protocol::{Identity, Signed, Timestamp};
 use futures::StreamExt;
@@ -856,16 +855,7 @@ impl EventLoop {
                 },
                 Answer::Offer,
                 |r: &OfferRequest| {
-                    OfferAnswers(
-                        r.offers
-                            .iter()
-                            .map(|_| {
-                                OfferAnswer::Decline(DeclineReason::BadOffer(
-                                    "this node runs no worker".into(),
-                                ))
-                            })
-                            .collect(),
-                    )
+                    r.decline_all(&DeclineReason::BadOffer("this node runs no worker".into()))
                 },
             ),
             SwarmEvent::Behaviour(BehaviourEvent::Results(e)) => self.on_service(
@@ -880,13 +870,7 @@ impl EventLoop {
                     reply,
                 },
                 Answer::Report,
-                |r: &Reports| {
-                    Acks(
-                        r.0.iter()
-                            .map(|_| Ack::Refused("this node has no jobs".into()))
-                            .collect(),
-                    )
-                },
+                |r: &Reports| r.refuse_all("this node has no jobs"),
             ),
             SwarmEvent::Behaviour(BehaviourEvent::Progress(e)) => self.on_service(
                 e,
@@ -1071,17 +1055,20 @@ impl EventLoop {
                 let Some((member, request)) = self.gate(peer, what, request) else {
                     return;
                 };
-                let (reply, rx) = oneshot::channel();
-                let refused = refusal(&request);
-                let sent =
-                    self.setup.inbound.as_ref().is_some_and(|tx| {
-                        tx.try_send(inbound(peer, member, request, reply)).is_ok()
-                    });
-                if sent {
-                    self.answers
-                        .push(Box::pin(async move { answer(rx.await.ok(), channel) }));
-                } else {
-                    let _ = behaviour(self.swarm.behaviour_mut()).send_response(channel, refused);
+                // A place in the queue first: the refusal is built only
+                // when there is none.
+                match self.setup.inbound.as_ref().map(mpsc::Sender::try_reserve) {
+                    Some(Ok(permit)) => {
+                        let (reply, rx) = oneshot::channel();
+                        permit.send(inbound(peer, member, request, reply));
+                        self.answers
+                            .push(Box::pin(async move { answer(rx.await.ok(), channel) }));
+                    }
+                    _ => {
+                        let refused = refusal(&request);
+                        let _ =
+                            behaviour(self.swarm.behaviour_mut()).send_response(channel, refused);
+                    }
                 }
             }
             Event::Message {

@@ -863,6 +863,10 @@ fn data_dir(explicit: Option<&Path>) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("no data directory: pass --data-dir or set $ALLIANCE_DATA_DIR"))
 }
 
+/// What a node logs when `RUST_LOG` does not say: what an operator reads,
+/// not a line per task.
+pub const DEFAULT_LOG: &str = "info,libp2p_gossipsub=warn";
+
 fn node_run(a: NodeRunArgs) -> Result<()> {
     let dir = data_dir(a.data_dir.as_deref())?;
     let config_path = a.config.unwrap_or_else(|| dir.join(config::FILE_NAME));
@@ -870,7 +874,7 @@ fn node_run(a: NodeRunArgs) -> Result<()> {
         .with_context(|| "run `alliance init` first if this node is new")?;
     let dir = cfg.data_dir.clone().unwrap_or(dir);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -39,7 +39,7 @@ use alliance_protocol::wire::{
 use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::blobs::{self, Blobs};
 use crate::job::spec::{InputKind, Output, Requirements};
@@ -67,6 +67,15 @@ const RECONNECT_GRACE: Duration = Duration::from_secs(30);
 const COALESCE: Duration = Duration::from_millis(2);
 /// Scheduler passes, at most this far apart.
 const TICK: Duration = Duration::from_millis(250);
+/// How long verified results wait for more of their job and worker before
+/// a credit pays for fewer than [`MAX_CREDIT_TASKS`] of them: every member
+/// checks and stores every credit, so a credit per report batch would cost
+/// the alliance many times what a full one does.
+const CREDIT_DELAY: Duration = Duration::from_secs(1);
+
+/// The results one credit may pay for: one job's, done by one worker of one
+/// institution.
+type OwedGroup = (JobId, PublicKey, PublicKey);
 
 /// A job input as stored: shared by every task, or one part per task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,6 +354,9 @@ struct Inner {
     /// verification; [`Jobs::durable`] seals them into credits (up to
     /// [`MAX_CREDIT_TASKS`] tasks each) before it flushes.
     owed_credits: sled::Tree,
+    /// How many results of each group `owed_credits` holds, and when they
+    /// are due to be sealed even if fewer than a full credit's worth.
+    owed: Mutex<HashMap<OwedGroup, (usize, Instant)>>,
     live: Mutex<BTreeMap<String, Live>>,
     /// Writes made, and writes known to be on disk: anything between the
     /// two awaits a flush (shared by concurrent callers: group commit).
@@ -489,6 +501,13 @@ impl Jobs {
         if !live.is_empty() {
             info!(jobs = live.len(), "jobs loaded from the database");
         }
+        // Results owed from before a restart are sealed at the first flush.
+        let mut owed: HashMap<OwedGroup, (usize, Instant)> = HashMap::new();
+        for (_, v) in owed_credits.iter().flatten() {
+            if let Ok(o) = serde_json::from_slice::<Owed>(&v) {
+                owed.entry(o.group()).or_insert((0, Instant::now())).0 += 1;
+            }
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 identity,
@@ -505,6 +524,7 @@ impl Jobs {
                 institution_name,
                 unsent_credits,
                 owed_credits,
+                owed: Mutex::new(owed),
                 live: Mutex::new(live),
                 writes: std::sync::atomic::AtomicU64::new(0),
                 flushed: std::sync::atomic::AtomicU64::new(0),
@@ -2071,40 +2091,58 @@ impl Jobs {
         use std::sync::atomic::Ordering;
         let mine = self.inner.writes.load(Ordering::Acquire);
         let _turn = self.inner.flushing.lock().await;
-        if self.inner.flushed.load(Ordering::Acquire) >= mine && self.inner.owed_credits.is_empty()
-        {
+        let due = self.credits_due();
+        if self.inner.flushed.load(Ordering::Acquire) >= mine && due.is_empty() {
             return Ok(());
         }
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
-            me.seal_credits();
+            if !due.is_empty() {
+                me.seal_credits(&due);
+            }
             me.flush()
         })
         .await
         .map_err(db)?
     }
 
-    /// Signs credits for the verified results owed one: a credit per job
-    /// and worker for up to [`MAX_CREDIT_TASKS`] tasks. Each credit is
-    /// stored, and the results it pays for struck off, in one transaction:
-    /// no result is paid twice, none is forgotten.
-    fn seal_credits(&self) {
+    /// The groups of owed results due to be sealed: a full credit's worth,
+    /// or waiting since [`CREDIT_DELAY`].
+    fn credits_due(&self) -> std::collections::HashSet<OwedGroup> {
+        let now = Instant::now();
+        self.inner
+            .owed
+            .lock()
+            .map(|owed| {
+                owed.iter()
+                    .filter(|(_, (n, due))| *n >= MAX_CREDIT_TASKS || *due <= now)
+                    .map(|(g, _)| *g)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Signs credits for the verified results of the `due` groups: a
+    /// credit per job and worker for up to [`MAX_CREDIT_TASKS`] tasks. Each
+    /// credit is stored, and the results it pays for struck off, in one
+    /// transaction: no result is paid twice, none is forgotten.
+    fn seal_credits(&self, due: &std::collections::HashSet<OwedGroup>) {
         use sled::Transactional;
-        type Group = (JobId, PublicKey, PublicKey);
-        let mut groups: BTreeMap<Group, Vec<(sled::IVec, Owed)>> = BTreeMap::new();
+        let mut groups: BTreeMap<OwedGroup, Vec<(sled::IVec, Owed)>> = BTreeMap::new();
         for (k, v) in self.inner.owed_credits.iter().flatten() {
             match serde_json::from_slice::<Owed>(&v) {
-                Ok(o) => groups
-                    .entry((o.job, o.worker, o.worker_institution))
-                    .or_default()
-                    .push((k, o)),
+                Ok(o) if due.contains(&o.group()) => {
+                    groups.entry(o.group()).or_default().push((k, o))
+                }
+                Ok(_) => {}
                 Err(e) => {
                     warn!("dropping an unreadable owed credit: {e}");
                     let _ = self.inner.owed_credits.remove(k);
                 }
             }
         }
-        for ((job, worker, worker_institution), owed) in groups {
+        for (group, owed) in groups {
+            let (job, worker, worker_institution) = group;
             for part in owed.chunks(MAX_CREDIT_TASKS) {
                 let credit = Credit {
                     job,
@@ -2141,7 +2179,17 @@ impl Jobs {
                     },
                 );
                 match stored {
-                    Ok(()) => self.wrote(),
+                    Ok(()) => {
+                        self.wrote();
+                        if let Ok(mut o) = self.inner.owed.lock()
+                            && let Some((n, _)) = o.get_mut(&group)
+                        {
+                            *n = n.saturating_sub(part.len());
+                            if *n == 0 {
+                                o.remove(&group);
+                            }
+                        }
+                    }
                     Err(e) => warn!("cannot keep a credit: {e:?}"),
                 }
             }
@@ -2260,7 +2308,7 @@ impl Jobs {
         }
         t.state = TaskState::Verified;
         t.waiting = None;
-        info!(job = %job.id, task = t.index, replicas = winner.len(), "task verified");
+        debug!(job = %job.id, task = t.index, replicas = winner.len(), "task verified");
         for &i in &winner {
             self.issue_credit(job, t.index, &t.replicas[i]);
         }
@@ -2304,14 +2352,22 @@ impl Jobs {
         let mut key = owed.job.0.to_vec();
         key.extend_from_slice(&task.to_be_bytes());
         key.extend_from_slice(worker.as_bytes());
+        let group = owed.group();
         match serde_json::to_vec(&owed).map_err(db).and_then(|v| {
             self.inner
                 .owed_credits
                 .insert(key, v)
                 .map_err(db)
-                .map(|_| ())
+                .map(|old| old.is_none())
         }) {
-            Ok(()) => self.wrote(),
+            Ok(new) => {
+                self.wrote();
+                if new && let Ok(mut o) = self.inner.owed.lock() {
+                    o.entry(group)
+                        .or_insert((0, Instant::now() + CREDIT_DELAY))
+                        .0 += 1;
+                }
+            }
             Err(e) => warn!("cannot record a credit owed: {e}"),
         }
     }
@@ -2384,6 +2440,12 @@ struct Owed {
     worker: PublicKey,
     worker_institution: PublicKey,
     gpu_time_us: u64,
+}
+
+impl Owed {
+    fn group(&self) -> OwedGroup {
+        (self.job, self.worker, self.worker_institution)
+    }
 }
 
 /// A report with its signed record checked.

@@ -34,7 +34,7 @@ use alliance_protocol::wire::{
 };
 use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
 use libp2p::PeerId;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use alliance_protocol::advert::{GpuInfo, GpuState, TermsRefusal};
 use alliance_protocol::task::CheckpointRecord;
@@ -522,6 +522,9 @@ impl Worker {
             s.accepted += accepted;
             s.declined += declined;
         });
+        // One line per batch (each task's are at debug level): small tasks
+        // come by the thousand.
+        info!(%peer, accepted, declined, "offers answered");
         OfferAnswers(answers)
     }
 
@@ -553,7 +556,7 @@ impl Worker {
             member.institution_key,
             s.shares.get(&member.institution_name).copied().unwrap_or(1),
         );
-        info!(%peer, job = %offer.spec.job, task = offer.spec.task, attempt = offer.attempt, gpu = slot.1, "task accepted");
+        debug!(%peer, job = %offer.spec.job, task = offer.spec.task, attempt = offer.attempt, gpu = slot.1, "task accepted");
         let me = self.clone();
         tokio::spawn(async move {
             let beat = tokio::spawn(heartbeat(
@@ -939,7 +942,7 @@ impl Worker {
                 turns.wait(priority).await
             }
         };
-        info!(%peer, job = %offer.spec.job, task = offer.spec.task, "task started");
+        debug!(%peer, job = %offer.spec.job, task = offer.spec.task, "task started");
         let key: TaskKey = (offer.spec.job, offer.spec.task, offer.attempt);
         let (checkpoints, newest) = tokio::sync::watch::channel(None);
         let sender = tokio::spawn(send_checkpoints(

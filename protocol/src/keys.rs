@@ -86,11 +86,17 @@ impl PublicKey {
             [0, len, digest @ ..] if usize::from(*len) == digest.len() => digest,
             _ => return Err(not_ed()),
         };
-        let key = libp2p_identity::PublicKey::try_decode_protobuf(digest)
-            .map_err(|_| not_ed())?
-            .try_into_ed25519()
-            .map_err(|_| not_ed())?;
-        Ok(Self(key.to_bytes()))
+        // The protobuf of an ed25519 key: field 1 (key type) = 1, field 2
+        // (data) = 32 bytes. Read directly, without the curve-point
+        // decompression a full decode costs (this runs several times per
+        // task); `verifying_key` checks the point before any signature is
+        // checked against it.
+        match digest {
+            [0x08, 0x01, 0x12, 0x20, key @ ..] => {
+                <[u8; 32]>::try_from(key).map(Self).map_err(|_| not_ed())
+            }
+            _ => Err(not_ed()),
+        }
     }
 }
 
@@ -348,6 +354,20 @@ mod tests {
             id.public().to_string().parse::<PublicKey>().unwrap(),
             id.public()
         );
+    }
+
+    #[test]
+    fn peer_ids_without_an_ed25519_key_are_refused() {
+        // Identity multihashes (code 0, length, digest) of 32 bytes that
+        // are no key, and of a key of another type than ed25519.
+        let mut random = vec![0, 32];
+        random.extend_from_slice(&[7; 32]);
+        let mut other = vec![0, 36, 0x08, 0x02, 0x12, 0x20];
+        other.extend_from_slice(&[7; 32]);
+        for bytes in [random, other] {
+            let peer = PeerId::from_bytes(&bytes).unwrap();
+            assert!(PublicKey::from_peer_id(&peer).is_err(), "{peer}");
+        }
     }
 
     #[test]

@@ -191,8 +191,9 @@ pub struct Small {
     pub workers: Vec<(NodeDir, Running)>,
 }
 
-/// Starts a submitter and `n` workers of two institutions; `prepare`
-/// edits worker `i`'s directory before it starts.
+/// Starts a submitter and `n` workers of two institutions, logging what a
+/// node logs by default (as deployed, not at the tests' debug level);
+/// `prepare` edits worker `i`'s directory before it starts.
 pub fn submitter_and_workers(n: usize, prepare: impl Fn(usize, &NodeDir)) -> Small {
     let a = TestAlliance::new(
         "Bench",
@@ -203,14 +204,15 @@ pub fn submitter_and_workers(n: usize, prepare: impl Fn(usize, &NodeDir)) -> Sma
         30,
     );
     let sub_dir = a.node("sub", 1, Roles::SUBMIT);
-    let sub = sub_dir.start(false);
+    let log = [("RUST_LOG", alliance_node::cli::DEFAULT_LOG)];
+    let sub = sub_dir.start_with_env(false, &log);
     let addr = sub.address();
     let workers = (0..n)
         .map(|i| {
             let d = a.node(&format!("w{i}"), i % 2, Roles::WORK);
             d.set_bootstrap(std::slice::from_ref(&addr));
             prepare(i, &d);
-            let r = d.start(false);
+            let r = d.start_with_env(false, &log);
             (d, r)
         })
         .collect();

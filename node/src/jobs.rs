@@ -30,11 +30,10 @@ use alliance_protocol::advert::GpuState;
 use alliance_protocol::cert::Member;
 use alliance_protocol::task::{
     Binding, BindingKind, Comparison, Credit, CreditedTask, Data, ElemType, JobId,
-    MAX_CREDIT_TASKS, OutputDigest, TaskFailure, TaskOffer, TaskSpec,
+    MAX_CREDIT_TASKS, Outcome, OutputDigest, TaskOffer, TaskOffers, TaskSpec,
 };
 use alliance_protocol::wire::{
-    Ack, Acks, MAX_BATCH, OFFER_BATCH_BYTES, OfferAnswer, OfferRequest, Reports, TaskReport,
-    short_reason,
+    Ack, Acks, MAX_BATCH, OFFER_BATCH_BYTES, OfferAnswer, OfferRequest, Reports, short_reason,
 };
 use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
 use libp2p::PeerId;
@@ -826,7 +825,7 @@ impl Jobs {
                 .map_err(|_| JobsError::Db("poisoned".into()))?;
             gone.retain(|w, _| !connected.contains(w));
         }
-        let mut offers: Vec<(String, u32, u32, PeerId, Signed<TaskOffer>)> = Vec::new();
+        let mut offers: Vec<(String, u32, u32, PeerId, TaskOffer)> = Vec::new();
         let mut kernels: HashMap<String, String> = HashMap::new();
         {
             let mut live = self.lock()?;
@@ -946,8 +945,6 @@ impl Jobs {
                                     attempt,
                                     expires_at: Timestamp::now().saturating_add_secs(60),
                                 };
-                                let signed = Signed::sign(&offer, &self.inner.identity)
-                                    .map_err(|e| JobsError::Refused(e.to_string()))?;
                                 t.replicas.push(Replica {
                                     attempt,
                                     worker: advert.peer_id.clone(),
@@ -970,7 +967,7 @@ impl Jobs {
                                 if !kernels.contains_key(&job.id) {
                                     kernels.insert(job.id.clone(), job.kernel.clone());
                                 }
-                                offers.push((job.id.clone(), t.index, attempt, peer, signed));
+                                offers.push((job.id.clone(), t.index, attempt, peer, offer));
                                 changed = true;
                             }
                             Err(Unplaced::Exhausted(why)) if active == 0 => {
@@ -1031,7 +1028,7 @@ impl Jobs {
         // once.
         let mut batches: Vec<OfferBatch> = Vec::new();
         for (id, index, attempt, peer, offer) in offers {
-            let size = offer.payload().len() + 128;
+            let size = offer_size(&offer);
             let open = batches.iter_mut().rev().find(|b| {
                 b.peer == peer
                     && b.job == id
@@ -1057,21 +1054,28 @@ impl Jobs {
         for b in batches {
             let me = self.clone();
             tokio::spawn(async move {
-                let answers = me
-                    .inner
-                    .client
-                    .offer(
-                        b.peer,
-                        OfferRequest {
-                            offers: b.offers,
-                            kernel_source: Some(b.kernel),
-                        },
-                    )
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|a| a);
+                // One signature for the batch.
+                let answers = match Signed::sign(&TaskOffers(b.offers), &me.inner.identity) {
+                    Ok(offers) => me
+                        .inner
+                        .client
+                        .offer(
+                            b.peer,
+                            OfferRequest {
+                                offers,
+                                kernel_source: Some(b.kernel),
+                            },
+                        )
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|a| a),
+                    Err(e) => Err(format!("the offers cannot be signed: {e}")),
+                };
                 let mut answers = match answers {
                     Ok(a) if a.0.len() == b.tasks.len() => a.0.into_iter().map(Ok).collect(),
+                    // A request the worker could not read at all is
+                    // declined with one answer for every offer.
+                    Ok(a) if a.0.len() == 1 => vec![Ok(a.0[0].clone()); b.tasks.len()],
                     Ok(a) => vec![
                         Err(format!(
                             "the worker answered {} of {} offers",
@@ -1838,26 +1842,58 @@ impl Jobs {
     /// codec refuses more); every result kept is durable before the
     /// acknowledgements (one disk sync for the batch) go back.
     pub async fn reports(&self, peer: PeerId, member: &Member, reports: Reports) -> Acks {
-        let mut acks = Vec::with_capacity(reports.0.len());
+        // One signature covers the batch: checked once, by the key of the
+        // peer that sent it.
+        let worker = reports.outcomes.signer();
+        let own = PublicKey::from_peer_id(&peer).is_ok_and(|k| k == worker);
+        let count = reports.outputs.len();
+        let opened = if own {
+            reports.open()
+        } else {
+            Err("signed its reports with a key that is not its own".to_owned())
+        };
+        let reports = match opened {
+            Ok(reports) => reports,
+            Err(why) => {
+                warn!(%peer, %why, "bad reports");
+                self.count_against(&peer.to_string(), &member.institution_name, Event::Wrong);
+                let _ = self.inner.client.punish(peer, why.clone()).await;
+                return Acks(vec![Ack::Refused(short_reason(why)); count]);
+            }
+        };
+        let mut acks = Vec::with_capacity(reports.len());
         let mut kept = false;
-        for report in reports.0 {
-            acks.push(match self.take_report(peer, member, report).await {
-                Ok(()) => {
-                    kept = true;
-                    None
-                }
-                Err(Refusal::Late(why)) => Some(why),
-                Err(Refusal::Again(why)) => {
-                    self.count_against(&peer.to_string(), &member.institution_name, Event::Lapsed);
-                    Some(why)
-                }
-                Err(Refusal::Bad(why)) => {
-                    warn!(%peer, %why, "bad report");
-                    self.count_against(&peer.to_string(), &member.institution_name, Event::Wrong);
-                    let _ = self.inner.client.punish(peer, why.clone()).await;
-                    Some(why)
-                }
-            });
+        for (outcome, outputs) in reports {
+            acks.push(
+                match self
+                    .take_report(peer, member, worker, outcome, outputs)
+                    .await
+                {
+                    Ok(()) => {
+                        kept = true;
+                        None
+                    }
+                    Err(Refusal::Late(why)) => Some(why),
+                    Err(Refusal::Again(why)) => {
+                        self.count_against(
+                            &peer.to_string(),
+                            &member.institution_name,
+                            Event::Lapsed,
+                        );
+                        Some(why)
+                    }
+                    Err(Refusal::Bad(why)) => {
+                        warn!(%peer, %why, "bad report");
+                        self.count_against(
+                            &peer.to_string(),
+                            &member.institution_name,
+                            Event::Wrong,
+                        );
+                        let _ = self.inner.client.punish(peer, why.clone()).await;
+                        Some(why)
+                    }
+                },
+            );
         }
         let synced = if kept {
             self.inner.wake.notify_one();
@@ -1882,67 +1918,41 @@ impl Jobs {
         &self,
         peer: PeerId,
         member: &Member,
-        report: TaskReport,
+        worker: PublicKey,
+        outcome: Outcome,
+        sent: Vec<(u32, Data)>,
     ) -> Result<(), Refusal> {
-        let worker_key = PublicKey::from_peer_id(&peer).map_err(|e| Refusal::Bad(e.to_string()))?;
-        let me = self.inner.identity.public();
-        let signer = match &report {
-            TaskReport::Done(r) => r.receipt.signer(),
-            TaskReport::Failed(f) | TaskReport::HandedBack(f) => f.signer(),
-        };
-        // Each signed record is checked once; what follows reads the
-        // checked copy.
-        let failure = |f: Signed<TaskFailure>| {
-            f.verify()
-                .map_err(|e| Refusal::Bad(format!("its failure report does not verify: {e}")))
-        };
-        let checked = match report {
-            TaskReport::Done(r) => Checked::Done(
-                Box::new(
-                    r.receipt
-                        .verify()
-                        .map_err(|e| Refusal::Bad(format!("its receipt does not verify: {e}")))?,
-                ),
-                r,
-            ),
-            TaskReport::Failed(f) => Checked::Failed(failure(f)?),
-            TaskReport::HandedBack(f) => Checked::HandedBack(failure(f)?),
-        };
-        let (job_id, task, attempt, kernel, submitter) = match &checked {
-            Checked::Done(r, _) => (r.job, r.task, r.attempt, r.kernel, r.submitter),
-            Checked::Failed(f) | Checked::HandedBack(f) => {
-                (f.job, f.task, f.attempt, f.kernel, f.submitter)
-            }
-        };
-        if signer != worker_key {
+        let about = outcome.about();
+        let (task, attempt) = (about.task, about.attempt);
+        if about.worker != worker {
             return Err(Refusal::Bad(
-                "signed a report with a key that is not its own".into(),
+                "a report names another worker than its signer".into(),
             ));
         }
-        if submitter != me {
+        if about.submitter != self.inner.identity.public() {
             return Err(Refusal::Late("the report is for another submitter".into()));
         }
-        let id = job_id.to_string();
+        let id = about.job.to_string();
         let (kernel_hash, outputs) = self.expect_replica(&id, task, attempt, &peer.to_string())?;
-        if kernel != kernel_hash {
+        if about.kernel != kernel_hash {
             return Err(Refusal::Bad("the report names another kernel".into()));
         }
-        match checked {
-            Checked::Failed(f) => {
+        match outcome {
+            Outcome::Failed(f) => {
                 let reason = f.reason;
                 self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
                     self.count_against(&r.worker, &r.institution, Event::Lapsed);
                     r.state = ReplicaState::Failed { reason };
                 })
             }
-            Checked::HandedBack(f) => {
+            Outcome::HandedBack(f) => {
                 let reason = f.reason;
                 info!(job = %id, task, worker = %short(&peer.to_string()), %reason, "task handed back; offering it elsewhere");
                 self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
                     r.state = ReplicaState::HandedBack { reason };
                 })
             }
-            Checked::Done(receipt, result) => {
+            Outcome::Done(receipt) => {
                 let mut digests = Vec::new();
                 for o in &outputs {
                     let d = receipt
@@ -1959,8 +1969,7 @@ impl Jobs {
                             o.binding, d.len
                         )));
                     }
-                    let data = result
-                        .outputs
+                    let data = sent
                         .iter()
                         .find(|(b, _)| *b == o.binding)
                         .map(|(_, d)| d)
@@ -2001,7 +2010,7 @@ impl Jobs {
                     digests.push(d.clone());
                 }
                 let (gpu, adapter) = (receipt.gpu_time_us, receipt.adapter.clone());
-                let paid_for = result.receipt.payload_hash();
+                let paid_for = receipt.digest();
                 self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
                     r.state = ReplicaState::Returned;
                     r.outputs = digests;
@@ -2448,16 +2457,6 @@ impl Owed {
     }
 }
 
-/// A report with its signed record checked.
-enum Checked {
-    Done(
-        Box<alliance_protocol::task::Receipt>,
-        alliance_protocol::wire::TaskResult,
-    ),
-    Failed(TaskFailure),
-    HandedBack(TaskFailure),
-}
-
 /// Offers of one pass to one worker for one job, sent as one request.
 struct OfferBatch {
     peer: PeerId,
@@ -2466,7 +2465,22 @@ struct OfferBatch {
     bytes: usize,
     /// (task, attempt) of each offer, in order.
     tasks: Vec<(u32, u32)>,
-    offers: Vec<Signed<TaskOffer>>,
+    offers: Vec<TaskOffer>,
+}
+
+/// About the encoded size of an offer, without encoding it: its inline
+/// data, and room for the rest.
+fn offer_size(offer: &TaskOffer) -> usize {
+    let data = |b: &Binding| match &b.kind {
+        BindingKind::Input { data }
+        | BindingKind::Uniform { data }
+        | BindingKind::State { data, .. } => match data {
+            Data::Inline(bytes) => bytes.len() + 16,
+            Data::Blob { .. } => 64,
+        },
+        BindingKind::Output { .. } => 32,
+    };
+    512 + offer.spec.entry_point.len() + offer.spec.bindings.iter().map(data).sum::<usize>()
 }
 
 enum Refusal {

@@ -382,10 +382,9 @@ async fn serve_requests(
                     });
                 }
                 None => {
-                    let _ = reply
-                        .send(request.decline_all(&DeclineReason::BadOffer(
-                            "this node lends no GPU".into(),
-                        )));
+                    let _ = reply.send(alliance_protocol::wire::OfferRequest::decline_all(
+                        &DeclineReason::BadOffer("this node lends no GPU".into()),
+                    ));
                 }
             },
             Inbound::Report {

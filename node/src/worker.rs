@@ -26,11 +26,12 @@ use alliance_kernels::intake::{self, Limits};
 use alliance_kernels::sandbox::{self, ChildConfig, ResourceLimits, Sandbox};
 use alliance_protocol::cert::{Member, Roles};
 use alliance_protocol::task::{
-    Binding, BindingKind, Data, MAX_INLINE_BYTES, OutputDigest, Receipt, TaskFailure, TaskOffer,
+    self as records, Binding, BindingKind, Data, MAX_INLINE_BYTES, Outcomes, OutputDigest, Receipt,
+    TaskFailure, TaskOffer,
 };
 use alliance_protocol::wire::{
-    Ack, Acks, DeclineReason, MAX_BATCH, OfferAnswer, OfferAnswers, OfferRequest, Progress,
-    REPORT_BATCH_BYTES, Reports, TaskReport, TaskResult,
+    self, Ack, Acks, DeclineReason, MAX_BATCH, OfferAnswer, OfferAnswers, OfferRequest, Progress,
+    REPORT_BATCH_BYTES, Reports,
 };
 use alliance_protocol::{Hash, Identity, PublicKey, Signed, Timestamp};
 use libp2p::PeerId;
@@ -217,8 +218,9 @@ struct Outbox {
 }
 
 struct Outgoing {
-    report: TaskReport,
-    /// Encoded bytes, for sizing batches.
+    outcome: records::Outcome,
+    outputs: Vec<(u32, Data)>,
+    /// Encoded bytes, about, for sizing batches.
     size: usize,
     since: std::time::Instant,
 }
@@ -499,18 +501,25 @@ impl Worker {
             .and_then(|p| p.get(key).cloned())
     }
 
-    /// Answers an offer from `peer`; on acceptance the task starts at once.
-    /// Answers a batch of offers from `peer` (at most `MAX_BATCH`: the
-    /// codec refuses more), one answer per offer in their order; each
-    /// accepted task starts at once.
+    /// Answers a batch of offers from `peer` (at most `MAX_BATCH`, signed
+    /// together), one answer per offer in their order; each accepted task
+    /// starts at once. A batch that cannot be opened gets one decline.
     pub async fn offers(&self, peer: PeerId, member: &Member, req: OfferRequest) -> OfferAnswers {
+        let offers = match open_offers(peer, &req) {
+            Ok(offers) => offers,
+            Err(reason) => {
+                self.count(|s| s.declined += 1);
+                info!(%peer, ?reason, "offers refused");
+                return OfferRequest::decline_all(&reason);
+            }
+        };
         // The kernel is hashed once for the batch.
         let kernel = req
             .kernel_source
             .map(|src| (Hash::of(src.as_bytes()), Arc::<str>::from(src)));
-        let mut answers = Vec::with_capacity(req.offers.len());
+        let mut answers = Vec::with_capacity(offers.len());
         let (mut accepted, mut declined) = (0, 0);
-        for offer in &req.offers {
+        for offer in offers {
             let answer = self.consider(peer, member, offer, kernel.as_ref());
             match answer {
                 OfferAnswer::Accept { .. } => accepted += 1,
@@ -532,11 +541,11 @@ impl Worker {
         &self,
         peer: PeerId,
         member: &Member,
-        offer: &Signed<TaskOffer>,
+        offer: TaskOffer,
         kernel: Option<&(Hash, Arc<str>)>,
     ) -> OfferAnswer {
         let s = &self.inner.setup;
-        let (offer, source) = match self.check_offer(peer, member, offer, kernel) {
+        let (offer, source) = match self.check_offer(member, offer, kernel) {
             Ok(checked) => checked,
             Err(reason) => return decline(reason),
         };
@@ -570,20 +579,15 @@ impl Worker {
                     steps: offer.spec.steps,
                 },
             ));
-            let report = me.execute(peer, &offer, source, slot.1, from).await;
+            let (outcome, outputs) = me.execute(peer, &offer, source, slot.1, from).await;
             beat.abort();
             me.release(slot.1, bytes, key);
-            match &report {
-                Some(TaskReport::Done(_)) => me.count(|s| s.succeeded += 1),
-                Some(TaskReport::HandedBack(_)) => me.count(|s| s.handed_back += 1),
-                _ => me.count(|s| s.failed += 1),
+            match &outcome {
+                records::Outcome::Done(_) => me.count(|s| s.succeeded += 1),
+                records::Outcome::HandedBack(_) => me.count(|s| s.handed_back += 1),
+                records::Outcome::Failed(_) => me.count(|s| s.failed += 1),
             }
-            match report {
-                Some(r) => me.deliver(peer, r),
-                // Only a record too large to sign gets here; the lease
-                // runs out and the submitter offers the task again.
-                None => warn!(%peer, "the task's report could not be signed"),
-            }
+            me.deliver(peer, outcome, outputs);
         });
         OfferAnswer::Accept { lease_until }
     }
@@ -591,20 +595,11 @@ impl Worker {
     /// The offer and its kernel source, if the offer may be considered.
     fn check_offer(
         &self,
-        peer: PeerId,
         member: &Member,
-        signed: &Signed<TaskOffer>,
+        offer: TaskOffer,
         kernel: Option<&(Hash, Arc<str>)>,
     ) -> Result<(TaskOffer, Arc<str>), DeclineReason> {
         let bad = |m: &str| DeclineReason::BadOffer(m.to_owned());
-        let offer = signed
-            .verify()
-            .map_err(|e| DeclineReason::BadOffer(e.to_string()))?;
-        if PublicKey::from_peer_id(&peer).ok() != Some(signed.signer()) {
-            return Err(bad(
-                "the offer is signed by another node than the one that sent it",
-            ));
-        }
         if !member.roles.contains(Roles::SUBMIT) {
             return Err(DeclineReason::PolicyRefuses);
         }
@@ -763,7 +758,7 @@ impl Worker {
         source: Arc<str>,
         slot: usize,
         from: (PublicKey, u32),
-    ) -> Option<TaskReport> {
+    ) -> (records::Outcome, Vec<(u32, Data)>) {
         let s = &self.inner.setup;
         let spec = &offer.spec;
         let acked = Arc::new(std::sync::atomic::AtomicU32::new(spec.start_step));
@@ -781,9 +776,8 @@ impl Worker {
                 "handed back at the owner's request ({why}); its last checkpoint is step {step}"
             );
             info!(job = %spec.job, task = spec.task, %reason, "task handed back");
-            return self
-                .signed_failure(offer, submitter, reason)
-                .map(TaskReport::HandedBack);
+            let back = records::Outcome::HandedBack(self.task_failure(offer, submitter, reason));
+            return (back, Vec::new());
         }
         match result {
             Ok((mut outcome, adapter)) => {
@@ -829,15 +823,7 @@ impl Worker {
                     submitter,
                     finished_at: now,
                 };
-                match Signed::sign(&receipt, &s.identity) {
-                    Ok(r) => Some(TaskReport::Done(TaskResult {
-                        receipt: r,
-                        outputs,
-                    })),
-                    Err(e) => {
-                        self.failure(offer, submitter, format!("cannot sign the receipt: {e}"))
-                    }
-                }
+                (records::Outcome::Done(receipt), outputs)
             }
             Err(reason) => self.failure(offer, submitter, reason),
         }
@@ -848,18 +834,18 @@ impl Worker {
         offer: &TaskOffer,
         submitter: PublicKey,
         reason: String,
-    ) -> Option<TaskReport> {
+    ) -> (records::Outcome, Vec<(u32, Data)>) {
         warn!(job = %offer.spec.job, task = offer.spec.task, %reason, "task failed");
-        self.signed_failure(offer, submitter, reason)
-            .map(TaskReport::Failed)
+        let failed = records::Outcome::Failed(self.task_failure(offer, submitter, reason));
+        (failed, Vec::new())
     }
 
-    fn signed_failure(
+    fn task_failure(
         &self,
         offer: &TaskOffer,
         submitter: PublicKey,
         mut reason: String,
-    ) -> Option<Signed<TaskFailure>> {
+    ) -> TaskFailure {
         if reason.len() > 4096 {
             let mut cut = 4096;
             while !reason.is_char_boundary(cut) {
@@ -868,7 +854,7 @@ impl Worker {
             reason.truncate(cut);
         }
         let s = &self.inner.setup;
-        let failure = TaskFailure {
+        TaskFailure {
             job: offer.spec.job,
             task: offer.spec.task,
             attempt: offer.attempt,
@@ -877,8 +863,7 @@ impl Worker {
             submitter,
             reason,
             failed_at: Timestamp::now(),
-        };
-        Signed::sign(&failure, &s.identity).ok()
+        }
     }
 
     async fn run(
@@ -1039,15 +1024,16 @@ impl Worker {
     /// Queues `report` for the submitter `peer`. One sender per submitter
     /// drains its queue: reports that end while one request is on its way
     /// travel together in the next.
-    fn deliver(&self, peer: PeerId, report: TaskReport) {
-        let size = report.size_hint();
+    fn deliver(&self, peer: PeerId, outcome: records::Outcome, outputs: Vec<(u32, Data)>) {
+        let size = wire::report_size_hint(&outcome, &outputs);
         let start = {
             let Ok(mut out) = self.inner.outbox.lock() else {
                 return;
             };
             let o = out.entry(peer).or_default();
             o.queue.push_back(Outgoing {
-                report,
+                outcome,
+                outputs,
                 size,
                 since: std::time::Instant::now(),
             });
@@ -1089,7 +1075,23 @@ impl Worker {
                 }
                 batch
             };
-            let reports = Reports(batch.iter().map(|o| o.report.clone()).collect());
+            // The batch is signed as it leaves: one signature for all of
+            // it (a batch sent again is signed again).
+            let outcomes = Outcomes(batch.iter().map(|o| o.outcome.clone()).collect());
+            let outcomes = match Signed::sign(&outcomes, &s.identity) {
+                Ok(signed) => signed,
+                Err(e) => {
+                    // Only a batch too large to sign gets here (a single
+                    // report is far below the cap); the leases run out and
+                    // the submitter offers the tasks again.
+                    warn!(%peer, error = %e, reports = batch.len(), "reports could not be signed; dropped");
+                    continue;
+                }
+            };
+            let reports = Reports {
+                outcomes,
+                outputs: batch.iter().map(|o| o.outputs.clone()).collect(),
+            };
             match s.client.report(peer, reports).await {
                 Ok(Ok(Acks(acks))) => {
                     wait = Duration::from_millis(500);
@@ -1125,6 +1127,25 @@ impl Worker {
             }
         }
     }
+}
+
+/// The offers of a request, once its signature is checked and its
+/// signer is the peer that sent it.
+fn open_offers(peer: PeerId, req: &OfferRequest) -> Result<Vec<TaskOffer>, DeclineReason> {
+    let bad = |m: String| DeclineReason::BadOffer(m);
+    if PublicKey::from_peer_id(&peer).ok() != Some(req.offers.signer()) {
+        return Err(bad(
+            "the offers are signed by another node than the one that sent them".into(),
+        ));
+    }
+    let offers = req.offers.verify().map_err(|e| bad(e.to_string()))?.0;
+    if offers.len() > MAX_BATCH {
+        return Err(bad(format!(
+            "{} offers; at most {MAX_BATCH} travel together",
+            offers.len()
+        )));
+    }
+    Ok(offers)
 }
 
 /// Inline state bytes a checkpoint message carries at most; larger state

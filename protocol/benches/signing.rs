@@ -21,7 +21,8 @@ use alliance_protocol::advert::{
     Backend, DeviceType, GpuAdvert, GpuBench, GpuInfo, GpuLimits, GpuState, Terms,
 };
 use alliance_protocol::task::{
-    Binding, BindingKind, Comparison, Credit, Data, ElemType, JobId, TaskOffer, TaskSpec,
+    Binding, BindingKind, Comparison, Credit, Data, ElemType, JobId, TaskOffer, TaskOffers,
+    TaskSpec,
 };
 use alliance_protocol::{Hash, Identity, Record, Signed, Timestamp};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
@@ -231,7 +232,7 @@ fn main() {
     bench("GPU advert, 4 GPUs", &advert(&key), &key, &mut results);
     bench(
         "task offer, 64 KiB inline",
-        &offer(&key),
+        &TaskOffers(vec![offer(&key)]),
         &key,
         &mut results,
     );

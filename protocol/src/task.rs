@@ -1,10 +1,17 @@
 //! Tasks, offers, receipts, checkpoints and credits.
 //!
-//! A submitter sends a worker a signed [`TaskOffer`] holding a [`TaskSpec`];
-//! the worker runs it and answers with a signed [`Receipt`] naming the hashes
-//! of everything it read and wrote; long tasks send signed
-//! [`CheckpointRecord`]s on the way; once the submitter has verified the
-//! result it grants the worker a signed [`Credit`].
+//! A submitter sends a worker [`TaskOffer`]s, each holding a [`TaskSpec`],
+//! signed together as [`TaskOffers`]; the worker runs them and answers with
+//! a [`Receipt`] for each, naming the hashes of everything it read and
+//! wrote, signed together with the other [`Outcome`]s it reports at the
+//! same time as [`Outcomes`]; long tasks send signed [`CheckpointRecord`]s
+//! on the way; once the submitter has verified the result it grants the
+//! worker a signed [`Credit`].
+//!
+//! Offers and outcomes are signed a batch at a time, not one each: small
+//! tasks come by the thousand, and an ed25519 verification costs more than
+//! a tiny task's whole trip through the network. The signed batch is the
+//! evidence for every record in it.
 
 use std::fmt;
 
@@ -152,8 +159,8 @@ pub struct TaskSpec {
     pub info_binding: Option<u32>,
 }
 
-/// A worker could not run a task: signed, so the submitter knows the
-/// failure is the worker's word and can hold it to it.
+/// A worker could not run a task: signed (in [`Outcomes`]), so the
+/// submitter knows the failure is the worker's word and can hold it to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskFailure {
     pub job: JobId,
@@ -165,13 +172,6 @@ pub struct TaskFailure {
     /// What went wrong, for the researcher.
     pub reason: String,
     pub failed_at: Timestamp,
-}
-
-impl Record for TaskFailure {
-    const NAME: &'static str = "task failure";
-    const CONTEXT: &'static str = "task-failure/v1";
-    const VERSION: u16 = 1;
-    const MAX_SIZE: usize = 16 * 1024;
 }
 
 /// A submitter offers a task to a worker.
@@ -186,11 +186,21 @@ pub struct TaskOffer {
     pub expires_at: Timestamp,
 }
 
-impl Record for TaskOffer {
-    const NAME: &'static str = "task offer";
-    const CONTEXT: &'static str = "task-offer/v1";
+/// Most offers one [`TaskOffers`] holds, and most outcomes one
+/// [`Outcomes`] holds.
+pub const MAX_BATCH: usize = 64;
+
+/// A submitter's offers to one worker, signed together: at most
+/// [`MAX_BATCH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOffers(pub Vec<TaskOffer>);
+
+impl Record for TaskOffers {
+    const NAME: &'static str = "task offers";
+    const CONTEXT: &'static str = "task-offers/v1";
     const VERSION: u16 = 1;
-    const MAX_SIZE: usize = 2 * 1024 * 1024;
+    /// Leaves room for the kernel source in the request that carries it.
+    const MAX_SIZE: usize = 7 * 1024 * 1024;
 }
 
 /// A buffer a task produced, named by hash.
@@ -201,7 +211,7 @@ pub struct OutputDigest {
     pub len: u64,
 }
 
-/// A worker's signed account of one finished task.
+/// A worker's account of one finished task (signed in [`Outcomes`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
     pub job: JobId,
@@ -222,11 +232,75 @@ pub struct Receipt {
     pub finished_at: Timestamp,
 }
 
-impl Record for Receipt {
-    const NAME: &'static str = "receipt";
-    const CONTEXT: &'static str = "receipt/v1";
+impl Receipt {
+    /// The content hash of the receipt's canonical bytes: names it (a
+    /// [`Credit`] pays for receipts by this hash).
+    pub fn digest(&self) -> Hash {
+        // A receipt is plain data: encoding it cannot fail.
+        Hash::of(&postcard::to_stdvec(self).unwrap_or_default())
+    }
+}
+
+/// What a worker reports of one task it accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The task ran: the receipt names its outputs.
+    Done(Receipt),
+    /// The task could not run or did not finish, and why.
+    Failed(TaskFailure),
+    /// The worker's owner took the GPU back (paused it, the sharing window
+    /// closed, or the owner's own work started): the task was stopped and
+    /// is handed back to be offered elsewhere, from its last checkpoint.
+    /// Not a failure of the worker's.
+    HandedBack(TaskFailure),
+}
+
+/// The task attempt an [`Outcome`] is about, and between whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct About {
+    pub job: JobId,
+    pub task: u32,
+    pub attempt: u32,
+    pub kernel: Hash,
+    pub worker: PublicKey,
+    pub submitter: PublicKey,
+}
+
+impl Outcome {
+    /// The task attempt it is about.
+    pub fn about(&self) -> About {
+        match self {
+            Outcome::Done(r) => About {
+                job: r.job,
+                task: r.task,
+                attempt: r.attempt,
+                kernel: r.kernel,
+                worker: r.worker,
+                submitter: r.submitter,
+            },
+            Outcome::Failed(f) | Outcome::HandedBack(f) => About {
+                job: f.job,
+                task: f.task,
+                attempt: f.attempt,
+                kernel: f.kernel,
+                worker: f.worker,
+                submitter: f.submitter,
+            },
+        }
+    }
+}
+
+/// A worker's outcomes for one submitter, signed together: at most
+/// [`MAX_BATCH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcomes(pub Vec<Outcome>);
+
+impl Record for Outcomes {
+    const NAME: &'static str = "task outcomes";
+    const CONTEXT: &'static str = "task-outcomes/v1";
     const VERSION: u16 = 1;
-    const MAX_SIZE: usize = 64 * 1024;
+    /// A full batch of receipts of up to 64 KiB each.
+    const MAX_SIZE: usize = MAX_BATCH * 64 * 1024;
 }
 
 /// A worker's signed statement of a task's state after `step` steps.

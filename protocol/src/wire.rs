@@ -3,8 +3,8 @@
 //! | protocol | request | response | cap (request / response) |
 //! |---|---|---|---|
 //! | `/alliance/membership/1` | [`Hello`] | [`Hello`] | about 1 MiB each (hello plus up to 4 revocation lists) |
-//! | `/alliance/task/2` | [`OfferRequest`] | [`OfferAnswers`] | 8 MiB / 257 KiB |
-//! | `/alliance/result/2` | [`Reports`] | [`Acks`] | 8 MiB / 65 KiB |
+//! | `/alliance/task/3` | [`OfferRequest`] | [`OfferAnswers`] | 8 MiB / 257 KiB |
+//! | `/alliance/result/3` | [`Reports`] | [`Acks`] | 8 MiB / 65 KiB |
 //! | `/alliance/blob/2` (a stream) | [`BlobRequest`] | [`BlobResponse`], then raw bytes | 1 KiB / 4 KiB |
 //! | `/alliance/progress/1` | [`Progress`] | [`Ack`] | 1 MiB + 64 KiB / 1 KiB |
 //! | gossip `alliance/<id>/adverts/1` | [`AdvertGossip`] | | 32 KiB |
@@ -21,9 +21,9 @@
 //! Offers and reports travel in batches of up to [`MAX_BATCH`] tasks: a
 //! scheduler that places many small tasks on one worker sends them in one
 //! request, and a worker that finishes several while a report is on its
-//! way sends them together in the next. Each offer, receipt and failure in
-//! a batch is still a record signed on its own, so each stays evidence by
-//! itself.
+//! way sends them together in the next. A batch is signed once
+//! ([`TaskOffers`], [`Outcomes`]): the signed batch is the evidence for
+//! each offer, receipt and failure in it.
 
 use std::io::Read;
 
@@ -34,7 +34,8 @@ use crate::cert::{Chain, Revocations};
 use crate::encoding::{self, DecodeError, EncodeError};
 use crate::hash::Hash;
 use crate::signed::Signed;
-use crate::task::{CheckpointRecord, Data, JobId, Receipt, TaskOffer};
+pub use crate::task::MAX_BATCH;
+use crate::task::{CheckpointRecord, Data, JobId, Outcome, Outcomes, TaskOffers};
 use crate::time::Timestamp;
 
 /// A message type with a protocol and a size cap.
@@ -125,15 +126,11 @@ impl Message for Hello {
     const MAX_SIZE: usize = 16 * 1024 + MAX_HELLO_LISTS * RevocationGossip::MAX_SIZE;
 }
 
-/// Most offers one [`OfferRequest`] carries, and most reports one
-/// [`Reports`] carries.
-pub const MAX_BATCH: usize = 64;
-
-/// Offers of tasks of one job to one worker, at most [`MAX_BATCH`], with
-/// the kernel source when the worker may lack it.
+/// Offers of tasks of one job to one worker, at most [`MAX_BATCH`], signed
+/// together, with the kernel source when the worker may lack it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OfferRequest {
-    pub offers: Vec<Signed<TaskOffer>>,
+    pub offers: Signed<TaskOffers>,
     /// The WGSL source; its blake3 hash must equal every spec's kernel
     /// hash.
     pub kernel_source: Option<String>,
@@ -142,23 +139,14 @@ pub struct OfferRequest {
 impl Message for OfferRequest {
     const NAME: &'static str = "task offer request";
     const MAX_SIZE: usize = 8 * 1024 * 1024;
-
-    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let m: Self = encoding::decode(Self::NAME, bytes, Self::MAX_SIZE)?;
-        batch_cap(Self::NAME, m.offers.len())?;
-        Ok(m)
-    }
 }
 
 impl OfferRequest {
-    /// The same answer, `reason`, to every offer.
-    pub fn decline_all(&self, reason: &DeclineReason) -> OfferAnswers {
-        OfferAnswers(
-            self.offers
-                .iter()
-                .map(|_| OfferAnswer::Decline(reason.clone()))
-                .collect(),
-        )
+    /// The same answer, `reason`, to every offer, for a request whose
+    /// offers cannot be read: a single decline, which the submitter applies
+    /// to every offer it sent.
+    pub fn decline_all(reason: &DeclineReason) -> OfferAnswers {
+        OfferAnswers(vec![OfferAnswer::Decline(reason.clone())])
     }
 }
 
@@ -196,6 +184,10 @@ pub enum DeclineReason {
 }
 
 /// A worker's answer to an offer.
+///
+/// Answers go one per offer, in their order; a request the worker cannot
+/// read at all (its signature fails, say) gets a single decline that
+/// answers every offer in it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OfferAnswer {
     /// Accepted; the lease lapses at `lease_until` without progress.
@@ -237,42 +229,19 @@ pub fn short_reason(mut reason: String) -> String {
     reason
 }
 
-/// A finished task: the signed receipt and the outputs, inline when small.
+/// Output bytes by binding, of one task; large ones as blobs to fetch.
+pub type Outputs = Vec<(u32, Data)>;
+
+/// Reports of tasks to their submitter: the outcomes, signed together, and
+/// the output bytes of each, in the same order (none for a failure). At
+/// most [`MAX_BATCH`], and more than one only while their encoded size
+/// stays under [`REPORT_BATCH_BYTES`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskResult {
-    pub receipt: Signed<Receipt>,
-    /// Output bytes by binding; large ones as blobs to fetch.
-    pub outputs: Vec<(u32, Data)>,
+pub struct Reports {
+    pub outcomes: Signed<Outcomes>,
+    /// The outputs of each outcome.
+    pub outputs: Vec<Outputs>,
 }
-
-impl Message for TaskResult {
-    const NAME: &'static str = "task result";
-    const MAX_SIZE: usize = 5 * 1024 * 1024;
-}
-
-/// What a worker reports at the end of a task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TaskReport {
-    Done(TaskResult),
-    /// The task could not run or did not finish; the signed reason.
-    Failed(Signed<crate::task::TaskFailure>),
-    /// The worker's owner took the GPU back (paused it, the sharing window
-    /// closed, or the owner's own work started): the task was stopped and
-    /// is handed back to be offered elsewhere, from its last checkpoint.
-    /// Not a failure of the worker's: the signed reason says why.
-    HandedBack(Signed<crate::task::TaskFailure>),
-}
-
-impl Message for TaskReport {
-    const NAME: &'static str = "task report";
-    const MAX_SIZE: usize = TaskResult::MAX_SIZE;
-}
-
-/// Reports of tasks to their submitter: at most [`MAX_BATCH`], and more
-/// than one only while their encoded size stays under
-/// [`REPORT_BATCH_BYTES`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reports(pub Vec<TaskReport>);
 
 impl Message for Reports {
     const NAME: &'static str = "task reports";
@@ -280,7 +249,7 @@ impl Message for Reports {
 
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let m: Self = encoding::decode(Self::NAME, bytes, Self::MAX_SIZE)?;
-        batch_cap(Self::NAME, m.0.len())?;
+        batch_cap(Self::NAME, m.outputs.len())?;
         Ok(m)
     }
 }
@@ -289,33 +258,47 @@ impl Reports {
     /// The same refusal, `why`, to every report.
     pub fn refuse_all(&self, why: &str) -> Acks {
         Acks(
-            self.0
+            self.outputs
                 .iter()
                 .map(|_| Ack::Refused(why.to_owned()))
                 .collect(),
         )
     }
+
+    /// The verified outcomes, each with its outputs; refused when the
+    /// signature fails or the outcomes and outputs do not pair up.
+    pub fn open(self) -> Result<Vec<(Outcome, Outputs)>, String> {
+        let outcomes = self
+            .outcomes
+            .verify()
+            .map_err(|e| format!("its reports do not verify: {e}"))?;
+        if outcomes.0.len() != self.outputs.len() {
+            return Err(format!(
+                "its reports hold {} outcomes but {} lists of outputs",
+                outcomes.0.len(),
+                self.outputs.len()
+            ));
+        }
+        Ok(outcomes.0.into_iter().zip(self.outputs).collect())
+    }
 }
 
-impl TaskReport {
-    /// About the report's encoded size, without encoding it: its signed
-    /// record and inline outputs, plus room for the framing around them.
-    pub fn size_hint(&self) -> usize {
-        match self {
-            Self::Done(r) => {
-                r.receipt.payload().len()
-                    + r.outputs
-                        .iter()
-                        .map(|(_, d)| match d {
-                            Data::Inline(b) => b.len() + 16,
-                            Data::Blob { .. } => 64,
-                        })
-                        .sum::<usize>()
-                    + 256
-            }
-            Self::Failed(f) | Self::HandedBack(f) => f.payload().len() + 256,
-        }
-    }
+/// About the encoded size of an outcome and its outputs, without encoding
+/// them: the record, the inline outputs, and room for the framing.
+pub fn report_size_hint(outcome: &Outcome, outputs: &[(u32, Data)]) -> usize {
+    let record = match outcome {
+        Outcome::Done(r) => r.adapter.len() + 48 * (r.inputs.len() + r.outputs.len()) + 3 * 32 + 64,
+        Outcome::Failed(f) | Outcome::HandedBack(f) => f.reason.len() + 3 * 32 + 64,
+    };
+    record
+        + outputs
+            .iter()
+            .map(|(_, d)| match d {
+                Data::Inline(b) => b.len() + 16,
+                Data::Blob { .. } => 64,
+            })
+            .sum::<usize>()
+        + 256
 }
 
 /// Reports a worker puts in one request while their encoded size stays

@@ -10,12 +10,12 @@ use alliance_protocol::cert::{
 use alliance_protocol::encoding::DecodeError;
 use alliance_protocol::signed::RecordError;
 use alliance_protocol::task::{
-    Binding, BindingKind, CheckpointRecord, Comparison, Credit, Data, ElemType, JobId,
-    OutputDigest, Receipt, TaskFailure, TaskOffer, TaskSpec,
+    Binding, BindingKind, CheckpointRecord, Comparison, Credit, Data, ElemType, JobId, Outcome,
+    Outcomes, OutputDigest, Receipt, TaskFailure, TaskOffer, TaskOffers, TaskSpec,
 };
 use alliance_protocol::wire::{
     self, Ack, Acks, BlobRequest, BlobResponse, DeclineReason, Hello, Message, OfferAnswer,
-    OfferAnswers, OfferRequest, Progress, Reports, RevocationGossip, TaskReport, TaskResult,
+    OfferAnswers, OfferRequest, Progress, Reports, RevocationGossip,
 };
 use alliance_protocol::{Hash, Identity, PublicKey, Record, Signed, Timestamp};
 use proptest::prelude::*;
@@ -434,9 +434,12 @@ proptest! {
     #[test]
     fn advert_records(r in advert(), seed in any::<[u8; 32]>()) { check_record(r, seed)?; }
     #[test]
-    fn offer_records(r in offer(), seed in any::<[u8; 32]>()) { check_record(r, seed)?; }
+    fn offer_records(r in offer(), s in offer(), seed in any::<[u8; 32]>()) { check_record(TaskOffers(vec![r, s]), seed)?; }
     #[test]
-    fn receipt_records(r in receipt(), seed in any::<[u8; 32]>()) { check_record(r, seed)?; }
+    fn outcome_records(r in receipt(), reason in text(), seed in any::<[u8; 32]>()) {
+        let failure = TaskFailure { job: r.job, task: r.task, attempt: r.attempt, kernel: r.kernel, worker: r.worker, submitter: r.submitter, reason, failed_at: r.finished_at };
+        check_record(Outcomes(vec![Outcome::Done(r), Outcome::Failed(failure.clone()), Outcome::HandedBack(failure)]), seed)?;
+    }
     #[test]
     fn checkpoint_records(r in checkpoint(), seed in any::<[u8; 32]>()) { check_record(r, seed)?; }
     #[test]
@@ -446,18 +449,17 @@ proptest! {
     fn wire_messages(o in offer(), r in receipt(), c in checkpoint(), rv in revocations(), d in data(), seed in any::<[u8; 32]>(),
                      h in hash(), off in any::<u64>(), reason in text()) {
         let k = Identity::from_secret_bytes(seed);
-        let signed_offer = Signed::sign(&o, &k).unwrap();
-        check_message(OfferRequest { offers: vec![signed_offer.clone(), signed_offer], kernel_source: Some(reason.clone()) })?;
+        let signed_offers = Signed::sign(&TaskOffers(vec![o.clone(), o]), &k).unwrap();
+        check_message(OfferRequest { offers: signed_offers, kernel_source: Some(reason.clone()) })?;
         check_message(OfferAnswer::Accept { lease_until: Timestamp::from_secs(off) })?;
         check_message(OfferAnswer::Decline(DeclineReason::Limits(reason.clone())))?;
         check_message(OfferAnswers(vec![OfferAnswer::Accept { lease_until: Timestamp::from_secs(off) }, OfferAnswer::Decline(DeclineReason::Limits(wire::short_reason(reason.clone())))]))?;
-        check_message(TaskResult { receipt: Signed::sign(&r, &k).unwrap(), outputs: vec![(0, d.clone())] })?;
         let failure = TaskFailure { job: r.job, task: r.task, attempt: r.attempt, kernel: r.kernel, worker: r.worker, submitter: r.submitter, reason: reason.clone(), failed_at: r.finished_at };
-        check_record(failure.clone(), seed)?;
-        check_message(TaskReport::Failed(Signed::sign(&failure, &k).unwrap()))?;
-        check_message(TaskReport::HandedBack(Signed::sign(&failure, &k).unwrap()))?;
         check_message(Ack::Refused(reason.clone()))?;
-        check_message(Reports(vec![TaskReport::Failed(Signed::sign(&failure, &k).unwrap()), TaskReport::Done(TaskResult { receipt: Signed::sign(&r, &k).unwrap(), outputs: vec![] })]))?;
+        let outcomes = Outcomes(vec![Outcome::Failed(failure), Outcome::Done(r)]);
+        let reports = Reports { outcomes: Signed::sign(&outcomes, &k).unwrap(), outputs: vec![vec![], vec![(0, d.clone())]] };
+        check_message(reports.clone())?;
+        prop_assert_eq!(reports.open().unwrap().into_iter().map(|(o, _)| o).collect::<Vec<_>>(), outcomes.0);
         check_message(Acks(vec![Ack::Ok, Ack::Refused(wire::short_reason(reason.clone()))]))?;
         check_message(BlobRequest { hash: h, offset: off, len: off / 2 })?;
         check_message(BlobResponse::Sending { total_len: off, len: off / 2 })?;
@@ -473,14 +475,14 @@ proptest! {
         fn all<M: Message>(b: &[u8]) { let _ = M::decode(b); }
         fn rec<T: Record>(b: &[u8]) { if let Ok(s) = Signed::<T>::from_bytes(b) { let _ = s.verify(); } }
         all::<Hello>(&input); all::<OfferRequest>(&input); all::<OfferAnswer>(&input);
-        all::<TaskResult>(&input); all::<Ack>(&input); all::<BlobRequest>(&input);
+        all::<Ack>(&input); all::<BlobRequest>(&input);
         all::<OfferAnswers>(&input); all::<Reports>(&input); all::<Acks>(&input);
         all::<BlobResponse>(&input); all::<Progress>(&input); all::<RevocationGossip>(&input);
         all::<wire::AdvertGossip>(&input); all::<wire::CreditGossip>(&input);
         all::<wire::CreditsRequest>(&input); all::<wire::CreditsPage>(&input);
         rec::<Charter>(&input); rec::<InstitutionCert>(&input); rec::<NodeCert>(&input);
-        rec::<Revocations>(&input); rec::<GpuAdvert>(&input); rec::<TaskOffer>(&input);
-        rec::<Receipt>(&input); rec::<CheckpointRecord>(&input); rec::<Credit>(&input);
+        rec::<Revocations>(&input); rec::<GpuAdvert>(&input); rec::<TaskOffers>(&input);
+        rec::<Outcomes>(&input); rec::<CheckpointRecord>(&input); rec::<Credit>(&input);
         let _ = alliance_protocol::armor::decode(&String::from_utf8_lossy(&input));
     }
 }
@@ -524,16 +526,56 @@ fn batches_past_their_count_are_refused() {
         reason: "r".into(),
         failed_at: Timestamp::from_secs(1),
     };
-    let report = TaskReport::Failed(Signed::sign(&failure, &k).unwrap());
-    let full = Reports(vec![report; wire::MAX_BATCH]);
+    let reports = |n: usize| {
+        let outcomes = Outcomes(vec![Outcome::Failed(failure.clone()); n]);
+        Reports {
+            outcomes: Signed::sign(&outcomes, &k).unwrap(),
+            outputs: vec![vec![]; n],
+        }
+    };
+    let full = reports(wire::MAX_BATCH);
     assert_eq!(Reports::decode(&full.encode().unwrap()).unwrap(), full);
-    let mut over = full;
-    over.0.push(over.0[0].clone());
+    let over = reports(wire::MAX_BATCH + 1);
     let err = Reports::decode(&over.encode().unwrap()).unwrap_err();
     assert!(err.to_string().contains("at most 64"), "{err}");
     assert!(
         wire::read_frame::<Reports, _>(&mut wire::encode_frame(&over).unwrap().as_slice()).is_err()
     );
+}
+
+/// Outcomes and outputs that do not pair up are refused, and so is a batch
+/// whose signature fails.
+#[test]
+fn reports_open_only_when_signed_and_paired() {
+    let k = Identity::generate();
+    let failure = TaskFailure {
+        job: JobId([1; 16]),
+        task: 0,
+        attempt: 0,
+        kernel: Hash::of(b"k"),
+        worker: k.public(),
+        submitter: k.public(),
+        reason: "r".into(),
+        failed_at: Timestamp::from_secs(1),
+    };
+    let outcomes = Outcomes(vec![Outcome::Failed(failure); 2]);
+    let unpaired = Reports {
+        outcomes: Signed::sign(&outcomes, &k).unwrap(),
+        outputs: vec![vec![]],
+    };
+    let err = unpaired.open().unwrap_err();
+    assert!(err.contains("2 outcomes but 1 lists"), "{err}");
+    let mut bytes = Reports {
+        outcomes: Signed::sign(&outcomes, &k).unwrap(),
+        outputs: vec![vec![]; 2],
+    }
+    .encode()
+    .unwrap();
+    // The last byte of the failure's reason, inside the signed payload.
+    let at = bytes.iter().rposition(|&b| b == b'r').unwrap();
+    bytes[at] = b's';
+    let err = Reports::decode(&bytes).unwrap().open().unwrap_err();
+    assert!(err.contains("does not match"), "{err}");
 }
 
 #[test]

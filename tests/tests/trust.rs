@@ -268,8 +268,8 @@ impl Rogue {
             if let Ok(Some(Inbound::Offer { request, reply, .. })) = next {
                 let lease_until = alliance_protocol::Timestamp::now().saturating_add_secs(60);
                 let mut answers = Vec::new();
-                for o in &request.offers {
-                    self.accepted.push_back(o.verify().unwrap());
+                for o in request.offers.verify().unwrap().0 {
+                    self.accepted.push_back(o);
                     answers.push(OfferAnswer::Accept { lease_until });
                 }
                 reply.send(OfferAnswers(answers)).unwrap();
@@ -287,9 +287,8 @@ impl Rogue {
         key: &alliance_protocol::Identity,
         outputs: Vec<u8>,
         digest_of: &[u8],
-    ) -> alliance_protocol::wire::TaskReport {
-        use alliance_protocol::task::{Data, OutputDigest, Receipt};
-        use alliance_protocol::wire::{TaskReport, TaskResult};
+    ) -> alliance_protocol::wire::Reports {
+        use alliance_protocol::task::{Data, Outcome, Outcomes, OutputDigest, Receipt};
         use alliance_protocol::{Hash, Signed, Timestamp};
         let receipt = Receipt {
             job: offer.spec.job,
@@ -308,23 +307,14 @@ impl Rogue {
             submitter: self.submitter,
             finished_at: Timestamp::now(),
         };
-        TaskReport::Done(TaskResult {
-            receipt: Signed::sign(&receipt, key).unwrap(),
-            outputs: vec![(2, Data::Inline(outputs))],
-        })
+        alliance_protocol::wire::Reports {
+            outcomes: Signed::sign(&Outcomes(vec![Outcome::Done(receipt)]), key).unwrap(),
+            outputs: vec![vec![(2, Data::Inline(outputs))]],
+        }
     }
 
-    async fn send(
-        &self,
-        sub: &libp2p::PeerId,
-        report: alliance_protocol::wire::TaskReport,
-    ) -> String {
-        let acks = self
-            .node
-            .client
-            .report(*sub, alliance_protocol::wire::Reports(vec![report]))
-            .await
-            .unwrap();
+    async fn send(&self, sub: &libp2p::PeerId, report: alliance_protocol::wire::Reports) -> String {
+        let acks = self.node.client.report(*sub, report).await.unwrap();
         // The one report's acknowledgement, as `Ok(Ok)` or `Ok(Refused(..))`.
         let ack = acks.map(|a| a.0.into_iter().next().expect("one acknowledgement"));
         format!("{ack:?}")

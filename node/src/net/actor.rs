@@ -854,8 +854,10 @@ impl EventLoop {
                     reply,
                 },
                 Answer::Offer,
-                |r: &OfferRequest| {
-                    r.decline_all(&DeclineReason::BadOffer("this node runs no worker".into()))
+                |_: &OfferRequest| {
+                    OfferRequest::decline_all(&DeclineReason::BadOffer(
+                        "this node runs no worker".into(),
+                    ))
                 },
             ),
             SwarmEvent::Behaviour(BehaviourEvent::Results(e)) => self.on_service(

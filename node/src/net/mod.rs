@@ -43,9 +43,9 @@ use libp2p::{
 /// The membership exchange protocol.
 pub const MEMBERSHIP_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/membership/1");
 /// Task offers in batches, submitter to worker.
-pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/task/2");
+pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/task/3");
 /// Task results and failures in batches, worker to submitter.
-pub const RESULT_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/result/2");
+pub const RESULT_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/result/3");
 /// Progress of running tasks, worker to submitter (renews the lease).
 pub const PROGRESS_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/progress/1");
 /// Credits a node missed, paged from a member that holds them.

@@ -22,6 +22,7 @@
 //! | `POST /v1/jobs` | submit a job: `{"file": "/abs/path/job.toml"}` → `{"id": …}` |
 //! | `GET /v1/jobs` | this node's jobs with their progress and why tasks wait |
 //! | `GET /v1/jobs/ID` | one job: every task's state, replicas, workers, timings, failures |
+//! | `GET /v1/jobs/ID/end?secs=N` | the job's summary once it has ended, or after N seconds (at most 25) if it has not |
 //! | `POST /v1/jobs/ID/cancel` | stop offering the job's tasks |
 //! | `POST /v1/jobs/ID/export` | write verified outputs as `.npy`: `{"out": "/abs/dir", "concat": false}` |
 //! | `GET /metrics` | traffic counters in the Prometheus text format |
@@ -144,6 +145,22 @@ async fn job_detail(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Answer {
     Ok(Json(json!(jobs_of(&s)?.detail(&id)?)))
+}
+
+/// `?secs=N`: how long to wait for a job to end.
+#[derive(Debug, serde::Deserialize)]
+struct Patience {
+    secs: Option<u64>,
+}
+
+async fn job_end(
+    State(s): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(q): axum::extract::Query<Patience>,
+) -> Answer {
+    // Below the client's read timeout.
+    let patience = Duration::from_secs(q.secs.unwrap_or(25).min(25));
+    Ok(Json(json!(jobs_of(&s)?.wait_end(&id, patience).await?)))
 }
 
 async fn job_cancel(
@@ -342,6 +359,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/worker", get(worker_stats))
         .route("/v1/jobs", post(submit).get(job_list))
         .route("/v1/jobs/{id}", get(job_detail))
+        .route("/v1/jobs/{id}/end", get(job_end))
         .route("/v1/jobs/{id}/cancel", post(job_cancel))
         .route("/v1/jobs/{id}/export", post(job_export))
         .route("/v1/reputation", get(reputation))

@@ -62,7 +62,7 @@ const GONE_GRACE: Duration = Duration::from_secs(5);
 pub const LEASE: Duration = Duration::from_secs(30);
 /// After a restart, how long workers have to reconnect.
 const RECONNECT_GRACE: Duration = Duration::from_secs(30);
-/// How long the scheduler waits after an event for the ones that follow.
+/// Scheduler passes woken by events, at least this far apart.
 const COALESCE: Duration = Duration::from_millis(2);
 /// Scheduler passes, at most this far apart.
 const TICK: Duration = Duration::from_millis(250);
@@ -365,6 +365,8 @@ struct Inner {
     declined: Mutex<HashMap<String, Instant>>,
     gone_since: Mutex<HashMap<String, Instant>>,
     wake: tokio::sync::Notify,
+    /// Counts jobs that ended (on disk), for those waiting on one.
+    ended: tokio::sync::watch::Sender<u64>,
     /// When this node started: after a restart, workers get time to
     /// reconnect before their tasks count as lost.
     started: Instant,
@@ -531,6 +533,7 @@ impl Jobs {
                 declined: Mutex::new(HashMap::new()),
                 gone_since: Mutex::new(HashMap::new()),
                 wake: tokio::sync::Notify::new(),
+                ended: tokio::sync::watch::Sender::new(0),
                 started: Instant::now(),
             }),
         })
@@ -737,8 +740,32 @@ impl Jobs {
             let job = l.job.clone();
             self.save_job(&job)?;
             self.flush()?;
+            self.inner.ended.send_modify(|n| *n += 1);
         }
         Ok(summary(l))
+    }
+
+    /// The job's summary once it has ended (done, failed or cancelled), or
+    /// after `patience`, whichever comes first.
+    pub async fn wait_end(&self, id: &str, patience: Duration) -> Result<JobSummary, JobsError> {
+        let mut ended = self.inner.ended.subscribe();
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let now = {
+                let live = self.lock()?;
+                let l = live
+                    .get(id)
+                    .ok_or_else(|| JobsError::NotFound(id.to_owned()))?;
+                summary(l)
+            };
+            if now.state != JobState::Active {
+                return Ok(now);
+            }
+            match tokio::time::timeout_at(deadline, ended.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Ok(now),
+            }
+        }
     }
 
     /// Writes a job's verified outputs to `out` as `.npy` files: one per
@@ -793,6 +820,7 @@ impl Jobs {
     /// Runs the scheduler until the process ends.
     pub async fn run(self) {
         loop {
+            let pass = Instant::now();
             if let Err(e) = self.schedule().await {
                 warn!("scheduling pass failed: {e}");
             }
@@ -800,9 +828,12 @@ impl Jobs {
                 .await
                 .is_ok()
             {
-                // Woken by an answer or a report: let the burst it belongs
-                // to arrive, and schedule once for all of it.
-                tokio::time::sleep(COALESCE).await;
+                // Woken by a submission, an answer or a report. Alone, it
+                // is acted on at once; in a burst, passes come at most
+                // every COALESCE, each for all that arrived since the last.
+                if let Some(rest) = COALESCE.checked_sub(pass.elapsed()) {
+                    tokio::time::sleep(rest).await;
+                }
             }
         }
     }
@@ -827,6 +858,7 @@ impl Jobs {
         }
         let mut offers: Vec<(String, u32, u32, PeerId, TaskOffer)> = Vec::new();
         let mut kernels: HashMap<String, String> = HashMap::new();
+        let mut ended = 0;
         {
             let mut live = self.lock()?;
             let caught: Vec<String> = self
@@ -1005,6 +1037,7 @@ impl Jobs {
                     job.finished_at = Some(Timestamp::now());
                     info!(job = %job.id, state = ?job.state, "job finished");
                     self.save_job(job)?;
+                    ended += 1;
                 }
             }
         }
@@ -1018,6 +1051,9 @@ impl Jobs {
             .filter_map(|(k, v)| Some((k, Signed::<Credit>::from_bytes(&v).ok()?)))
             .unzip();
         self.durable().await?;
+        if ended > 0 {
+            self.inner.ended.send_modify(|n| *n += ended);
+        }
         if !credits.is_empty() && self.inner.client.publish_credits(credits).await.is_ok() {
             for k in keys {
                 let _ = self.inner.unsent_credits.remove(k);

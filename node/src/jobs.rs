@@ -1575,9 +1575,16 @@ impl Jobs {
                     reason: format!("the offer did not arrive: {e}"),
                 },
             };
-            if !r.in_flight() {
-                r.finished_at = Some(Timestamp::now());
+            // An acceptance is written with the task's next change (its
+            // result, most often), not on its own: after a crash the replica
+            // reads as offered, which a progress report or the result turns
+            // back into running, and which an offer's timeout ends if the
+            // worker never speaks again, as a lease would. Like the leases
+            // that progress reports renew, it lives in memory.
+            if r.in_flight() {
+                continue;
             }
+            r.finished_at = Some(Timestamp::now());
             // No sync here, with the job state locked: an answer promises
             // nothing to anyone, and the pass this wakes flushes it.
             if self.save_task(id, t).is_err() {

@@ -59,8 +59,15 @@ pub fn submit_text(sub: &Path, dir: &Path, name: &str, job_text: &str) -> String
 pub fn wait_end(node: &Running, id: &str) -> serde_json::Value {
     let mut detail = serde_json::Value::Null;
     wait_for(LIMIT, &format!("job {id} to end"), || {
+        // The node answers as soon as the job ends, or after a few seconds.
+        let end = node
+            .get(&format!("/v1/jobs/{id}/end?secs=5"))
+            .unwrap_or_default();
+        if end.is_null() || end["state"] == "active" {
+            return false;
+        }
         detail = node.get(&format!("/v1/jobs/{id}")).unwrap_or_default();
-        detail["summary"]["state"] != "active" && !detail.is_null()
+        detail["summary"]["state"] == end["state"]
     });
     detail
 }

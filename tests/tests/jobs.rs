@@ -10,7 +10,7 @@ use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::wait_for;
 use alliance_tests::jobs::{
     LIMIT, alliance, alliance_of_three, alliance_of_three_with, pi_job, read_npy, results, run_job,
-    text, write,
+    text, wait_end, write,
 };
 
 #[test]
@@ -307,15 +307,16 @@ fn workers_that_decline_everything_are_named_and_the_job_fails_with_their_reason
     let out = alliance(&["submit", job.to_str().unwrap()], &net.sub_dir.path);
     assert!(out.status.success(), "{}", text(&out));
     let id = text(&out).split_whitespace().nth(1).unwrap().to_owned();
+    // Asked for the job's end with no patience, the node answers at once
+    // that it still runs.
+    let now = net.sub.get(&format!("/v1/jobs/{id}/end?secs=0")).unwrap();
+    assert_eq!(now["state"], "active", "{now}");
     wait_for(LIMIT, "the job to name the declines", || {
         text(&alliance(&["job", "list"], &net.sub_dir.path))
             .contains("declined: the task breaks its limits")
     });
-    wait_for(LIMIT, "the job to give up", || {
-        net.sub
-            .get(&format!("/v1/jobs/{id}"))
-            .is_some_and(|d| d["summary"]["state"] == "failed")
-    });
+    let d = wait_end(&net.sub, &id);
+    assert_eq!(d["summary"]["state"], "failed", "{d}");
     let status = text(&alliance(&["job", "status", &id], &net.sub_dir.path));
     assert!(status.contains("task 0 failed: gave up after"), "{status}");
     assert!(status.contains("max_steps"), "{status}");

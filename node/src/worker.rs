@@ -921,7 +921,7 @@ impl Worker {
             Some(turn) => turn,
             None => {
                 let (institution, share) = from;
-                let balance = s.client.balance(institution).await.unwrap_or(0.0);
+                let balance = s.client.balance(institution);
                 #[allow(clippy::cast_possible_truncation)]
                 let priority = (share, (balance * 1000.0) as i64);
                 turns.wait(priority).await
@@ -930,13 +930,16 @@ impl Worker {
         debug!(%peer, job = %offer.spec.job, task = offer.spec.task, "task started");
         let key: TaskKey = (offer.spec.job, offer.spec.task, offer.attempt);
         let (checkpoints, newest) = tokio::sync::watch::channel(None);
-        let sender = tokio::spawn(send_checkpoints(
-            self.clone(),
-            peer,
-            offer.clone(),
-            newest,
-            acked,
-        ));
+        // Only a task that takes checkpoints needs their sender.
+        let sender = offer.spec.checkpoint_every.is_some().then(|| {
+            tokio::spawn(send_checkpoints(
+                self.clone(),
+                peer,
+                offer.clone(),
+                newest,
+                acked,
+            ))
+        });
         let me = self.clone();
         let result = tokio::task::spawn_blocking(move || {
             // The GPU is this task's until the closure ends.
@@ -993,12 +996,14 @@ impl Worker {
         })
         .await
         .map_err(|e| format!("the task runner stopped: {e}"))?;
-        if result.is_ok() {
-            sender.abort();
-        } else {
+        match sender {
+            Some(sender) if result.is_ok() => sender.abort(),
             // A task handed back resumes from its newest checkpoint: let
             // the one on its way arrive first.
-            let _ = sender.await;
+            Some(sender) => {
+                let _ = sender.await;
+            }
+            None => {}
         }
         result
     }

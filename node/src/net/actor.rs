@@ -204,7 +204,6 @@ pub enum Command {
     /// Every institution's account.
     Credits(oneshot::Sender<Vec<Balance>>),
     /// One institution's balance, GPU seconds.
-    Balance(alliance_protocol::PublicKey, oneshot::Sender<f64>),
     /// A member misbehaved (a bad result, a blob that fails its hash):
     /// disconnect and block it, with the reason.
     Punish(PeerId, String),
@@ -215,6 +214,9 @@ pub enum Command {
 pub struct Client {
     commands: mpsc::Sender<Command>,
     streams: libp2p_stream::Control,
+    /// The credit totals the actor keeps, read here directly: a worker
+    /// asks for a balance for every task that waits for its GPU.
+    credits: Credits,
 }
 
 impl std::fmt::Debug for Client {
@@ -320,8 +322,8 @@ impl Client {
     }
 
     /// One institution's balance in GPU seconds.
-    pub async fn balance(&self, institution: alliance_protocol::PublicKey) -> Result<f64, Stopped> {
-        self.ask(|tx| Command::Balance(institution, tx)).await
+    pub fn balance(&self, institution: alliance_protocol::PublicKey) -> f64 {
+        self.credits.balance(&institution, Timestamp::now())
     }
 
     /// The verified member behind `peer`, if connected.
@@ -432,6 +434,7 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
         Client {
             commands: tx,
             streams,
+            credits: credits.clone(),
         },
         EventLoop {
             swarm,
@@ -1578,9 +1581,6 @@ impl EventLoop {
                     self.credits
                         .table(&self.institution_names(), Timestamp::now()),
                 );
-            }
-            Command::Balance(institution, tx) => {
-                let _ = tx.send(self.credits.balance(&institution, Timestamp::now()));
             }
             Command::Member(peer, tx) => {
                 let member = self

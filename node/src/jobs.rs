@@ -2517,10 +2517,7 @@ fn offer_size(offer: &TaskOffer) -> usize {
     let data = |b: &Binding| match &b.kind {
         BindingKind::Input { data }
         | BindingKind::Uniform { data }
-        | BindingKind::State { data, .. } => match data {
-            Data::Inline(bytes) => bytes.len() + 16,
-            Data::Blob { .. } => 64,
-        },
+        | BindingKind::State { data, .. } => data.size_hint(),
         BindingKind::Output { .. } => 32,
     };
     512 + offer.spec.entry_point.len() + offer.spec.bindings.iter().map(data).sum::<usize>()

@@ -92,6 +92,15 @@ impl Data {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// About its encoded size, without encoding it: the inline bytes and
+    /// their length prefix, or a blob's hash and length.
+    pub fn size_hint(&self) -> usize {
+        match self {
+            Data::Inline(bytes) => bytes.len() + 16,
+            Data::Blob { .. } => 64,
+        }
+    }
 }
 
 /// What a kernel binding is.

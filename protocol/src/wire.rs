@@ -290,15 +290,7 @@ pub fn report_size_hint(outcome: &Outcome, outputs: &[(u32, Data)]) -> usize {
         Outcome::Done(r) => r.adapter.len() + 48 * (r.inputs.len() + r.outputs.len()) + 3 * 32 + 64,
         Outcome::Failed(f) | Outcome::HandedBack(f) => f.reason.len() + 3 * 32 + 64,
     };
-    record
-        + outputs
-            .iter()
-            .map(|(_, d)| match d {
-                Data::Inline(b) => b.len() + 16,
-                Data::Blob { .. } => 64,
-            })
-            .sum::<usize>()
-        + 256
+    record + outputs.iter().map(|(_, d)| d.size_hint()).sum::<usize>() + 256
 }
 
 /// Reports a worker puts in one request while their encoded size stays

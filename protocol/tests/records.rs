@@ -290,6 +290,20 @@ fn offer() -> impl Strategy<Value = TaskOffer> {
         expires_at,
     })
 }
+/// A failure of the task `r` is a receipt of.
+fn failure_of(r: &Receipt, reason: String) -> TaskFailure {
+    TaskFailure {
+        job: r.job,
+        task: r.task,
+        attempt: r.attempt,
+        kernel: r.kernel,
+        worker: r.worker,
+        submitter: r.submitter,
+        reason,
+        failed_at: r.finished_at,
+    }
+}
+
 fn receipt() -> impl Strategy<Value = Receipt> {
     (
         (job(), any::<u32>(), any::<u32>(), hash()),
@@ -437,7 +451,7 @@ proptest! {
     fn offer_records(r in offer(), s in offer(), seed in any::<[u8; 32]>()) { check_record(TaskOffers(vec![r, s]), seed)?; }
     #[test]
     fn outcome_records(r in receipt(), reason in text(), seed in any::<[u8; 32]>()) {
-        let failure = TaskFailure { job: r.job, task: r.task, attempt: r.attempt, kernel: r.kernel, worker: r.worker, submitter: r.submitter, reason, failed_at: r.finished_at };
+        let failure = failure_of(&r, reason);
         check_record(Outcomes(vec![Outcome::Done(r), Outcome::Failed(failure.clone()), Outcome::HandedBack(failure)]), seed)?;
     }
     #[test]
@@ -454,7 +468,7 @@ proptest! {
         check_message(OfferAnswer::Accept { lease_until: Timestamp::from_secs(off) })?;
         check_message(OfferAnswer::Decline(DeclineReason::Limits(reason.clone())))?;
         check_message(OfferAnswers(vec![OfferAnswer::Accept { lease_until: Timestamp::from_secs(off) }, OfferAnswer::Decline(DeclineReason::Limits(wire::short_reason(reason.clone())))]))?;
-        let failure = TaskFailure { job: r.job, task: r.task, attempt: r.attempt, kernel: r.kernel, worker: r.worker, submitter: r.submitter, reason: reason.clone(), failed_at: r.finished_at };
+        let failure = failure_of(&r, reason.clone());
         check_message(Ack::Refused(reason.clone()))?;
         let outcomes = Outcomes(vec![Outcome::Failed(failure), Outcome::Done(r)]);
         let reports = Reports { outcomes: Signed::sign(&outcomes, &k).unwrap(), outputs: vec![vec![], vec![(0, d.clone())]] };
@@ -511,11 +525,8 @@ fn frame_cap_is_enforced_before_allocation() {
     ));
 }
 
-/// A batch of more offers or reports than may travel together is refused
-/// by the decoder, before any part of the node sees it.
-#[test]
-fn batches_past_their_count_are_refused() {
-    let k = Identity::generate();
+/// `n` failures signed by `k`, for `k`.
+fn failures(k: &Identity, n: usize) -> Outcomes {
     let failure = TaskFailure {
         job: JobId([1; 16]),
         task: 0,
@@ -526,8 +537,16 @@ fn batches_past_their_count_are_refused() {
         reason: "r".into(),
         failed_at: Timestamp::from_secs(1),
     };
+    Outcomes(vec![Outcome::Failed(failure); n])
+}
+
+/// A batch of more offers or reports than may travel together is refused
+/// by the decoder, before any part of the node sees it.
+#[test]
+fn batches_past_their_count_are_refused() {
+    let k = Identity::generate();
     let reports = |n: usize| {
-        let outcomes = Outcomes(vec![Outcome::Failed(failure.clone()); n]);
+        let outcomes = failures(&k, n);
         Reports {
             outcomes: Signed::sign(&outcomes, &k).unwrap(),
             outputs: vec![vec![]; n],
@@ -548,31 +567,28 @@ fn batches_past_their_count_are_refused() {
 #[test]
 fn reports_open_only_when_signed_and_paired() {
     let k = Identity::generate();
-    let failure = TaskFailure {
-        job: JobId([1; 16]),
-        task: 0,
-        attempt: 0,
-        kernel: Hash::of(b"k"),
-        worker: k.public(),
-        submitter: k.public(),
-        reason: "r".into(),
-        failed_at: Timestamp::from_secs(1),
-    };
-    let outcomes = Outcomes(vec![Outcome::Failed(failure); 2]);
+    let outcomes = failures(&k, 2);
     let unpaired = Reports {
         outcomes: Signed::sign(&outcomes, &k).unwrap(),
         outputs: vec![vec![]],
     };
     let err = unpaired.open().unwrap_err();
     assert!(err.contains("2 outcomes but 1 lists"), "{err}");
+    let signed = Signed::sign(&outcomes, &k).unwrap();
+    let payload = signed.payload().to_vec();
     let mut bytes = Reports {
-        outcomes: Signed::sign(&outcomes, &k).unwrap(),
+        outcomes: signed,
         outputs: vec![vec![]; 2],
     }
     .encode()
     .unwrap();
-    // The last byte of the failure's reason, inside the signed payload.
-    let at = bytes.iter().rposition(|&b| b == b'r').unwrap();
+    // A byte inside the signed payload (not in the key or signature that
+    // follow it): the last failure's reason, "r", becomes "s".
+    let start = bytes
+        .windows(payload.len())
+        .position(|w| w == payload.as_slice())
+        .unwrap();
+    let at = start + payload.iter().rposition(|&b| b == b'r').unwrap();
     bytes[at] = b's';
     let err = Reports::decode(&bytes).unwrap().open().unwrap_err();
     assert!(err.contains("does not match"), "{err}");

@@ -56,7 +56,19 @@ pub mod jobs;
 /// processes, so they measure this build; keeps the old one if cargo
 /// cannot run.
 pub fn build_release_alliance() {
-    let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // Cargo runs a benchmark with the variables it gives a crate it builds
+    // (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, OUT_DIR, ...). Some build
+    // scripts (ring's) ask to rerun when those change, and cargo compares
+    // them with its own environment: passed on, they would rebuild ring and
+    // everything above it here, and again at the next `cargo bench`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name == "OUT_DIR" || is_crate_variable(&name) {
+            cargo.env_remove(name.as_ref());
+        }
+    }
+    let built = cargo
         .current_dir(workspace_root())
         .args([
             "build",
@@ -78,6 +90,19 @@ pub fn build_release_alliance() {
         assert!(bin.exists(), "cannot build the alliance binary");
         println!("(cannot rebuild; using {})", bin.display());
     }
+}
+
+/// A variable cargo sets for a crate it compiles or runs, as opposed to
+/// one that configures cargo itself (CARGO_HOME, CARGO_TARGET_DIR, ...).
+fn is_crate_variable(name: &str) -> bool {
+    const PREFIXES: [&str; 4] = ["CARGO_PKG_", "CARGO_BIN_", "CARGO_MANIFEST_", "CARGO_CFG_"];
+    const NAMES: [&str; 4] = [
+        "CARGO_CRATE_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
 }
 
 /// The `alliance` binary of this build, built first when missing.

@@ -301,6 +301,16 @@ struct Live {
     tasks: Vec<TaskRecord>,
     /// Workers that accepted a task of this job, and so hold its inputs.
     warm: std::collections::HashSet<String>,
+    /// Every task before this index has ended (verified or failed): a
+    /// pass starts here, so its cost follows the tasks still open rather
+    /// than the size of the job.
+    open_from: usize,
+    /// The highest index of a task that was ever offered. Replicas are
+    /// never taken away, so every task past it has none.
+    last_placed: Option<usize>,
+    /// The reason every task that was never offered now gives for waiting,
+    /// once a pass has written it to all of them.
+    blank_why: Option<String>,
 }
 
 impl Live {
@@ -311,7 +321,30 @@ impl Live {
             .filter(|r| r.in_flight() || r.returned())
             .map(|r| r.worker.clone())
             .collect();
-        Self { job, tasks, warm }
+        let open_from = tasks
+            .iter()
+            .position(|t| t.state == TaskState::Waiting)
+            .unwrap_or(tasks.len());
+        let last_placed = tasks.iter().rposition(|t| !t.replicas.is_empty());
+        Self {
+            job,
+            tasks,
+            warm,
+            open_from,
+            last_placed,
+            blank_why: None,
+        }
+    }
+
+    /// Moves `open_from` past the tasks that have ended.
+    fn advance(&mut self) {
+        while self
+            .tasks
+            .get(self.open_from)
+            .is_some_and(|t| t.state != TaskState::Waiting)
+        {
+            self.open_from += 1;
+        }
     }
 }
 
@@ -878,14 +911,30 @@ impl Jobs {
                 }
                 // Read the job, write its tasks: no copy of the job's
                 // kernel and inputs on every pass.
-                let Live { job, tasks, warm } = l;
+                let Live {
+                    job,
+                    tasks,
+                    warm,
+                    open_from,
+                    last_placed,
+                    blank_why,
+                } = l;
                 // Tasks with no replica yet look alike to `choose`, and the
                 // market only fills up during a pass: once one of them
                 // cannot be placed, the rest wait for the same reason.
                 let mut blank_waits: Option<String> = None;
-                for t in tasks.iter_mut() {
+                for t in tasks.iter_mut().skip(*open_from) {
                     if t.state != TaskState::Waiting {
                         continue;
+                    }
+                    // Past the last task ever offered, every task is one
+                    // that cannot be placed now either; once they all say
+                    // so, there is nothing to write.
+                    if blank_waits.is_some()
+                        && *blank_why == blank_waits
+                        && last_placed.is_none_or(|p| t.index as usize > p)
+                    {
+                        break;
                     }
                     let mut changed = self.expire(t, &connected, now);
                     if let Some(wait) = backoff(t) {
@@ -993,6 +1042,10 @@ impl Jobs {
                                     checkpoint: None,
                                 });
                                 t.waiting = None;
+                                *last_placed = Some(
+                                    last_placed
+                                        .map_or(t.index as usize, |p| p.max(t.index as usize)),
+                                );
                                 let chosen = advert.peer_id.clone();
                                 warm.insert(chosen.clone());
                                 *planned.entry(chosen).or_default() += 1;
@@ -1027,8 +1080,14 @@ impl Jobs {
                         self.save_task(&job.id, t)?;
                     }
                 }
-                if tasks.iter().all(|t| t.state != TaskState::Waiting) {
-                    let failed = tasks.iter().any(|t| t.state == TaskState::Failed);
+                // Every task that was never offered waits for this reason
+                // now (those before the first that could not be placed
+                // were placed).
+                *blank_why = blank_waits;
+                l.advance();
+                if l.open_from >= l.tasks.len() {
+                    let failed = l.tasks.iter().any(|t| t.state == TaskState::Failed);
+                    let job = &mut l.job;
                     job.state = if failed {
                         JobState::Failed
                     } else {
@@ -1168,6 +1227,8 @@ impl Jobs {
                 reopened += 1;
             }
             if reopened > 0 {
+                // Tasks anywhere in the job are open again.
+                l.open_from = 0;
                 warn!(job = %l.job.id, tasks = reopened, "checking again what a worker caught lying ran alone");
                 if l.job.state != JobState::Active {
                     l.job.state = JobState::Active;
@@ -2643,14 +2704,21 @@ fn random_unit() -> f64 {
     x / (1u64 << 53) as f64
 }
 
+/// Replicas of open tasks of active jobs that each worker holds. A
+/// replica left over when its task ended, or its job, no longer counts:
+/// its worker is told the result is not wanted when it reports, and no
+/// lease of it expires, so counting it would leave the worker looking
+/// busy to this node for good.
 fn in_flight_by_worker(live: &BTreeMap<String, Live>) -> HashMap<String, u32> {
     let mut m = HashMap::new();
-    for l in live.values() {
-        for t in &l.tasks {
-            for r in &t.replicas {
-                if r.in_flight() {
-                    *m.entry(r.worker.clone()).or_default() += 1;
-                }
+    for l in live.values().filter(|l| l.job.state == JobState::Active) {
+        let placed = l.last_placed.map_or(0, |p| p + 1);
+        for t in l.tasks.get(l.open_from..placed).unwrap_or_default() {
+            if t.state != TaskState::Waiting {
+                continue;
+            }
+            for r in t.replicas.iter().filter(|r| r.in_flight()) {
+                *m.entry(r.worker.clone()).or_default() += 1;
             }
         }
     }

@@ -10,7 +10,8 @@ use alliance_node::job::npy;
 use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::wait_for;
 use alliance_tests::jobs::{
-    LIMIT, alliance, alliance_of_three, pi_job, read_npy, replicas, results, submit, text, write,
+    LIMIT, alliance, alliance_of_three, alliance_of_three_with, pi_job, read_npy, replicas,
+    results, submit, text, wait_end, write,
 };
 use serde_json::Value;
 
@@ -115,6 +116,39 @@ fn cancelling_a_job_stops_its_running_tasks_at_the_workers() {
             == 2
             && stats.iter().all(|s| s["busy"] == 0)
     });
+}
+
+#[test]
+fn workers_that_ran_a_cancelled_job_take_the_next_one() {
+    // One task at a time per GPU: a cancelled task still counted as held
+    // would leave its worker looking full to the submitter for good.
+    let net = alliance_of_three_with(|d| d.edit_config("tasks_per_gpu = 32", "tasks_per_gpu = 1"));
+    let dir = net.a.dir.path().join("jobs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let job = write(&dir, "endless.toml", long_pi(3, 500_000));
+    let id = submit(&net.sub_dir.path, &job);
+    wait_for(LIMIT, "a task to run on every worker", || {
+        net.sub
+            .get(&format!("/v1/jobs/{id}"))
+            .is_some_and(|d| d["summary"]["progress"]["running"].as_u64() == Some(3))
+    });
+    let out = alliance(&["job", "cancel", &id], &net.sub_dir.path);
+    assert!(text(&out).contains("cancelled"), "{}", text(&out));
+    wait_for(LIMIT, "the workers to stop the cancelled tasks", || {
+        net.workers
+            .iter()
+            .all(|(_, w)| w.get("/v1/worker").is_some_and(|s| s["busy"] == 0))
+    });
+    let next = write(&dir, "next.toml", long_pi(3, 1));
+    let next = submit(&net.sub_dir.path, &next);
+    let d = wait_end(&net.sub, &next);
+    assert_eq!(d["summary"]["state"], "done", "{d}");
+    let out = dir.join("out");
+    results(&net.sub_dir, &next, &out, false);
+    for t in 0..3 {
+        let a = read_npy(&out.join(format!("out2-task{t}.npy")));
+        assert_eq!(library::to_u32(&a.data), pi_reference(t, 1), "task {t}");
+    }
 }
 
 #[test]

@@ -2037,22 +2037,23 @@ impl Jobs {
             return Err(Refusal::Late("the report is for another submitter".into()));
         }
         let id = about.job.to_string();
-        let (kernel_hash, outputs) = self.expect_replica(&id, task, attempt, &peer.to_string())?;
+        let worker_id = peer.to_string();
+        let (kernel_hash, outputs) = self.expect_replica(&id, task, attempt, &worker_id)?;
         if about.kernel != kernel_hash {
             return Err(Refusal::Bad("the report names another kernel".into()));
         }
         match outcome {
             Outcome::Failed(f) => {
                 let reason = f.reason;
-                self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
+                self.finish_replica(&id, task, attempt, &worker_id, |r| {
                     self.count_against(&r.worker, &r.institution, Event::Lapsed);
                     r.state = ReplicaState::Failed { reason };
                 })
             }
             Outcome::HandedBack(f) => {
                 let reason = f.reason;
-                info!(job = %id, task, worker = %short(&peer.to_string()), %reason, "task handed back; offering it elsewhere");
-                self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
+                info!(job = %id, task, worker = %short(&worker_id), %reason, "task handed back; offering it elsewhere");
+                self.finish_replica(&id, task, attempt, &worker_id, |r| {
                     r.state = ReplicaState::HandedBack { reason };
                 })
             }
@@ -2115,7 +2116,7 @@ impl Jobs {
                 }
                 let (gpu, adapter) = (receipt.gpu_time_us, receipt.adapter.clone());
                 let paid_for = receipt.digest();
-                self.finish_replica(&id, task, attempt, &peer.to_string(), |r| {
+                self.finish_replica(&id, task, attempt, &worker_id, |r| {
                     r.state = ReplicaState::Returned;
                     r.outputs = digests;
                     r.gpu_time_us = gpu;

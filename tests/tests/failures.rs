@@ -3,6 +3,7 @@
 //! with every task's output exactly once; an input shared by 50 tasks
 //! crosses the network once per worker.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use alliance_kernels::library::{self, monte_carlo_pi, reduce};
@@ -10,7 +11,7 @@ use alliance_node::job::npy;
 use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::wait_for;
 use alliance_tests::jobs::{
-    LIMIT, alliance, alliance_of_three, alliance_of_three_with, pi_job, read_npy, replicas,
+    LIMIT, Net, alliance, alliance_of_three, alliance_of_three_with, pi_job, read_npy, replicas,
     results, submit, text, wait_end, write,
 };
 use serde_json::Value;
@@ -87,21 +88,29 @@ fn a_task_whose_worker_is_killed_completes_elsewhere() {
     }
 }
 
-#[test]
-fn cancelling_a_job_stops_its_running_tasks_at_the_workers() {
-    let net = alliance_of_three();
+/// Submits a job of `tasks` tasks that would run for minutes, waits until
+/// they all run and cancels it; returns the folder of job files.
+fn cancel_once_running(net: &Net, tasks: u32) -> PathBuf {
     let dir = net.a.dir.path().join("jobs");
     std::fs::create_dir_all(&dir).unwrap();
-    // Tasks that would run for minutes.
-    let job = write(&dir, "endless.toml", long_pi(2, 500_000));
+    let job = write(&dir, "endless.toml", long_pi(tasks, 500_000));
     let id = submit(&net.sub_dir.path, &job);
-    wait_for(LIMIT, "both tasks to run", || {
-        net.sub
+    wait_for(LIMIT, "every task to run", || {
+        let running = net
+            .sub
             .get(&format!("/v1/jobs/{id}"))
-            .is_some_and(|d| d["summary"]["progress"]["running"].as_u64() == Some(2))
+            .and_then(|d| d["summary"]["progress"]["running"].as_u64());
+        running == Some(u64::from(tasks))
     });
     let out = alliance(&["job", "cancel", &id], &net.sub_dir.path);
     assert!(text(&out).contains("cancelled"), "{}", text(&out));
+    dir
+}
+
+#[test]
+fn cancelling_a_job_stops_its_running_tasks_at_the_workers() {
+    let net = alliance_of_three();
+    cancel_once_running(&net, 2);
     // The next progress report is refused, and each worker stops its task.
     wait_for(LIMIT, "the workers to stop the cancelled tasks", || {
         let stats: Vec<Value> = net
@@ -123,17 +132,7 @@ fn workers_that_ran_a_cancelled_job_take_the_next_one() {
     // One task at a time per GPU: a cancelled task still counted as held
     // would leave its worker looking full to the submitter for good.
     let net = alliance_of_three_with(|d| d.edit_config("tasks_per_gpu = 32", "tasks_per_gpu = 1"));
-    let dir = net.a.dir.path().join("jobs");
-    std::fs::create_dir_all(&dir).unwrap();
-    let job = write(&dir, "endless.toml", long_pi(3, 500_000));
-    let id = submit(&net.sub_dir.path, &job);
-    wait_for(LIMIT, "a task to run on every worker", || {
-        net.sub
-            .get(&format!("/v1/jobs/{id}"))
-            .is_some_and(|d| d["summary"]["progress"]["running"].as_u64() == Some(3))
-    });
-    let out = alliance(&["job", "cancel", &id], &net.sub_dir.path);
-    assert!(text(&out).contains("cancelled"), "{}", text(&out));
+    let dir = cancel_once_running(&net, 3);
     wait_for(LIMIT, "the workers to stop the cancelled tasks", || {
         net.workers
             .iter()

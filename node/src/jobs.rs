@@ -1042,10 +1042,7 @@ impl Jobs {
                                     checkpoint: None,
                                 });
                                 t.waiting = None;
-                                *last_placed = Some(
-                                    last_placed
-                                        .map_or(t.index as usize, |p| p.max(t.index as usize)),
-                                );
+                                *last_placed = (*last_placed).max(Some(t.index as usize));
                                 let chosen = advert.peer_id.clone();
                                 warm.insert(chosen.clone());
                                 *planned.entry(chosen).or_default() += 1;

@@ -64,7 +64,7 @@ pub fn build_release_alliance() {
     // everything above it here, and again at the next `cargo bench`.
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if name == "OUT_DIR" || is_crate_variable(&name) {
+        if is_crate_variable(&name) {
             cargo.env_remove(name.as_ref());
         }
     }
@@ -96,7 +96,8 @@ pub fn build_release_alliance() {
 /// one that configures cargo itself (CARGO_HOME, CARGO_TARGET_DIR, ...).
 fn is_crate_variable(name: &str) -> bool {
     const PREFIXES: [&str; 4] = ["CARGO_PKG_", "CARGO_BIN_", "CARGO_MANIFEST_", "CARGO_CFG_"];
-    const NAMES: [&str; 4] = [
+    const NAMES: [&str; 5] = [
+        "OUT_DIR",
         "CARGO_CRATE_NAME",
         "CARGO_PRIMARY_PACKAGE",
         "CARGO_TARGET_TMPDIR",

@@ -14,6 +14,13 @@
 //! of one publish (receiving, checking two signatures, passing it on); the
 //! `CPU/publ.` column says how much that is.
 //!
+//! Beside each size runs a baseline: as many bare swarms with nothing but
+//! the node's own gossipsub behaviour ([`net::gossip`]: the same signing,
+//! strict checks, scoring and mesh) on the node's own transport, connected
+//! to each other as the members are, publishing messages of an advert's
+//! size and accepting them unread. Its delays are what libp2p's gossip
+//! costs on this machine; the `vs bare` columns say what the node adds.
+//!
 //! Run: `cargo bench -p alliance-tests --bench adverts`
 //! (`ADVERT_BENCH_NODES=10,50` picks the sizes, `ADVERT_BENCH_ROUNDS` the
 //! number of publishes per size, `ADVERT_BENCH_COST_SECS` the length of the
@@ -34,8 +41,9 @@ use alliance_protocol::wire::Hello;
 use alliance_protocol::{Identity, Timestamp};
 use alliance_tests::alliance::{InProcess, TestAlliance};
 use futures::StreamExt;
-use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, gossipsub, request_response};
+use tokio::sync::{mpsc, oneshot};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -184,6 +192,145 @@ async fn propagation(nodes: &[InProcess], publisher: usize) -> Vec<f64> {
         .collect()
 }
 
+/// What the test drives a bare gossip swarm with.
+enum Bare {
+    /// Publish this; answer with the moment the publish returned.
+    Publish(Vec<u8>, oneshot::Sender<Instant>),
+    /// Answer with the number of peers subscribed to the topic.
+    Subscribed(oneshot::Sender<usize>),
+}
+
+/// The baseline: `n` swarms with only the node's gossipsub behaviour,
+/// every one connected to every other, `rounds` publishes of `size` bytes.
+/// Returns the delays from publish to delivery at every other swarm.
+async fn bare_gossip(n: usize, rounds: usize, size: usize) -> Vec<f64> {
+    let topic = gossipsub::IdentTopic::new("bare");
+    let (delivered_tx, mut delivered) = mpsc::unbounded_channel::<(u64, Instant)>();
+    let mut swarms = Vec::new();
+    let mut addrs: Vec<Multiaddr> = Vec::new();
+    for _ in 0..n {
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_other_transport(|key| net::transport(key, None).unwrap())
+            .unwrap()
+            .with_behaviour(|key| net::gossip(key).unwrap())
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+            .build();
+        swarm.behaviour_mut().subscribe(&topic).unwrap();
+        swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .unwrap();
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                break address;
+            }
+        };
+        for a in &addrs {
+            swarm.dial(a.clone()).unwrap();
+        }
+        addrs.push(addr);
+        let (tx, mut commands) = mpsc::unbounded_channel::<Bare>();
+        swarms.push(tx);
+        let (delivered, topic) = (delivered_tx.clone(), topic.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    command = commands.recv() => match command {
+                        Some(Bare::Publish(data, done)) => {
+                            swarm.behaviour_mut().publish(topic.clone(), data).unwrap();
+                            let _ = done.send(Instant::now());
+                        }
+                        Some(Bare::Subscribed(answer)) => {
+                            let count = swarm.behaviour().all_peers().filter(|(_, t)| !t.is_empty()).count();
+                            let _ = answer.send(count);
+                        }
+                        None => return,
+                    },
+                    event = swarm.select_next_some() => {
+                        if let SwarmEvent::Behaviour(gossipsub::Event::Message {
+                            propagation_source, message_id, message,
+                        }) = event {
+                            let at = Instant::now();
+                            let round = u64::from_le_bytes(message.data[..8].try_into().unwrap());
+                            let _ = delivered.send((round, at));
+                            swarm.behaviour_mut().report_message_validation_result(
+                                &message_id,
+                                &propagation_source,
+                                gossipsub::MessageAcceptance::Accept,
+                            );
+                        }
+                    }
+                }
+            }
+        });
+    }
+    // Every swarm knows every other's subscription, and the mesh is past
+    // its first heartbeats.
+    for s in &swarms {
+        loop {
+            let (tx, rx) = oneshot::channel();
+            s.send(Bare::Subscribed(tx)).unwrap();
+            if rx.await.unwrap() == n - 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut delays = Vec::new();
+    for round in 0..rounds {
+        let mut data = vec![0; size.max(8)];
+        data[..8].copy_from_slice(&(round as u64).to_le_bytes());
+        let (tx, rx) = oneshot::channel();
+        swarms[1 + round % (n - 1)]
+            .send(Bare::Publish(data, tx))
+            .unwrap();
+        let published = rx.await.unwrap();
+        let mut seen = 0;
+        let deadline = tokio::time::sleep(Duration::from_secs(60));
+        tokio::pin!(deadline);
+        while seen < n - 1 {
+            tokio::select! {
+                Some((r, at)) = delivered.recv() => if r == round as u64 {
+                    seen += 1;
+                    delays.push(at.saturating_duration_since(published).as_secs_f64());
+                },
+                () = &mut deadline => break,
+            }
+        }
+        delays.extend(std::iter::repeat_n(f64::INFINITY, n - 1 - seen));
+        // The members' rounds are as far apart (their tables are read
+        // every 200 ms).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    delays
+}
+
+/// The size of the gossip message a member of `a` with one GPU publishes.
+fn advert_size(a: &TestAlliance) -> usize {
+    use alliance_protocol::Signed;
+    use alliance_protocol::advert::GpuAdvert;
+    use alliance_protocol::wire::{AdvertGossip, Message};
+    let id = Identity::generate();
+    let now = Timestamp::now();
+    let chain = a.chain(&id, 1, Roles::WORK, now, 30);
+    let revocations = alliance_protocol::cert::RevocationSet::new(&a.charter);
+    let member = chain
+        .verify(&a.charter, &revocations, now, Roles::WORK)
+        .unwrap();
+    let advert = GpuAdvert {
+        peer: id.public(),
+        institution: member.institution_key,
+        gpus: vec![alliance_tests::alliance::test_gpu()],
+        sequence: 1,
+        issued_at: now,
+        expires_at: now.saturating_add_secs(120),
+    };
+    let advert = Signed::sign(&advert, &id).unwrap();
+    AdvertGossip { chain, advert }.encode().unwrap().len()
+}
+
 /// CPU time this process has used so far, from the kernel's per-thread
 /// scheduler statistics (`None` where there are none).
 fn cpu_time() -> Option<Duration> {
@@ -233,7 +380,14 @@ fn main() {
             "{:>6} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>10}",
             "nodes", "converged", "RR", "p50", "p99", "p50/RR", "p99/RR", "CPU/publ."
         );
+        let window = Duration::from_secs(
+            std::env::var("ADVERT_BENCH_COST_SECS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(60),
+        );
         let mut costs = Vec::new();
+        let mut baselines = Vec::new();
         for &n in &sizes {
             let ttl = alliance_protocol::cert::CharterDefaults::default().advert_ttl_secs;
             let a = TestAlliance::new(
@@ -282,12 +436,6 @@ fn main() {
                 p99 / rr,
                 per_publish.map_or("-".into(), |c| format!("{:.1}ms", c * 1e3)),
             );
-            let window = Duration::from_secs(
-                std::env::var("ADVERT_BENCH_COST_SECS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(60),
-            );
             let before = traffic(&nodes).await;
             tokio::time::sleep(window).await;
             let after = traffic(&nodes).await;
@@ -297,6 +445,12 @@ fn main() {
                 per_node(before.0, after.0),
                 per_node(before.1, after.1),
             ));
+            // The baseline runs alone: the members stop first.
+            drop(nodes);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut bare = bare_gossip(n, rounds, advert_size(&a)).await;
+            bare.sort_by(f64::total_cmp);
+            baselines.push((n, rr, p50, p99, percentile(&bare, 0.5), percentile(&bare, 0.99)));
         }
         println!("targets at 50 nodes: p50/RR <= 3, p99/RR <= 10");
         println!(
@@ -304,7 +458,27 @@ fn main() {
              periodic republishing and probes fall in either window)"
         );
         println!();
-        println!("gossip cost at steady state (one minute, adverts republished every 30 s)");
+        println!("baseline: bare gossipsub swarms (the node's gossip settings and transport, fully connected)");
+        println!(
+            "{:>6} {:>10} {:>10} {:>9} {:>9} {:>12} {:>12}",
+            "nodes", "p50", "p99", "p50/RR", "p99/RR", "p50 vs bare", "p99 vs bare"
+        );
+        for (n, rr, p50, p99, b50, b99) in &baselines {
+            println!(
+                "{n:>6} {:>8.2}ms {:>8.2}ms {:>9.1} {:>9.1} {:>11.2}x {:>11.2}x",
+                b50 * 1e3,
+                b99 * 1e3,
+                b50 / rr,
+                b99 / rr,
+                p50 / b50,
+                p99 / b99,
+            );
+        }
+        println!();
+        println!(
+            "gossip cost at steady state ({} s, adverts republished every 30 s)",
+            window.as_secs()
+        );
         println!(
             "{:>6} {:>14} {:>14} {:>12}",
             "nodes", "sent B/node/s", "recv B/node/s", "vs smallest"

@@ -161,7 +161,7 @@ type Transported = Boxed<(PeerId, StreamMuxerBox)>;
 
 /// TCP (through the pre-shared key's handshake when there is one), noise
 /// and yamux; QUIC beside it when there is no key.
-fn transport(
+pub fn transport(
     key: &libp2p::identity::Keypair,
     psk: Option<PreSharedKey>,
 ) -> Result<Transported, noise::Error> {
@@ -192,6 +192,33 @@ fn transport(
             futures::future::Either::Right((peer, muxer)) => (peer, StreamMuxerBox::new(muxer)),
         })
         .boxed())
+}
+
+/// The gossipsub behaviour of a node with `key`: messages signed by their
+/// publisher and checked strictly (every copy, before duplicates are
+/// dropped), each one held back until the node has validated its content,
+/// and peer scoring on.
+pub fn gossip(key: &libp2p::identity::Keypair) -> Result<gossipsub::Behaviour, String> {
+    let config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .heartbeat_interval(Duration::from_millis(500))
+        .max_transmit_size(300 * 1024)
+        .build()
+        .map_err(|e| format!("gossipsub config: {e}"))?;
+    let mut gossipsub =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)
+            .map_err(|e| format!("gossipsub: {e}"))?;
+    // Many members of one lab can share a university NAT address, so
+    // sharing an IP is not held against a peer.
+    let score = gossipsub::PeerScoreParams {
+        ip_colocation_factor_weight: 0.0,
+        ..gossipsub::PeerScoreParams::default()
+    };
+    gossipsub
+        .with_peer_score(score, gossipsub::PeerScoreThresholds::default())
+        .map_err(|e| format!("gossipsub scoring: {e}"))?;
+    Ok(gossipsub)
 }
 
 /// A swarm for `identity` in the alliance `alliance`: the transports of
@@ -248,27 +275,7 @@ impl Behaviour {
             kad.set_mode(Some(kad::Mode::Server));
         }
 
-        let gossip_config = gossipsub::ConfigBuilder::default()
-            .validation_mode(gossipsub::ValidationMode::Strict)
-            .validate_messages()
-            .heartbeat_interval(Duration::from_millis(500))
-            .max_transmit_size(300 * 1024)
-            .build()
-            .map_err(|e| format!("gossipsub config: {e}"))?;
-        let mut gossipsub = gossipsub::Behaviour::new(
-            gossipsub::MessageAuthenticity::Signed(key.clone()),
-            gossip_config,
-        )
-        .map_err(|e| format!("gossipsub: {e}"))?;
-        // Many members of one lab can share a university NAT address, so
-        // sharing an IP is not held against a peer.
-        let score = gossipsub::PeerScoreParams {
-            ip_colocation_factor_weight: 0.0,
-            ..gossipsub::PeerScoreParams::default()
-        };
-        gossipsub
-            .with_peer_score(score, gossipsub::PeerScoreThresholds::default())
-            .map_err(|e| format!("gossipsub scoring: {e}"))?;
+        let gossipsub = gossip(key)?;
 
         // Probes go only to verified members (added by the actor), and
         // campus networks are private address space: a member on the same

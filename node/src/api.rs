@@ -123,10 +123,10 @@ async fn submit(State(s): State<ApiState>, body: String) -> Answer {
         ));
     }
     let limits = s.limits.clone();
-    let id = tokio::task::spawn_blocking(move || jobs.submit(&path, &limits))
+    let submitted = tokio::task::spawn_blocking(move || jobs.submit(&path, &limits))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(Json(json!({ "id": id })))
+    Ok(Json(json!(submitted)))
 }
 
 async fn job_list(State(s): State<ApiState>) -> Answer {

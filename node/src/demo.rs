@@ -339,7 +339,8 @@ fn peer_names(nodes: &[Node]) -> Result<Vec<(String, String)>> {
 }
 
 fn submit_and_wait(sub: &Path, job: &Path) -> Result<String> {
-    let (job, id) = crate::jobcli::submit_file(sub, job)?;
+    let job = crate::jobcli::submit_file(sub, job)?;
+    let id = job.id;
     println!(
         "  job {id}: {} task{}, redundancy {}",
         job.tasks,

@@ -4,13 +4,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use alliance_kernels::intake::Limits;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::config::{self, Config};
-use crate::job::Job;
+use crate::config;
+use crate::jobs::JobSummary;
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
@@ -69,33 +68,22 @@ fn node_dir(d: Option<&Path>) -> Result<PathBuf> {
     config::data_dir(d).ok_or_else(|| anyhow!("no data directory: pass --data-dir"))
 }
 
-/// The limits the node applies at submission (its config's worker limits).
-fn limits(dir: &Path) -> Limits {
-    Config::load(&dir.join(config::FILE_NAME))
-        .map(|c| c.worker.limits)
-        .unwrap_or_default()
-}
-
-/// Checks the job file locally, then hands it to the node at `dir`;
-/// returns the job and its id.
-pub fn submit_file(dir: &Path, file: &Path) -> Result<(Job, String)> {
+/// Hands the job file to the node at `dir`, which checks it as every
+/// worker will (before anything leaves this machine) and refuses a bad
+/// one with the reason; returns the summary of the job it stored.
+pub fn submit_file(dir: &Path, file: &Path) -> Result<JobSummary> {
     let file = file
         .canonicalize()
         .with_context(|| format!("cannot find the job file {}", file.display()))?;
-    // The same checks the node and every worker make, before anything is sent.
-    let job = Job::load(&file, &limits(dir)).map_err(|e| anyhow!("job refused: {e}"))?;
     let body = json!({ "file": file }).to_string();
     let answer = crate::api::request(dir, "POST", "/v1/jobs", &body)?;
-    let id = answer["id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("the node gave no job id"))?
-        .to_owned();
-    Ok((job, id))
+    serde_json::from_value(answer).map_err(|e| anyhow!("the node's answer lacks the job: {e}"))
 }
 
 pub fn submit(a: &SubmitArgs, json: bool) -> Result<()> {
     let dir = node_dir(a.data_dir.as_deref())?;
-    let (job, id) = submit_file(&dir, &a.file)?;
+    let job = submit_file(&dir, &a.file)?;
+    let id = job.id;
     if json && !a.wait {
         println!("{}", json!({ "id": id }));
         return Ok(());

@@ -240,6 +240,39 @@ pub struct TaskRecord {
     pub checkpoints: Vec<SentCheckpoint>,
 }
 
+impl TaskRecord {
+    /// Task `index` of a job, before anything happened to it.
+    fn new(index: u32) -> Self {
+        Self {
+            index,
+            state: TaskState::Waiting,
+            replicas: Vec::new(),
+            next_attempt: 0,
+            waiting: Some("not scheduled yet".into()),
+            result: None,
+            failure: None,
+            spot_check: false,
+            rechecked: false,
+            checkpoint: None,
+            checkpoints: Vec::new(),
+        }
+    }
+
+    /// Nothing happened to it yet but, perhaps, a reason to wait: it was
+    /// never offered (replicas are never taken away).
+    fn untouched(&self) -> bool {
+        self.replicas.is_empty()
+            && self.next_attempt == 0
+            && self.state == TaskState::Waiting
+            && self.result.is_none()
+            && self.failure.is_none()
+            && !self.spot_check
+            && !self.rechecked
+            && self.checkpoint.is_none()
+            && self.checkpoints.is_empty()
+    }
+}
+
 /// A task's state after `step` steps, kept until the task is verified.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -516,11 +549,10 @@ impl Jobs {
             let job: JobRecord = serde_json::from_slice(&v).map_err(db)?;
             let mut list = Vec::with_capacity(job.tasks as usize);
             for i in 0..job.tasks {
-                let v = tasks
-                    .get(task_key(&job.id, i))
-                    .map_err(db)?
-                    .ok_or_else(|| JobsError::Db(format!("job {} lacks task {i}", job.id)))?;
-                let t: TaskRecord = serde_json::from_slice(&v).map_err(db)?;
+                let t = match tasks.get(task_key(&job.id, i)).map_err(db)? {
+                    Some(v) => serde_json::from_slice::<TaskRecord>(&v).map_err(db)?,
+                    None => TaskRecord::new(i),
+                };
                 let h = held_checkpoints(&t);
                 for hash in &h {
                     *refs.entry(*hash).or_default() += 1;
@@ -594,6 +626,11 @@ impl Jobs {
     }
 
     fn save_task(&self, id: &str, task: &TaskRecord) -> Result<(), JobsError> {
+        // A task never offered is as [`TaskRecord::new`] makes it on load
+        // (only why it waits differs, and the next pass says that again).
+        if task.untouched() {
+            return Ok(());
+        }
         let v = serde_json::to_vec(task).map_err(db)?;
         self.inner
             .tasks
@@ -660,8 +697,9 @@ impl Jobs {
         }
     }
 
-    /// Loads, checks and stores the job file at `path`; returns its id.
-    pub fn submit(&self, path: &Path, limits: &Limits) -> Result<String, JobsError> {
+    /// Loads, checks and stores the job file at `path`; returns its
+    /// summary, which holds its id.
+    pub fn submit(&self, path: &Path, limits: &Limits) -> Result<JobSummary, JobsError> {
         let job = Job::load(path, limits).map_err(|e| JobsError::Refused(e.to_string()))?;
         let mut raw = [0u8; 16];
         getrandom::fill(&mut raw).map_err(db)?;
@@ -714,30 +752,18 @@ impl Jobs {
             state: JobState::Active,
             finished_at: None,
         };
-        let tasks: Vec<TaskRecord> = (0..record.tasks)
-            .map(|index| TaskRecord {
-                index,
-                state: TaskState::Waiting,
-                replicas: Vec::new(),
-                next_attempt: 0,
-                waiting: Some("not scheduled yet".into()),
-                result: None,
-                failure: None,
-                spot_check: false,
-                rechecked: false,
-                checkpoint: None,
-                checkpoints: Vec::new(),
-            })
-            .collect();
-        for t in &tasks {
-            self.save_task(&id, t)?;
-        }
+        // Tasks are stored once they are first offered: the job record
+        // alone stands for all its tasks until then, so a job of any size
+        // costs one write to submit.
+        let tasks: Vec<TaskRecord> = (0..record.tasks).map(TaskRecord::new).collect();
         self.save_job(&record)?;
         self.flush()?;
         info!(job = %id, name = %record.name, tasks = record.tasks, "job submitted");
-        self.lock()?.insert(id.clone(), Live::new(record, tasks));
+        let live = Live::new(record, tasks);
+        let submitted = summary(&live);
+        self.lock()?.insert(id, live);
         self.inner.wake.notify_one();
-        Ok(id)
+        Ok(submitted)
     }
 
     /// Every job, newest first.

@@ -152,7 +152,10 @@ fn workers_that_ran_a_cancelled_job_take_the_next_one() {
 
 #[test]
 fn a_submitter_killed_mid_job_finishes_it_after_a_restart() {
-    let mut net = alliance_of_three();
+    // One task per worker at a time: at the kill, half the tasks were
+    // never offered, and only the job's record stands for them.
+    let mut net =
+        alliance_of_three_with(|d| d.edit_config("tasks_per_gpu = 32", "tasks_per_gpu = 1"));
     let dir = net.a.dir.path().join("jobs");
     std::fs::create_dir_all(&dir).unwrap();
     let (tasks, steps) = (6u32, 1500u32);
@@ -163,6 +166,17 @@ fn a_submitter_killed_mid_job_finishes_it_after_a_restart() {
             .get(&format!("/v1/jobs/{id}"))
             .is_some_and(|d| d["summary"]["progress"]["running"].as_u64().unwrap_or(0) >= 2)
     });
+    let d = net.sub.get(&format!("/v1/jobs/{id}")).unwrap();
+    let never_offered = d["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["replicas"].as_array().is_some_and(Vec::is_empty))
+        .count();
+    assert!(
+        never_offered > 0,
+        "every task was offered before the kill: {d}"
+    );
     // kill -9, then start it again on the same data directory.
     net.sub.kill_in_place();
     net.sub = net.sub_dir.start(false);

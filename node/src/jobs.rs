@@ -684,6 +684,7 @@ impl Jobs {
     fn flush(&self) -> Result<(), JobsError> {
         use std::sync::atomic::Ordering;
         let upto = self.inner.writes.load(Ordering::Acquire);
+        self.inner.reputation.write_back().map_err(db)?;
         self.inner.tasks.flush().map_err(db)?;
         self.inner.flushed.fetch_max(upto, Ordering::AcqRel);
         Ok(())

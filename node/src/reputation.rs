@@ -16,7 +16,8 @@
 //! probability [`Record::spot_check`], which falls as the streak grows.
 //! One wrong result resets the streak, and trust with it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use alliance_protocol::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -154,10 +155,19 @@ pub struct InstitutionView {
     pub score: f64,
 }
 
-/// The records, in the node's database.
+/// The records, in the node's database. Records in use are kept in memory
+/// too: counting an event changes them there, and [`Reputation::write_back`]
+/// stores the changed ones, once each, before the database is flushed.
 #[derive(Debug, Clone)]
 pub struct Reputation {
     tree: sled::Tree,
+    cache: Arc<Mutex<Cache>>,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    records: HashMap<Vec<u8>, Stored>,
+    changed: HashSet<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -176,10 +186,19 @@ fn institution_key(name: &str) -> Vec<u8> {
 
 impl Reputation {
     pub fn new(tree: sled::Tree) -> Self {
-        Self { tree }
+        Self {
+            tree,
+            cache: Arc::default(),
+        }
     }
 
-    fn load(&self, key: &[u8]) -> Stored {
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        // The cache holds plain counts: one a panic left half-updated is
+        // still a cache of counts.
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stored(&self, key: &[u8]) -> Stored {
         self.tree
             .get(key)
             .ok()
@@ -188,30 +207,55 @@ impl Reputation {
             .unwrap_or_default()
     }
 
-    fn store(&self, key: &[u8], s: &Stored) -> Result<(), sled::Error> {
-        let v = serde_json::to_vec(s).map_err(|e| sled::Error::Unsupported(e.to_string()))?;
-        self.tree.insert(key, v).map(|_| ())
+    /// Applies `event` to the record at `key` in `cache`; the record after.
+    fn apply(&self, cache: &mut Cache, key: Vec<u8>, institution: &str, event: Event) -> Record {
+        let now = Timestamp::now();
+        let s = match cache.records.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.stored(&key)),
+        };
+        institution.clone_into(&mut s.institution);
+        s.record.apply(event, now);
+        let record = s.record.clone();
+        cache.changed.insert(key);
+        record
     }
 
     /// Counts `event` for `worker` of `institution` and for the
-    /// institution; the worker's record after it. Durable with the
-    /// database's next flush.
+    /// institution; the worker's record after it. Durable once
+    /// [`Reputation::write_back`] and a flush of the database have run.
     pub fn record(
         &self,
         worker: &str,
         institution: &str,
         event: Event,
     ) -> Result<Record, sled::Error> {
-        let now = Timestamp::now();
-        let mut w = self.load(&worker_key(worker));
-        w.institution = institution.to_owned();
-        w.record.apply(event, now);
-        self.store(&worker_key(worker), &w)?;
-        let mut i = self.load(&institution_key(institution));
-        i.institution = institution.to_owned();
-        i.record.apply(event, now);
-        self.store(&institution_key(institution), &i)?;
-        Ok(w.record)
+        let mut cache = self.cache();
+        let w = self.apply(&mut cache, worker_key(worker), institution, event);
+        self.apply(&mut cache, institution_key(institution), institution, event);
+        Ok(w)
+    }
+
+    /// Stores every record changed since the last call (the caller
+    /// flushes the database). A record that cannot be stored stays
+    /// changed, for the next call.
+    pub fn write_back(&self) -> Result<(), sled::Error> {
+        let mut cache = self.cache();
+        let Cache { records, changed } = &mut *cache;
+        for key in changed.iter() {
+            if let Some(s) = records.get(key) {
+                let v =
+                    serde_json::to_vec(s).map_err(|e| sled::Error::Unsupported(e.to_string()))?;
+                self.tree.insert(key.as_slice(), v)?;
+            }
+        }
+        changed.clear();
+        Ok(())
+    }
+
+    fn load(&self, key: &[u8]) -> Stored {
+        let cached = self.cache().records.get(key).cloned();
+        cached.unwrap_or_else(|| self.stored(key))
     }
 
     /// The worker's record (empty for a worker never seen).
@@ -223,6 +267,10 @@ impl Reputation {
 
     /// Every worker's and institution's standing, best first.
     pub fn table(&self) -> (Vec<WorkerView>, Vec<InstitutionView>) {
+        // Counts not yet stored are read with the rest.
+        if let Err(e) = self.write_back() {
+            tracing::warn!("cannot store reputation records: {e}");
+        }
         let now = Timestamp::now();
         let mut workers = Vec::new();
         let mut counts: BTreeMap<String, u32> = BTreeMap::new();
@@ -304,6 +352,27 @@ mod tests {
         assert!((north.record.agreed - 101.0).abs() < 1e-3);
         assert!((north.record.wrong - 1.0).abs() < 1e-3);
         assert!((north.record.lapses - 1.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn counts_are_stored_when_written_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let rep = Reputation::new(db.open_tree("reputation").unwrap());
+        // Another view of the same tree reads only what is stored.
+        let stored = || Reputation::new(db.open_tree("reputation").unwrap());
+        rep.record("a", "North", Event::Agreed).unwrap();
+        rep.record("a", "North", Event::Agreed).unwrap();
+        assert!((rep.worker("a").agreed - 2.0).abs() < 1e-6);
+        assert!(stored().worker("a").agreed.abs() < 1e-6);
+        rep.write_back().unwrap();
+        assert!((stored().worker("a").agreed - 2.0).abs() < 1e-6);
+        // The table counts what is not stored yet.
+        rep.record("b", "South", Event::Lapsed).unwrap();
+        let (workers, institutions) = rep.table();
+        assert_eq!(workers.len(), 2);
+        assert_eq!(institutions.len(), 2);
+        assert!((stored().worker("b").lapses - 1.0).abs() < 1e-6);
     }
 
     #[test]

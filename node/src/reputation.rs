@@ -210,10 +210,10 @@ impl Reputation {
     /// Applies `event` to the record at `key` in `cache`; the record after.
     fn apply(&self, cache: &mut Cache, key: Vec<u8>, institution: &str, event: Event) -> Record {
         let now = Timestamp::now();
-        let s = match cache.records.entry(key.clone()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.stored(&key)),
-        };
+        let s = cache
+            .records
+            .entry(key.clone())
+            .or_insert_with(|| self.stored(&key));
         institution.clone_into(&mut s.institution);
         s.record.apply(event, now);
         let record = s.record.clone();

@@ -253,7 +253,7 @@ fn read_chunks(
             // chunk, of which the range may want less.
             Some(d) if pos.is_multiple_of(ALIGN as u64) => {
                 chunk.len = CHUNK;
-                match read_pages_at(d, chunk.data_mut(), pos) {
+                match read_full_at(d, chunk.data_mut(), pos, true) {
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                         direct = None;
                         continue;
@@ -263,7 +263,7 @@ fn read_chunks(
             }
             _ => {
                 chunk.len = want;
-                read_full_at(file, chunk.data_mut(), pos)
+                read_full_at(file, chunk.data_mut(), pos, false)
             }
         };
         match read {
@@ -284,24 +284,10 @@ fn read_chunks(
 }
 
 /// Reads at `pos` until `buf` is full or the file ends; the bytes read.
-fn read_full_at(f: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
-    use std::os::unix::fs::FileExt;
-    let mut filled = 0;
-    while filled < buf.len() {
-        match f.read_at(&mut buf[filled..], pos + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
-/// [`read_full_at`] for a file opened to bypass the page cache: stops at
-/// a read that leaves the position off a page boundary, which only the end
-/// of the file does (and where the next read would be refused).
-fn read_pages_at(f: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+/// A file opened to bypass the page cache (`direct`) also stops at a read
+/// that leaves the position off a page boundary, which only the end of the
+/// file does (and where the next read would be refused).
+fn read_full_at(f: &File, buf: &mut [u8], pos: u64, direct: bool) -> io::Result<usize> {
     use std::os::unix::fs::FileExt;
     let mut filled = 0;
     while filled < buf.len() {
@@ -309,7 +295,7 @@ fn read_pages_at(f: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
             Ok(0) => break,
             Ok(n) => {
                 filled += n;
-                if !filled.is_multiple_of(ALIGN) {
+                if direct && !filled.is_multiple_of(ALIGN) {
                     break;
                 }
             }

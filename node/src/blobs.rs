@@ -249,10 +249,10 @@ fn read_chunks(
         let mut chunk = spare.try_recv().unwrap_or_else(|_| Chunk::new());
         let want = usize::try_from(end - pos).unwrap_or(usize::MAX).min(CHUNK);
         let read = match &direct {
-            // A direct read takes whole pages from a page boundary: a full
-            // chunk, of which the range may want less.
+            // A direct read takes whole pages from a page boundary: those
+            // the range wants, the last one maybe only in part.
             Some(d) if pos.is_multiple_of(ALIGN as u64) => {
-                chunk.len = CHUNK;
+                chunk.len = want.next_multiple_of(ALIGN);
                 match read_full_at(d, chunk.data_mut(), pos, true) {
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                         direct = None;

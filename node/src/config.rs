@@ -13,7 +13,7 @@ use alliance_kernels::intake::Limits;
 use alliance_kernels::sandbox::ResourceLimits;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{IdleConfig, Policy, PolicyPatch};
+use crate::work::policy::{IdleConfig, Policy, PolicyPatch};
 
 /// The documented example configuration, written by `alliance init`.
 pub const EXAMPLE: &str = include_str!("../alliance.example.toml");
@@ -249,7 +249,7 @@ impl Config {
         }
         let indices = w.gpu.keys().filter_map(|k| k.parse::<usize>().ok());
         for index in std::iter::once(usize::MAX).chain(indices) {
-            crate::policy::for_gpu(&w.policy, &w.gpu, index, w.tasks_per_gpu).map_err(
+            crate::work::policy::for_gpu(&w.policy, &w.gpu, index, w.tasks_per_gpu).map_err(
                 |message| ConfigError::Parse {
                     path: path.to_owned(),
                     message,

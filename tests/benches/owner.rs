@@ -27,7 +27,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use alliance_kernels::library;
-use alliance_node::job::npy;
+use alliance_node::submit::npy;
 use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::{NodeDir, wait_for};
 use alliance_tests::jobs::{alliance, submit, submitter_and_workers, text, time_job, write};

@@ -24,7 +24,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use alliance_node::trustsim::{self, Outcome, Params, Policy};
+use alliance_node::trust::sim::{self, Outcome, Params, Policy};
 
 const FRACTIONS: [f64; 7] = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3];
 
@@ -57,8 +57,8 @@ fn main() {
     );
     let mut rows: Vec<(f64, Outcome, Outcome)> = Vec::new();
     for f in FRACTIONS {
-        let v = trustsim::run(Policy::Voting, params(f));
-        let a = trustsim::run(Policy::Adaptive, params(f));
+        let v = sim::run(Policy::Voting, params(f));
+        let a = sim::run(Policy::Adaptive, params(f));
         println!(
             "  {:>8.0}%  {:>14.2e} {:>7.3}x  {:>14.2e} {:>7.3}x",
             f * 100.0,

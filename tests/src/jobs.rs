@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use alliance_node::job::npy;
+use alliance_node::submit::npy;
 use alliance_protocol::cert::Roles;
 
 use crate::alliance::{NodeDir, Running, TestAlliance, wait_for};

@@ -183,7 +183,7 @@ fn contributors_are_served_first_and_every_node_counts_alike() {
 
 #[test]
 fn credit_pages_hand_on_every_credit_once_with_its_issuer() {
-    use alliance_node::credits::Credits;
+    use alliance_node::trust::credits::Credits;
     use alliance_protocol::task::{Credit, JobId};
     use alliance_protocol::wire::{MAX_PAGE_CREDITS, MAX_PAGE_ISSUERS};
     use alliance_protocol::{Hash, Identity, Signed, Timestamp};

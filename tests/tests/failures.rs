@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use alliance_kernels::library::{self, monte_carlo_pi, reduce};
-use alliance_node::job::npy;
+use alliance_node::submit::npy;
 use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::wait_for;
 use alliance_tests::jobs::{

@@ -290,7 +290,8 @@ async fn bad_frames_on_a_membership_stream_get_the_peer_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_streams_serve_members_and_drop_garbage() {
-    use alliance_node::blobs::{self, BlobError, Blobs};
+    use alliance_node::net::blobs::{self, BlobError};
+    use alliance_node::store::blobs::Blobs;
     use futures::AsyncWriteExt;
 
     let a = TestAlliance::new("Blob Stream Test", &[("North", Roles::ALL)], 60);

@@ -5,7 +5,7 @@
 //! the reason, and a job no member can take says why it waits.
 
 use alliance_kernels::library::{self, monte_carlo_pi, saxpy, sgemm};
-use alliance_node::job::npy;
+use alliance_node::submit::npy;
 use alliance_protocol::task::ElemType;
 use alliance_tests::alliance::wait_for;
 use alliance_tests::jobs::{

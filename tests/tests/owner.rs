@@ -397,7 +397,7 @@ fn a_killed_worker_s_task_resumes_from_its_last_checkpoint() {
 #[test]
 fn the_heat_example_resumed_from_a_checkpoint_gives_the_uninterrupted_answer() {
     use alliance_kernels::executor::{Binding, Data, Executor};
-    use alliance_node::job::Job;
+    use alliance_node::submit::Job;
     let path = alliance_tests::workspace_root().join("examples/heat/job.toml");
     let job = Job::load(&path, &Default::default()).unwrap();
     let gpus = alliance_kernels::gpu::discover(&alliance_kernels::gpu::Selection::All).unwrap();
@@ -442,13 +442,13 @@ fn the_heat_example_resumed_from_a_checkpoint_gives_the_uninterrupted_answer() {
 /// test says so and passes.
 #[test]
 fn nvml_sees_a_competing_process_where_an_nvidia_gpu_is_at_hand() {
-    use alliance_node::policy::{GpuId, IdleConfig, Probe};
+    use alliance_node::work::policy::{GpuId, IdleConfig, Probe};
     let gpus = alliance_kernels::gpu::discover(&alliance_kernels::gpu::Selection::All).unwrap();
     let Some(nvidia) = gpus.iter().find(|g| g.report.vendor == 0x10de) else {
         eprintln!("no NVIDIA GPU here: NVML not checked");
         return;
     };
-    let nvml = alliance_node::nvml::Nvml::load().expect("an NVIDIA GPU without NVML");
+    let nvml = alliance_node::work::policy::nvml::Nvml::load().expect("an NVIDIA GPU without NVML");
     assert!(nvml.count() > 0, "NVML reports no GPU");
     let probe = Probe::new(
         IdleConfig {

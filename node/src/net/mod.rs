@@ -1,16 +1,20 @@
-//! The node on the network: one libp2p swarm, owned by one actor.
+//! The node on the network: one libp2p swarm, owned by one actor; the
+//! protocol ids and topic names every part of it shares.
 //!
-//! - [`Behaviour`]: identify, ping, Kademlia under the alliance's own
-//!   protocol name, gossipsub (signed messages, strict validation), the
-//!   membership exchange (request-response), AutoNAT, the relay client
-//!   (and the relay server on bootstrap nodes), DCUtR hole punching,
-//!   connection and memory limits, a block list, and mDNS for labs on one
-//!   LAN.
-//! - [`build_swarm`]: TCP (behind the alliance's pre-shared key when it has
-//!   one) and QUIC, noise, yamux, DNS, relayed circuits, and byte counters
-//!   on every connection.
+//! - [`swarm`], construction and config: the [`Behaviour`] (identify,
+//!   ping, Kademlia under the alliance's own protocol name, gossipsub with
+//!   signed messages and strict validation, the membership exchange,
+//!   AutoNAT, the relay client and, on bootstrap nodes, the relay server,
+//!   DCUtR hole punching, connection and memory limits, a block list, mDNS
+//!   for labs on one LAN) and [`build_swarm`] (TCP behind the alliance's
+//!   pre-shared key when it has one, QUIC, noise, yamux, DNS, relayed
+//!   circuits, byte counters on every connection).
 //! - [`actor`]: the [`EventLoop`](actor::EventLoop) that owns the swarm and
-//!   the cloneable [`Client`](actor::Client) the rest of the node uses.
+//!   the cloneable [`Client`](actor::Client) the rest of the node uses; its
+//!   files hold the handlers of each concern (admission, adverts,
+//!   revocations, credits, requests, reachability).
+//! - [`blobs`]: `/alliance/blob/2`, ranges of content-addressed blobs
+//!   streamed between members.
 //! - [`codec`]: framed, size-capped request-response codecs.
 //!
 //! Membership gates everything: a peer enters Kademlia's routing table, the
@@ -19,121 +23,35 @@
 //! fails (or stays silent) is disconnected, blocked, and the reason logged.
 
 pub mod actor;
+pub mod blobs;
 pub mod codec;
+pub mod swarm;
 
-use std::time::Duration;
+pub use swarm::{
+    Behaviour, BehaviourEvent, Limits, Network, Options, build_swarm, gossip, metrics_text,
+    read_psk, traffic, transport,
+};
 
 use alliance_protocol::Hash;
-use alliance_protocol::wire::{
-    Ack, Acks, CreditsPage, CreditsRequest, Hello, OfferAnswers, OfferRequest, Progress, Reports,
-};
-use libp2p::core::muxing::StreamMuxerBox;
-use libp2p::core::transport::{Boxed, OptionalTransport};
-use libp2p::core::upgrade::Version;
-use libp2p::metrics::Registry;
-use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::swarm::NetworkBehaviour;
-use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::{
-    PeerId, StreamProtocol, Transport, allow_block_list, autonat, connection_limits, dcutr,
-    gossipsub, identify, kad, mdns, memory_connection_limits, noise, ping, quic, relay,
-    request_response, tcp, yamux,
-};
+use libp2p::{StreamProtocol, gossipsub};
 
 /// The membership exchange protocol.
 pub const MEMBERSHIP_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/membership/1");
+
 /// Task offers in batches, submitter to worker.
 pub const TASK_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/task/3");
+
 /// Task results and failures in batches, worker to submitter.
 pub const RESULT_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/result/3");
+
 /// Progress of running tasks, worker to submitter (renews the lease).
 pub const PROGRESS_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/progress/1");
+
 /// Credits a node missed, paged from a member that holds them.
 pub const CREDITS_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/credits/1");
-/// Blob ranges, either way: one stream per range (see [`crate::blobs`]).
+
+/// Blob ranges, either way: one stream per range (see [`blobs`]).
 pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/blob/2");
-
-/// The network behaviour of an alliance node.
-#[derive(NetworkBehaviour)]
-pub struct Behaviour {
-    pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
-    pub limits: connection_limits::Behaviour,
-    pub memory: memory_connection_limits::Behaviour,
-    pub identify: identify::Behaviour,
-    pub ping: ping::Behaviour,
-    pub membership: request_response::Behaviour<codec::Codec<Hello, Hello>>,
-    pub credit_sync: request_response::Behaviour<codec::Codec<CreditsRequest, CreditsPage>>,
-    pub tasks: request_response::Behaviour<codec::Codec<OfferRequest, OfferAnswers>>,
-    pub results: request_response::Behaviour<codec::Codec<Reports, Acks>>,
-    pub progress: request_response::Behaviour<codec::Codec<Progress, Ack>>,
-    /// Raw streams: blob ranges.
-    pub streams: libp2p_stream::Behaviour,
-    pub kad: kad::Behaviour<kad::store::MemoryStore>,
-    pub gossipsub: gossipsub::Behaviour,
-    pub autonat: autonat::Behaviour,
-    pub relay_client: relay::client::Behaviour,
-    pub relay: Toggle<relay::Behaviour>,
-    pub dcutr: dcutr::Behaviour,
-    pub mdns: Toggle<mdns::tokio::Behaviour>,
-}
-
-impl std::fmt::Debug for Behaviour {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Behaviour").finish_non_exhaustive()
-    }
-}
-
-/// Connection limits a node enforces.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_established: u32,
-    pub max_established_incoming: u32,
-    pub max_pending: u32,
-    pub max_per_peer: u32,
-    /// Refuse new connections above this share of system memory.
-    pub max_memory_fraction: f64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_established: 256,
-            max_established_incoming: 192,
-            max_pending: 64,
-            max_per_peer: 2,
-            max_memory_fraction: 0.9,
-        }
-    }
-}
-
-/// How a swarm is built.
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    /// Discover alliance nodes on the local network.
-    pub mdns: bool,
-    /// Run as a bootstrap node: Kademlia server mode at once, and a relay
-    /// server for members that cannot be reached directly.
-    pub bootstrap: bool,
-    /// The alliance's pre-shared key: connections are only possible between
-    /// nodes that hold the same key. QUIC cannot carry it, so a node with a
-    /// key speaks TCP only.
-    pub psk: Option<PreSharedKey>,
-    pub limits: Limits,
-}
-
-/// A built swarm and the registry of its traffic counters.
-pub struct Network {
-    pub swarm: libp2p::Swarm<Behaviour>,
-    pub metrics: Registry,
-}
-
-impl std::fmt::Debug for Network {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Network")
-            .field("peer", self.swarm.local_peer_id())
-            .finish_non_exhaustive()
-    }
-}
 
 /// The Kademlia protocol of one alliance: two alliances (or an alliance and
 /// IPFS) never share a DHT.
@@ -145,251 +63,4 @@ pub fn kad_protocol(alliance: &Hash) -> StreamProtocol {
 /// Gossip topic names of one alliance.
 pub fn topic(alliance: &Hash, what: &str) -> gossipsub::IdentTopic {
     gossipsub::IdentTopic::new(format!("alliance/{}/{what}/1", alliance.short()))
-}
-
-/// Reads a pre-shared key file (the `/key/swarm/psk/1.0.0/` format that
-/// `alliance charter psk` writes).
-pub fn read_psk(text: &str) -> Result<PreSharedKey, String> {
-    text.trim().parse::<PreSharedKey>().map_err(|e| {
-        format!(
-            "{e}; a key file has three lines: /key/swarm/psk/1.0.0/, /base16/ and 64 hex digits"
-        )
-    })
-}
-
-type Transported = Boxed<(PeerId, StreamMuxerBox)>;
-
-/// TCP (through the pre-shared key's handshake when there is one), noise
-/// and yamux; QUIC beside it when there is no key.
-pub fn transport(
-    key: &libp2p::identity::Keypair,
-    psk: Option<PreSharedKey>,
-) -> Result<Transported, noise::Error> {
-    let tcp_config = tcp::Config::default().nodelay(true);
-    let tcp = match psk {
-        Some(psk) => tcp::tokio::Transport::new(tcp_config)
-            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-            .upgrade(Version::V1Lazy)
-            .authenticate(noise::Config::new(key)?)
-            .multiplex(yamux::Config::default())
-            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-            .boxed(),
-        None => tcp::tokio::Transport::new(tcp_config)
-            .upgrade(Version::V1Lazy)
-            .authenticate(noise::Config::new(key)?)
-            .multiplex(yamux::Config::default())
-            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-            .boxed(),
-    };
-    let quic = match psk {
-        Some(_) => OptionalTransport::none(),
-        None => OptionalTransport::some(quic::tokio::Transport::new(quic::Config::new(key))),
-    };
-    Ok(tcp
-        .or_transport(quic)
-        .map(|either, _| match either {
-            futures::future::Either::Left(out) => out,
-            futures::future::Either::Right((peer, muxer)) => (peer, StreamMuxerBox::new(muxer)),
-        })
-        .boxed())
-}
-
-/// The gossipsub behaviour of a node with `key`: messages signed by their
-/// publisher and checked strictly (every copy, before duplicates are
-/// dropped), each one held back until the node has validated its content,
-/// and peer scoring on.
-pub fn gossip(key: &libp2p::identity::Keypair) -> Result<gossipsub::Behaviour, String> {
-    let config = gossipsub::ConfigBuilder::default()
-        .validation_mode(gossipsub::ValidationMode::Strict)
-        .validate_messages()
-        .heartbeat_interval(Duration::from_millis(500))
-        .max_transmit_size(300 * 1024)
-        .build()
-        .map_err(|e| format!("gossipsub config: {e}"))?;
-    let mut gossipsub =
-        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), config)
-            .map_err(|e| format!("gossipsub: {e}"))?;
-    // Many members of one lab can share a university NAT address, so
-    // sharing an IP is not held against a peer.
-    let score = gossipsub::PeerScoreParams {
-        ip_colocation_factor_weight: 0.0,
-        ..gossipsub::PeerScoreParams::default()
-    };
-    gossipsub
-        .with_peer_score(score, gossipsub::PeerScoreThresholds::default())
-        .map_err(|e| format!("gossipsub scoring: {e}"))?;
-    Ok(gossipsub)
-}
-
-/// A swarm for `identity` in the alliance `alliance`: the transports of
-/// [`transport`], DNS, relayed circuits, traffic counters and the
-/// [`Behaviour`].
-pub fn build_swarm(
-    identity: &alliance_protocol::Identity,
-    alliance: &Hash,
-    options: &Options,
-) -> Result<Network, String> {
-    let mut metrics = Registry::default();
-    let psk = options.psk;
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(identity.to_libp2p_keypair())
-        .with_tokio()
-        .with_other_transport(|key| {
-            transport(key, psk)
-                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) })
-        })
-        .map_err(|e| e.to_string())?
-        .with_dns()
-        .map_err(|e| e.to_string())?
-        .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(|e| e.to_string())?
-        .with_bandwidth_metrics(&mut metrics)
-        .with_behaviour(|key, relay_client| {
-            Behaviour::new(key, alliance, options, relay_client)
-                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })
-        })
-        .map_err(|e| e.to_string())?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
-        .build();
-    Ok(Network { swarm, metrics })
-}
-
-impl Behaviour {
-    /// The behaviour for `key`'s node in the alliance `alliance`.
-    pub fn new(
-        key: &libp2p::identity::Keypair,
-        alliance: &Hash,
-        options: &Options,
-        relay_client: relay::client::Behaviour,
-    ) -> Result<Self, String> {
-        let peer = key.public().to_peer_id();
-        let limits = options.limits;
-        let mut kad_config = kad::Config::new(kad_protocol(alliance));
-        // Only peers whose membership was verified enter the routing table.
-        kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
-        kad_config.set_query_timeout(Duration::from_secs(30));
-        let mut kad =
-            kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config);
-        // Bootstrap nodes answer queries from the start; members switch to
-        // server mode once AutoNAT confirms that others can reach them.
-        if options.bootstrap {
-            kad.set_mode(Some(kad::Mode::Server));
-        }
-
-        let gossipsub = gossip(key)?;
-
-        // Probes go only to verified members (added by the actor), and
-        // campus networks are private address space: a member on the same
-        // campus network is a fair judge of reachability.
-        let autonat = autonat::Behaviour::new(
-            peer,
-            autonat::Config {
-                use_connected: false,
-                only_global_ips: false,
-                boot_delay: Duration::from_secs(5),
-                retry_interval: Duration::from_secs(30),
-                ..autonat::Config::default()
-            },
-        );
-        let relay = options.bootstrap.then(|| {
-            relay::Behaviour::new(
-                peer,
-                relay::Config {
-                    max_circuit_duration: Duration::from_secs(600),
-                    max_circuit_bytes: 8 * 1024 * 1024,
-                    ..relay::Config::default()
-                },
-            )
-        });
-
-        let conn = connection_limits::ConnectionLimits::default()
-            .with_max_established(Some(limits.max_established))
-            .with_max_established_incoming(Some(limits.max_established_incoming))
-            .with_max_pending_incoming(Some(limits.max_pending))
-            .with_max_pending_outgoing(Some(limits.max_pending))
-            .with_max_established_per_peer(Some(limits.max_per_peer));
-        let mdns = if options.mdns {
-            Some(
-                mdns::tokio::Behaviour::new(mdns::Config::default(), peer)
-                    .map_err(|e| format!("mDNS: {e}"))?,
-            )
-        } else {
-            None
-        };
-        Ok(Self {
-            blocked: allow_block_list::Behaviour::default(),
-            limits: connection_limits::Behaviour::new(conn),
-            memory: memory_connection_limits::Behaviour::with_max_percentage(
-                limits.max_memory_fraction,
-            ),
-            // Pushing new listen addresses tells peers at once about a
-            // relayed address, so the DHT offers it to others.
-            identify: identify::Behaviour::new(
-                identify::Config::new("/alliance/1".into(), key.public())
-                    .with_push_listen_addr_updates(true),
-            ),
-            ping: ping::Behaviour::default(),
-            membership: request_response::Behaviour::new(
-                [(MEMBERSHIP_PROTOCOL, request_response::ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
-            ),
-            credit_sync: request_response::Behaviour::new(
-                [(CREDITS_PROTOCOL, request_response::ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
-            ),
-            tasks: request_response::Behaviour::new(
-                [(TASK_PROTOCOL, request_response::ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
-            ),
-            // A submitter fetches large outputs before it acknowledges.
-            results: request_response::Behaviour::new(
-                [(RESULT_PROTOCOL, request_response::ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(600)),
-            ),
-            progress: request_response::Behaviour::new(
-                [(PROGRESS_PROTOCOL, request_response::ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
-            ),
-            streams: libp2p_stream::Behaviour::new(),
-            kad,
-            gossipsub,
-            autonat,
-            relay_client,
-            relay: Toggle::from(relay),
-            dcutr: dcutr::Behaviour::new(peer),
-            mdns: Toggle::from(mdns),
-        })
-    }
-}
-
-/// Bytes received and sent over every connection so far, from the traffic
-/// counters in `metrics`.
-pub fn traffic(metrics: &Registry) -> (u64, u64) {
-    let mut text = String::new();
-    if prometheus_client::encoding::text::encode(&mut text, metrics).is_err() {
-        return (0, 0);
-    }
-    let (mut inbound, mut outbound) = (0u64, 0u64);
-    for line in text.lines() {
-        if !line.starts_with("libp2p_bandwidth_bytes_total{") {
-            continue;
-        }
-        let Some(value) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else {
-            continue;
-        };
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let value = value as u64;
-        if line.contains("direction=\"Inbound\"") {
-            inbound += value;
-        } else if line.contains("direction=\"Outbound\"") {
-            outbound += value;
-        }
-    }
-    (inbound, outbound)
-}
-
-/// The traffic counters as Prometheus text, for `GET /metrics`.
-pub fn metrics_text(metrics: &Registry) -> String {
-    let mut text = String::new();
-    let _ = prometheus_client::encoding::text::encode(&mut text, metrics);
-    text
 }

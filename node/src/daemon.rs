@@ -1,8 +1,9 @@
-//! `alliance node run`: load the membership files, open the database, start
-//! the swarm, the network actor and the HTTP API, and stop cleanly on Ctrl-C
-//! or SIGTERM.
+//! `alliance node run`: the house assembled. Loads the membership files,
+//! opens the database, finds the GPUs it lends and their owners' policy,
+//! starts the swarm and the network actor, the worker, the submitter and
+//! the HTTP API, and stops cleanly on Ctrl-C or SIGTERM.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,23 +11,26 @@ use alliance_kernels::executor::Executor;
 use alliance_kernels::intake::Limits;
 use alliance_kernels::{gpu, selfbench};
 use alliance_protocol::advert::{GpuInfo, GpuState};
-use alliance_protocol::cert::{Chain, ChainError, RevocationSet, Revocations, Roles};
+use alliance_protocol::cert::{
+    Chain, ChainError, RevocationSet, Revocations, Roles, TrustedCharter,
+};
 use alliance_protocol::{Identity, Signed, Timestamp};
 use anyhow::{Context, Result, anyhow, bail};
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use tracing::{info, warn};
 
-use crate::blobs::Blobs;
+use crate::api;
 use crate::config::Config;
-use crate::jobs::Jobs;
 use crate::net;
-use crate::net::actor::{self, Inbound, Setup};
-use crate::policy::Gate;
+use crate::net::actor::{self, Client, Inbound, Setup};
 use crate::store::Store;
+use crate::store::blobs::Blobs;
+use crate::submit::Jobs;
 use crate::trust::{self, Bundle};
-use crate::worker::{Worker, WorkerSetup};
-use crate::{api, gpus};
+use crate::work::gpus;
+use crate::work::policy::{Gate, IdleConfig};
+use crate::work::{Worker, WorkerSetup};
 
 /// Runs the node until Ctrl-C or SIGTERM.
 pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
@@ -36,27 +40,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     );
     let charter = trust::read_charter(&cfg.resolve(data_dir, &cfg.charter))?;
     let chain_path = cfg.resolve(data_dir, &cfg.chain);
-    let bundle = Bundle::read(std::slice::from_ref(&chain_path))?;
-    let own = identity.public();
-    let node_cert = bundle
-        .nodes
-        .iter()
-        .find(|(_, n)| n.verify().is_ok_and(|c| c.node == own))
-        .map(|(_, n)| n.clone())
-        .ok_or_else(|| {
-            anyhow!(
-                "{} holds no certificate for this node ({})",
-                chain_path.display(),
-                identity.peer_id()
-            )
-        })?;
-    let inst_cert = bundle
-        .institutions
-        .iter()
-        .find(|(_, i)| i.verify().is_ok_and(|c| c.key == node_cert.signer()))
-        .map(|(_, i)| i.clone())
-        .ok_or_else(|| anyhow!("{} lacks the institution certificate", chain_path.display()))?;
-    let chain = Chain::new(inst_cert, node_cert);
+    let chain = own_chain(&chain_path, &identity)?;
 
     // Opening may wait a few seconds for a stopping node's lock: off the
     // async threads.
@@ -64,42 +48,12 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     let store = tokio::task::spawn_blocking(move || Store::open(&db))
         .await
         .context("the database opener stopped")??;
-    let mut revocations = RevocationSet::new(&charter);
-    let mut lists: Vec<Signed<Revocations>> = store
-        .revocations()
-        .iter()
-        .filter_map(|b| Signed::<Revocations>::from_bytes(b).ok())
-        .collect();
-    for path in &cfg.revocations {
-        lists.extend(
-            Bundle::read(&[cfg.resolve(data_dir, path)])?
-                .revocations
-                .into_iter()
-                .map(|(_, l)| l),
-        );
-    }
-    let now = Timestamp::now();
-    let own_inst = chain
-        .institution
-        .verify_institution(&charter, &RevocationSet::new(&charter), now)
-        .ok();
-    for list in &lists {
-        match revocations.insert(list, own_inst.as_ref()) {
-            // Kept in the database too, to hand to members that lack it.
-            Ok(()) => store.save_revocations(&list.signer(), &list.to_bytes()),
-            // Signed by an institution this node has not met yet: kept,
-            // and applied once a member of it presents its certificate.
-            Err(ChainError::UnknownRevoker { .. }) => {
-                store.save_revocations(&list.signer(), &list.to_bytes());
-            }
-            Err(e) => warn!("revocation list ignored: {e}"),
-        }
-    }
+    let revocations = revocations(&cfg, data_dir, &store, &charter, &chain)?;
     let member = chain
         .verify(
             &charter,
             &revocations,
-            now,
+            Timestamp::now(),
             if bootstrap {
                 Roles::BOOTSTRAP
             } else {
@@ -113,16 +67,173 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             )
         })?;
 
-    // The lent GPUs, each with its self-benchmark (measured once per
-    // adapter and driver, then cached), which submitters use to estimate
-    // where a task finishes first.
-    let works = member.roles.contains(Roles::WORK);
+    let lent = lent_gpus(&cfg, data_dir, member.roles.contains(Roles::WORK)).await?;
+    let blobs = Blobs::open(&data_dir.join("blobs"))
+        .with_context(|| format!("cannot open the blob store in {}", data_dir.display()))?;
+    let job_tables = crate::submit::Tables::open(&store)?;
+    let submits = member.roles.contains(Roles::SUBMIT);
+
+    let network = swarm(&cfg, data_dir, &identity, &charter, bootstrap)?;
+    let own_peer = identity.peer_id();
+    let bootstrap_addrs: Vec<Multiaddr> = charter
+        .charter
+        .bootstrap
+        .iter()
+        .chain(&cfg.network.bootstrap)
+        .filter_map(|a| a.parse::<Multiaddr>().ok())
+        .filter(|a| !a.to_string().contains(&own_peer.to_string()))
+        .collect();
+
+    info!(peer = %own_peer, alliance = %charter.charter.name, institution = %member.institution_name, roles = %member.roles, bootstrap, "node starting");
+    let institution = (member.institution_key, member.institution_name.clone());
+    let (inbound, requests) = tokio::sync::mpsc::channel(256);
+    let (client, event_loop) = actor::new(
+        network,
+        Setup {
+            identity: Arc::clone(&identity),
+            charter,
+            chain,
+            member,
+            revocations,
+            bootstrap: bootstrap_addrs,
+            store,
+            gpus: lent.entries.clone(),
+            paused: false,
+            inbound: Some(inbound),
+        },
+    );
+    let (stop_net, stopped) = tokio::sync::oneshot::channel();
+    let network = tokio::spawn(event_loop.run(stopped));
+
+    let worker = worker(&cfg, data_dir, &identity, &client, &blobs, lent);
+    if let Some(w) = &worker {
+        tokio::spawn(w.clone().watch());
+    }
+    let jobs = if submits {
+        let j = Jobs::open(
+            Arc::clone(&identity),
+            client.clone(),
+            blobs.clone(),
+            Blobs::open(&data_dir.join("checkpoints")).with_context(|| {
+                format!("cannot open the checkpoint store in {}", data_dir.display())
+            })?,
+            job_tables,
+            institution,
+        )
+        .context("cannot load this node's jobs")?;
+        tokio::spawn(j.clone().run());
+        Some(j)
+    } else {
+        None
+    };
+    tokio::spawn(serve_requests(requests, worker.clone(), jobs.clone()));
+    tokio::spawn(crate::net::blobs::serve(client.clone(), blobs));
+
+    let state = api::ApiState {
+        client,
+        jobs,
+        worker,
+        limits: cfg.worker.limits.clone(),
+        token: String::new(),
+    };
+    serve_api(&cfg, data_dir, state).await?;
+    info!("stopping");
+    let _ = stop_net.send(());
+    let _ = network.await;
+    Ok(())
+}
+
+/// This node's chain from the file at `path`: its own node certificate and
+/// the certificate of the institution that signed it.
+fn own_chain(path: &Path, identity: &Identity) -> Result<Chain> {
+    let bundle = Bundle::read(std::slice::from_ref(&path.to_path_buf()))?;
+    let own = identity.public();
+    let node_cert = bundle
+        .nodes
+        .iter()
+        .find(|(_, n)| n.verify().is_ok_and(|c| c.node == own))
+        .map(|(_, n)| n.clone())
+        .ok_or_else(|| {
+            anyhow!(
+                "{} holds no certificate for this node ({})",
+                path.display(),
+                identity.peer_id()
+            )
+        })?;
+    let inst_cert = bundle
+        .institutions
+        .iter()
+        .find(|(_, i)| i.verify().is_ok_and(|c| c.key == node_cert.signer()))
+        .map(|(_, i)| i.clone())
+        .ok_or_else(|| anyhow!("{} lacks the institution certificate", path.display()))?;
+    Ok(Chain::new(inst_cert, node_cert))
+}
+
+/// The revocation lists in force: those in the database and those the
+/// config names, each kept in the database to hand to members that lack
+/// it.
+fn revocations(
+    cfg: &Config,
+    data_dir: &Path,
+    store: &Store,
+    charter: &TrustedCharter,
+    chain: &Chain,
+) -> Result<RevocationSet> {
+    let mut revocations = RevocationSet::new(charter);
+    let mut lists: Vec<Signed<Revocations>> = store
+        .revocations()
+        .iter()
+        .filter_map(|b| Signed::<Revocations>::from_bytes(b).ok())
+        .collect();
+    for path in &cfg.revocations {
+        lists.extend(
+            Bundle::read(&[cfg.resolve(data_dir, path)])?
+                .revocations
+                .into_iter()
+                .map(|(_, l)| l),
+        );
+    }
+    let own_inst = chain
+        .institution
+        .verify_institution(charter, &RevocationSet::new(charter), Timestamp::now())
+        .ok();
+    for list in &lists {
+        match revocations.insert(list, own_inst.as_ref()) {
+            // Kept in the database too, to hand to members that lack it.
+            Ok(()) => store.save_revocations(&list.signer(), &list.to_bytes()),
+            // Signed by an institution this node has not met yet: kept,
+            // and applied once a member of it presents its certificate.
+            Err(ChainError::UnknownRevoker { .. }) => {
+                store.save_revocations(&list.signer(), &list.to_bytes());
+            }
+            Err(e) => warn!("revocation list ignored: {e}"),
+        }
+    }
+    Ok(revocations)
+}
+
+/// The GPUs this node lends, each with its owner's policy and its first
+/// advert entry.
+struct Lent {
+    reports: Vec<gpu::AdapterReport>,
+    entries: Vec<GpuInfo>,
+    gates: Vec<Gate>,
+    /// Where the owner's pauses are kept across restarts.
+    pause_file: PathBuf,
+}
+
+/// Finds the GPUs a node with the work role lends, each with its
+/// self-benchmark (measured once per adapter and driver, then cached),
+/// which submitters use to estimate where a task finishes first; applies
+/// the owner's policy and the pauses kept from before a restart, so the
+/// first advert already tells them.
+async fn lent_gpus(cfg: &Config, data_dir: &Path, works: bool) -> Result<Lent> {
     let (selection, cache, slots) = (
         cfg.worker.gpus.clone(),
         data_dir.join("cache"),
         cfg.worker.tasks_per_gpu,
     );
-    let (lent_gpus, lent): (Vec<gpu::AdapterReport>, Vec<_>) =
+    let (reports, entries): (Vec<gpu::AdapterReport>, Vec<_>) =
         tokio::task::spawn_blocking(move || -> Result<_> {
             if !works {
                 return Ok((Vec::new(), Vec::new()));
@@ -146,21 +257,19 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         })
         .await
         .context("GPU discovery stopped")??;
-    // The owner's policy for each lent GPU, and the pauses kept from
-    // before a restart: the first advert already tells them.
     let pause_file = data_dir.join("paused.json");
     let paused_gpus: Vec<usize> = std::fs::read_to_string(&pause_file)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
     for index in cfg.worker.gpu.keys() {
-        if !lent_gpus.iter().any(|g| g.index.to_string() == *index) {
+        if !reports.iter().any(|g| g.index.to_string() == *index) {
             warn!(gpu = %index, "[worker.gpu.{index}] names a GPU this node does not lend");
         }
     }
     let mut gates = Vec::new();
-    for g in &lent_gpus {
-        let policy = crate::policy::for_gpu(
+    for g in &reports {
+        let policy = crate::work::policy::for_gpu(
             &cfg.worker.policy,
             &cfg.worker.gpu,
             g.index,
@@ -172,7 +281,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         gates.push(gate);
     }
     let wall = i64::try_from(Timestamp::now().as_secs()).unwrap_or(i64::MAX);
-    let lent: Vec<GpuInfo> = lent
+    let entries: Vec<GpuInfo> = entries
         .into_iter()
         .zip(gates.iter_mut())
         .map(|(entry, gate)| {
@@ -190,11 +299,23 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             }
         })
         .collect();
-    let blobs = Blobs::open(&data_dir.join("blobs"))
-        .with_context(|| format!("cannot open the blob store in {}", data_dir.display()))?;
-    let job_tables = crate::jobs::Tables::open(&store)?;
-    let submits = member.roles.contains(Roles::SUBMIT);
+    Ok(Lent {
+        reports,
+        entries,
+        gates,
+        pause_file,
+    })
+}
 
+/// The swarm as `[network]` configures it (behind the pre-shared key when
+/// there is one), listening on its addresses.
+fn swarm(
+    cfg: &Config,
+    data_dir: &Path,
+    identity: &Identity,
+    charter: &TrustedCharter,
+    bootstrap: bool,
+) -> Result<net::Network> {
     let psk = match &cfg.network.psk_file {
         Some(path) => {
             let path = cfg.resolve(data_dir, path);
@@ -220,7 +341,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             max_memory_fraction: f64::from(l.max_memory_percent) / 100.0,
         },
     };
-    let mut network = net::build_swarm(&identity, &charter.id, &options)
+    let mut network = net::build_swarm(identity, &charter.id, &options)
         .map_err(|e| anyhow!("cannot start the network: {e}"))?;
     for addr in &cfg.network.listen {
         let a: Multiaddr = addr
@@ -235,37 +356,21 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             .listen_on(a.clone())
             .with_context(|| format!("cannot listen on {a}"))?;
     }
-    let own_peer = identity.peer_id();
-    let bootstrap_addrs: Vec<Multiaddr> = charter
-        .charter
-        .bootstrap
-        .iter()
-        .chain(&cfg.network.bootstrap)
-        .filter_map(|a| a.parse::<Multiaddr>().ok())
-        .filter(|a| !a.to_string().contains(&own_peer.to_string()))
-        .collect();
+    Ok(network)
+}
 
-    info!(peer = %own_peer, alliance = %charter.charter.name, institution = %member.institution_name, roles = %member.roles, bootstrap, "node starting");
-    let institution = (member.institution_key, member.institution_name.clone());
-    let (inbound, requests) = tokio::sync::mpsc::channel(256);
-    let (client, event_loop) = actor::new(
-        network,
-        Setup {
-            identity: Arc::clone(&identity),
-            charter,
-            chain,
-            member,
-            revocations,
-            bootstrap: bootstrap_addrs,
-            store,
-            gpus: lent.clone(),
-            paused: false,
-            inbound: Some(inbound),
-        },
-    );
-    let (stop_net, stopped) = tokio::sync::oneshot::channel();
-    let network = tokio::spawn(event_loop.run(stopped));
-
+/// The worker, for a node that lends GPUs.
+fn worker(
+    cfg: &Config,
+    data_dir: &Path,
+    identity: &Arc<Identity>,
+    client: &Client,
+    blobs: &Blobs,
+    lent: Lent,
+) -> Option<Worker> {
+    if lent.reports.is_empty() {
+        return None;
+    }
     let corrupt_after = std::env::var("ALLIANCE_TEST_CORRUPT_RESULTS")
         .ok()
         .map(|v| {
@@ -279,56 +384,37 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             "ALLIANCE_TEST_CORRUPT_RESULTS is set: this worker returns WRONG outputs, to test verification"
         );
     }
-    let worker = (!lent_gpus.is_empty()).then(|| {
-        Worker::new(WorkerSetup {
-            identity: Arc::clone(&identity),
-            client: client.clone(),
-            blobs: blobs.clone(),
-            gpus: lent_gpus.clone(),
-            limits: cfg.worker.limits.clone(),
-            shares: cfg.worker.shares.clone(),
-            rlimits: cfg.worker.sandbox,
-            scratch: data_dir.join("scratch"),
-            program: std::env::current_exe().unwrap_or_else(|_| "alliance".into()),
-            args: vec!["sandbox".into()],
-            corrupt_after,
-            gates,
-            adverts: lent,
-            idle: crate::policy::IdleConfig {
-                busy_file: cfg
-                    .worker
-                    .idle
-                    .busy_file
-                    .as_ref()
-                    .map(|f| cfg.resolve(data_dir, f)),
-                ..cfg.worker.idle.clone()
-            },
-            pause_file,
-        })
-    });
-    if let Some(w) = &worker {
-        tokio::spawn(w.clone().watch());
-    }
-    let jobs = if submits {
-        let j = Jobs::open(
-            Arc::clone(&identity),
-            client.clone(),
-            blobs.clone(),
-            Blobs::open(&data_dir.join("checkpoints")).with_context(|| {
-                format!("cannot open the checkpoint store in {}", data_dir.display())
-            })?,
-            job_tables,
-            institution,
-        )
-        .context("cannot load this node's jobs")?;
-        tokio::spawn(j.clone().run());
-        Some(j)
-    } else {
-        None
-    };
-    tokio::spawn(serve_requests(requests, worker.clone(), jobs.clone()));
-    tokio::spawn(crate::blobs::serve(client.clone(), blobs));
+    Some(Worker::new(WorkerSetup {
+        identity: Arc::clone(identity),
+        client: client.clone(),
+        blobs: blobs.clone(),
+        gpus: lent.reports,
+        limits: cfg.worker.limits.clone(),
+        shares: cfg.worker.shares.clone(),
+        rlimits: cfg.worker.sandbox,
+        scratch: data_dir.join("scratch"),
+        program: std::env::current_exe().unwrap_or_else(|_| "alliance".into()),
+        args: vec!["sandbox".into()],
+        corrupt_after,
+        gates: lent.gates,
+        adverts: lent.entries,
+        idle: IdleConfig {
+            busy_file: cfg
+                .worker
+                .idle
+                .busy_file
+                .as_ref()
+                .map(|f| cfg.resolve(data_dir, f)),
+            ..cfg.worker.idle.clone()
+        },
+        pause_file: lent.pause_file,
+    }))
+}
 
+/// Serves the HTTP API on `[api] listen` (loopback only) until Ctrl-C or
+/// SIGTERM, with the address and a fresh token in the data directory
+/// while it runs.
+async fn serve_api(cfg: &Config, data_dir: &Path, mut state: api::ApiState) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
         .with_context(|| format!("cannot serve the API on {} (api.listen)", cfg.api.listen))?;
@@ -336,26 +422,16 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     if !api_addr.ip().is_loopback() {
         bail!("api.listen must be a loopback address, not {api_addr}");
     }
-    let token = api::new_token(data_dir)?;
+    state.token = api::new_token(data_dir)?;
     let addr_file = data_dir.join(api::ADDR_FILE);
     std::fs::write(&addr_file, api_addr.to_string())
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
     info!(%api_addr, "API listening");
-    let state = api::ApiState {
-        client,
-        jobs,
-        worker,
-        limits: cfg.worker.limits.clone(),
-        token,
-    };
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the API server failed")?;
-    info!("stopping");
     let _ = std::fs::remove_file(&addr_file);
-    let _ = stop_net.send(());
-    let _ = network.await;
     Ok(())
 }
 

@@ -13,7 +13,7 @@
 //! modelled (each worker is its own). Saboteurs collude: every lie is the
 //! same wrong answer, the worst case for voting.
 
-use crate::reputation::{Event, Record};
+use crate::trust::reputation::{Event, Record};
 use alliance_protocol::Timestamp;
 
 /// How results are checked.

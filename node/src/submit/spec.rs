@@ -16,6 +16,7 @@ use alliance_protocol::task::{Comparison, ElemType};
 use serde::{Deserialize, Serialize};
 
 use super::npy;
+use crate::work::kernels_elem;
 
 /// Tasks one job may hold.
 pub const MAX_TASKS: u32 = 100_000;
@@ -469,16 +470,6 @@ impl Job {
         // Split parts are equal in size, so the first task stands for all.
         executor::check(&self.task(0), limits, None).map_err(|e| e.to_string())?;
         Ok(())
-    }
-}
-
-/// The executor's element type for a protocol one.
-pub fn kernels_elem(e: ElemType) -> executor::ElemType {
-    match e {
-        ElemType::F32 => executor::ElemType::F32,
-        ElemType::U32 => executor::ElemType::U32,
-        ElemType::I32 => executor::ElemType::I32,
-        ElemType::Bytes => executor::ElemType::Bytes,
     }
 }
 

@@ -1,5 +1,9 @@
-//! The node's database (sled): known peers and their addresses, and the
-//! revocation lists it holds. Writes are flushed before they count.
+//! Storage: the node's sled database (known peers and their addresses, the
+//! revocation lists it holds, and the trees other rooms open by name), and
+//! [`blobs`], the content-addressed files. Writes are flushed before they
+//! count.
+
+pub mod blobs;
 
 use std::path::Path;
 
@@ -57,7 +61,7 @@ impl Store {
     }
 
     /// The credits table and the chains of their issuers (see
-    /// [`crate::credits`]).
+    /// [`crate::trust::credits`]).
     pub fn credits(&self) -> (sled::Tree, sled::Tree) {
         (self.credits.clone(), self.credit_issuers.clone())
     }

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::config;
-use crate::jobs::JobSummary;
+use crate::submit::JobSummary;
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
@@ -174,119 +174,11 @@ fn print_failures(d: &Value) {
     }
 }
 
+/// Runs `alliance job …`.
 pub fn job(cmd: JobCommand, json: bool) -> Result<()> {
     match cmd {
-        JobCommand::List(d) => {
-            let dir = node_dir(d.data_dir.as_deref())?;
-            let list = crate::api::request(&dir, "GET", "/v1/jobs", "")?;
-            if json {
-                println!("{list}");
-                return Ok(());
-            }
-            println!(
-                "{:<32} {:<20} {:<9} {:>6} {:>8} {:>7} {:>6} {:>6}",
-                "id", "name", "state", "tasks", "verified", "running", "queued", "failed"
-            );
-            for j in list.as_array().into_iter().flatten() {
-                let p = &j["progress"];
-                println!(
-                    "{:<32} {:<20} {:<9} {:>6} {:>8} {:>7} {:>6} {:>6}",
-                    j["id"].as_str().unwrap_or("?"),
-                    j["name"]
-                        .as_str()
-                        .unwrap_or("?")
-                        .chars()
-                        .take(20)
-                        .collect::<String>(),
-                    j["state"].as_str().unwrap_or("?"),
-                    j["tasks"],
-                    p["verified"],
-                    p["running"],
-                    p["queued"],
-                    p["failed"]
-                );
-                if let Some((reason, count)) = j["waiting"]
-                    .as_array()
-                    .and_then(|w| w.first())
-                    .and_then(|w| Some((w[0].as_str()?, w[1].as_u64()?)))
-                {
-                    println!("  {count} waiting: {reason}");
-                }
-            }
-            Ok(())
-        }
-        JobCommand::Status { id, dir } => {
-            let dir = node_dir(dir.data_dir.as_deref())?;
-            let d = crate::api::request(&dir, "GET", &format!("/v1/jobs/{id}"), "")?;
-            if json {
-                println!("{d}");
-                return Ok(());
-            }
-            let s = &d["summary"];
-            println!(
-                "job {} ({}): {}, {} tasks, redundancy {}",
-                s["id"].as_str().unwrap_or("?"),
-                s["name"].as_str().unwrap_or("?"),
-                s["state"].as_str().unwrap_or("?"),
-                s["tasks"],
-                s["redundancy"]
-            );
-            for (reason, count) in s["waiting"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|w| Some((w[0].as_str()?, w[1].as_u64()?)))
-            {
-                println!("  {count} waiting: {reason}");
-            }
-            println!(
-                "{:>5} {:<9} {:>8}  replicas (worker, institution, state, GPU time)",
-                "task", "state", "attempts"
-            );
-            for t in d["tasks"].as_array().into_iter().flatten() {
-                let replicas: Vec<String> = t["replicas"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|r| {
-                        let w = r["worker"].as_str().unwrap_or("?");
-                        let short = &w[w.len().saturating_sub(8)..];
-                        let why = r["reason"]
-                            .as_str()
-                            .map(|x| format!(": {x}"))
-                            .unwrap_or_default();
-                        // Steps of a checkpointed task: where this
-                        // attempt started and its last checkpoint.
-                        let steps = match (r["start_step"].as_u64(), r["checkpoint"].as_u64()) {
-                            (Some(0) | None, None) => String::new(),
-                            (from, last) => format!(
-                                " steps {}..{}",
-                                from.unwrap_or(0),
-                                last.map_or("?".into(), |l| l.to_string())
-                            ),
-                        };
-                        format!(
-                            "{short} {} {}{why}{steps} {:.1} ms",
-                            r["institution"].as_str().unwrap_or("?"),
-                            r["state"].as_str().unwrap_or("?"),
-                            r["gpu_time_us"].as_f64().unwrap_or(0.0) / 1000.0
-                        )
-                    })
-                    .collect();
-                println!(
-                    "{:>5} {:<9} {:>8}  {}",
-                    t["index"],
-                    t["state"].as_str().unwrap_or("?"),
-                    t["next_attempt"],
-                    replicas.join(" | ")
-                );
-                if let Some(w) = t["waiting"].as_str() {
-                    println!("{:>5} waiting: {w}", "");
-                }
-            }
-            print_failures(&d);
-            Ok(())
-        }
+        JobCommand::List(d) => list(&d, json),
+        JobCommand::Status { id, dir } => status(&id, &dir, json),
         JobCommand::Results {
             id,
             out,
@@ -322,4 +214,121 @@ pub fn job(cmd: JobCommand, json: bool) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `alliance job list`: every job of this node with its progress and the
+/// commonest reason its tasks wait.
+fn list(d: &Dir, json: bool) -> Result<()> {
+    let dir = node_dir(d.data_dir.as_deref())?;
+    let list = crate::api::request(&dir, "GET", "/v1/jobs", "")?;
+    if json {
+        println!("{list}");
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<20} {:<9} {:>6} {:>8} {:>7} {:>6} {:>6}",
+        "id", "name", "state", "tasks", "verified", "running", "queued", "failed"
+    );
+    for j in list.as_array().into_iter().flatten() {
+        let p = &j["progress"];
+        println!(
+            "{:<32} {:<20} {:<9} {:>6} {:>8} {:>7} {:>6} {:>6}",
+            j["id"].as_str().unwrap_or("?"),
+            j["name"]
+                .as_str()
+                .unwrap_or("?")
+                .chars()
+                .take(20)
+                .collect::<String>(),
+            j["state"].as_str().unwrap_or("?"),
+            j["tasks"],
+            p["verified"],
+            p["running"],
+            p["queued"],
+            p["failed"]
+        );
+        if let Some((reason, count)) = j["waiting"]
+            .as_array()
+            .and_then(|w| w.first())
+            .and_then(|w| Some((w[0].as_str()?, w[1].as_u64()?)))
+        {
+            println!("  {count} waiting: {reason}");
+        }
+    }
+    Ok(())
+}
+
+/// `alliance job status ID`: every task with its replicas, workers,
+/// states, steps and GPU time.
+fn status(id: &str, dir: &Dir, json: bool) -> Result<()> {
+    let dir = node_dir(dir.data_dir.as_deref())?;
+    let d = crate::api::request(&dir, "GET", &format!("/v1/jobs/{id}"), "")?;
+    if json {
+        println!("{d}");
+        return Ok(());
+    }
+    let s = &d["summary"];
+    println!(
+        "job {} ({}): {}, {} tasks, redundancy {}",
+        s["id"].as_str().unwrap_or("?"),
+        s["name"].as_str().unwrap_or("?"),
+        s["state"].as_str().unwrap_or("?"),
+        s["tasks"],
+        s["redundancy"]
+    );
+    for (reason, count) in s["waiting"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| Some((w[0].as_str()?, w[1].as_u64()?)))
+    {
+        println!("  {count} waiting: {reason}");
+    }
+    println!(
+        "{:>5} {:<9} {:>8}  replicas (worker, institution, state, GPU time)",
+        "task", "state", "attempts"
+    );
+    for t in d["tasks"].as_array().into_iter().flatten() {
+        let replicas: Vec<String> = t["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let w = r["worker"].as_str().unwrap_or("?");
+                let short = &w[w.len().saturating_sub(8)..];
+                let why = r["reason"]
+                    .as_str()
+                    .map(|x| format!(": {x}"))
+                    .unwrap_or_default();
+                // Steps of a checkpointed task: where this
+                // attempt started and its last checkpoint.
+                let steps = match (r["start_step"].as_u64(), r["checkpoint"].as_u64()) {
+                    (Some(0) | None, None) => String::new(),
+                    (from, last) => format!(
+                        " steps {}..{}",
+                        from.unwrap_or(0),
+                        last.map_or("?".into(), |l| l.to_string())
+                    ),
+                };
+                format!(
+                    "{short} {} {}{why}{steps} {:.1} ms",
+                    r["institution"].as_str().unwrap_or("?"),
+                    r["state"].as_str().unwrap_or("?"),
+                    r["gpu_time_us"].as_f64().unwrap_or(0.0) / 1000.0
+                )
+            })
+            .collect();
+        println!(
+            "{:>5} {:<9} {:>8}  {}",
+            t["index"],
+            t["state"].as_str().unwrap_or("?"),
+            t["next_attempt"],
+            replicas.join(" | ")
+        );
+        if let Some(w) = t["waiting"].as_str() {
+            println!("{:>5} waiting: {w}", "");
+        }
+    }
+    print_failures(&d);
+    Ok(())
 }

@@ -1,82 +1,41 @@
-//! Content-addressed blobs on disk (job inputs and large outputs), and the
-//! `/alliance/blob/2` protocol that moves them.
+//! Content-addressed blobs on disk: job inputs, large outputs and
+//! checkpoint buffers.
 //!
 //! A blob lives at `<dir>/<blake3 hex>`; it is written to a temporary file,
 //! checked against its hash, synced and renamed into place, so a blob that
-//! exists is whole and correct.
-//!
-//! To fetch, a node opens a stream to a holder and asks for a range
-//! ([`BlobRequest`]); the holder answers with a [`BlobResponse`] frame and
-//! streams exactly the announced bytes, read from disk a few chunks ahead of
-//! the network, straight into page-aligned buffers where the file system
-//! allows it (the encryption is then the only pass the holder's CPU makes
-//! over them). One stream carries the whole range, so the transport's flow
-//! control window grows once instead of starting small for every chunk.
-//! The fetcher hashes and writes each chunk on a blocking thread while the
-//! next one arrives, straight to the disk where the file system allows it
-//! (else through the page cache, starting writeback as it goes), resumes from
-//! the last byte it holds when a stream breaks, and keeps the blob only if
-//! the whole matches its hash. Holders serve only verified members, and a
-//! member that sends a malformed request is dropped.
+//! exists is whole and correct. The holder side of a transfer reads a
+//! range a chunk at a time into page-aligned buffers, straight from the
+//! disk where the file system allows it; the fetcher's [`Sink`] hashes and
+//! writes chunks on a blocking thread, straight to the disk where it can
+//! (else through the page cache, starting writeback as it goes). The
+//! protocol that moves them is [`crate::net::blobs`].
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use alliance_protocol::Hash;
 use alliance_protocol::wire::{BlobRequest, BlobResponse};
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::PeerId;
-use tokio::sync::{Semaphore, mpsc};
-
-use crate::net::BLOB_PROTOCOL;
-use crate::net::actor::Client;
-use crate::net::codec::{read_frame, write_frame};
+use tokio::sync::mpsc;
 
 /// Bytes moved per read and write on either side. Every chunk is handed
 /// between a disk thread and the network task, and each hand-over wakes a
 /// thread; 2 MiB keeps those to 512 per GiB, with the buffers of a stream
 /// (the chunks ahead and those being moved) near 12 MiB on either side.
-const CHUNK: usize = 2 * 1024 * 1024;
+pub(crate) const CHUNK: usize = 2 * 1024 * 1024;
+
 /// Chunks read ahead of the network (holder) or waiting for the disk
 /// (fetcher).
-const AHEAD: usize = 4;
+pub(crate) const AHEAD: usize = 4;
+
 /// A fetcher starts the disk's writeback after this many new bytes, so
 /// that the final sync has little left to do.
 const WRITEBACK_EVERY: u64 = 32 * 1024 * 1024;
-/// Streams a node serves at once; more wait.
-const MAX_SERVING: usize = 16;
-/// How long a request may take to arrive, and how long either side waits
-/// for the other to move a chunk, before giving up on the stream.
-const STALL: Duration = Duration::from_secs(30);
-/// Streams a fetch opens before it gives up (it resumes where the last
-/// one broke).
-const ATTEMPTS: u32 = 3;
 
 /// The blob directory.
 #[derive(Debug, Clone)]
 pub struct Blobs {
     dir: PathBuf,
-}
-
-/// Why a blob could not be had.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum BlobError {
-    #[error("blob store: {0}")]
-    Io(#[from] io::Error),
-    #[error("the blob {hash} from {peer} does not match its hash (got {got}); it was discarded")]
-    HashMismatch { peer: PeerId, hash: Hash, got: Hash },
-    #[error("{peer} does not have the blob {hash}")]
-    NotFound { peer: PeerId, hash: Hash },
-    #[error("fetching the blob {hash} from {peer} failed: {reason}")]
-    Fetch {
-        peer: PeerId,
-        hash: Hash,
-        reason: String,
-    },
 }
 
 impl Blobs {
@@ -117,7 +76,7 @@ impl Blobs {
         fs::read(self.path(hash))
     }
 
-    fn temp_path(&self) -> PathBuf {
+    pub(crate) fn temp_path(&self) -> PathBuf {
         let mut nonce = [0u8; 8];
         let _ = getrandom::fill(&mut nonce);
         self.dir.join(format!(".part-{}", hex::encode(nonce)))
@@ -125,7 +84,7 @@ impl Blobs {
 
     /// The blob, its length and how many bytes of the `len` asked for it
     /// has from `offset` on.
-    fn open_range(&self, req: &BlobRequest) -> Result<(File, u64, u64), BlobResponse> {
+    pub(crate) fn open_range(&self, req: &BlobRequest) -> Result<(File, u64, u64), BlobResponse> {
         let file = File::open(self.path(&req.hash)).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => BlobResponse::NotFound,
             _ => BlobResponse::Refused(e.to_string()),
@@ -144,98 +103,13 @@ impl Blobs {
     }
 }
 
-/// Serves `/alliance/blob/2` from `blobs` to verified members until the
-/// node stops.
-pub async fn serve(client: Client, blobs: Blobs) {
-    let Some(mut incoming) = client.accept_streams(BLOB_PROTOCOL) else {
-        tracing::warn!("blob streams are already being served");
-        return;
-    };
-    let permits = Arc::new(Semaphore::new(MAX_SERVING));
-    while let Some((peer, stream)) = incoming.next().await {
-        let (client, blobs, permits) = (client.clone(), blobs.clone(), Arc::clone(&permits));
-        tokio::spawn(async move {
-            if let Err(e) = serve_one(&client, &blobs, &permits, peer, stream).await {
-                tracing::debug!(%peer, "blob stream ended early: {e}");
-            }
-        });
-    }
-}
-
-async fn serve_one(
-    client: &Client,
-    blobs: &Blobs,
-    permits: &Semaphore,
-    peer: PeerId,
-    mut stream: libp2p::Stream,
-) -> io::Result<()> {
-    let request = tokio::time::timeout(STALL, read_frame::<BlobRequest, _>(&mut stream)).await;
-    let req = match request {
-        Ok(Ok(req)) => req,
-        Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
-            let _ = client
-                .punish(peer, format!("sent a malformed blob request: {e}"))
-                .await;
-            return Err(e);
-        }
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
-    };
-    if !matches!(client.member(peer).await, Ok(Some(_))) {
-        let why = "blobs are served to verified members of this alliance only";
-        write_frame(&mut stream, &BlobResponse::Refused(why.into())).await?;
-        return stream.close().await;
-    }
-    let _permit = permits.acquire().await.map_err(io::Error::other)?;
-    let b = blobs.clone();
-    let opened = tokio::task::spawn_blocking(move || {
-        b.open_range(&req)
-            .map(|(file, total, len)| (file, open_direct(&b.path(&req.hash), false), total, len))
-    })
-    .await
-    .map_err(io::Error::other)?;
-    let (file, direct, total_len, len) = match opened {
-        Ok(o) => o,
-        Err(answer) => {
-            write_frame(&mut stream, &answer).await?;
-            return stream.close().await;
-        }
-    };
-    write_frame(&mut stream, &BlobResponse::Sending { total_len, len }).await?;
-    // The disk is read a few chunks ahead of the network.
-    let (tx, mut rx) = mpsc::channel::<io::Result<Chunk>>(AHEAD);
-    let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Chunk>();
-    let reader = tokio::task::spawn_blocking(move || {
-        read_chunks(&file, direct, req.offset, len, &tx, &spare_rx);
-    });
-    let mut sent = 0u64;
-    while let Some(chunk) = rx.recv().await {
-        let chunk = chunk?;
-        tokio::time::timeout(STALL, stream.write_all(chunk.data()))
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-        sent += chunk.len as u64;
-        let _ = spare_tx.send(chunk);
-    }
-    drop(rx);
-    let _ = reader.await;
-    if sent != len {
-        // The file shrank under us: the fetcher sees a short stream.
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("sent {sent} of {len} bytes"),
-        ));
-    }
-    stream.close().await
-}
-
 /// Sends `len` bytes of `file` from `offset` on down `tx`, a chunk at a
 /// time, in page-aligned buffers read straight from the disk through
 /// `direct` where the file system allows it (the network copies them once,
 /// as it encrypts, instead of the page cache copying them first), else
 /// through the page cache. Stops early when the receiver is gone or the
 /// file is shorter than expected.
-fn read_chunks(
+pub(crate) fn read_chunks(
     file: &File,
     mut direct: Option<File>,
     offset: u64,
@@ -312,14 +186,14 @@ const ALIGN: usize = 4096;
 
 /// A buffer of up to [`CHUNK`] bytes that start at a page boundary, so the
 /// disk can take them without a copy into the page cache.
-struct Chunk {
+pub(crate) struct Chunk {
     bytes: Vec<u8>,
     start: usize,
-    len: usize,
+    pub(crate) len: usize,
 }
 
 impl Chunk {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let bytes = vec![0u8; CHUNK + ALIGN];
         // Always possible for bytes; were it not, writes fall back to the
         // page cache.
@@ -331,11 +205,11 @@ impl Chunk {
         }
     }
 
-    fn data(&self) -> &[u8] {
+    pub(crate) fn data(&self) -> &[u8] {
         &self.bytes[self.start..self.start + self.len]
     }
 
-    fn data_mut(&mut self) -> &mut [u8] {
+    pub(crate) fn data_mut(&mut self) -> &mut [u8] {
         &mut self.bytes[self.start..self.start + self.len]
     }
 }
@@ -344,14 +218,14 @@ impl Chunk {
 /// them in order, page-aligned chunks straight to the disk where the file
 /// system allows it, the rest through the page cache with writeback started
 /// as it goes.
-struct Sink {
+pub(crate) struct Sink {
     tx: mpsc::Sender<Chunk>,
     spare: std::sync::mpsc::Receiver<Chunk>,
     done: tokio::task::JoinHandle<io::Result<Hash>>,
 }
 
 impl Sink {
-    fn new(path: &Path) -> io::Result<Self> {
+    pub(crate) fn new(path: &Path) -> io::Result<Self> {
         let file = File::create(path)?;
         let direct = open_direct(path, true);
         let (tx, rx) = mpsc::channel::<Chunk>(AHEAD);
@@ -361,13 +235,13 @@ impl Sink {
     }
 
     /// An empty buffer to fill, reused when the writer is done with one.
-    fn buffer(&mut self) -> Chunk {
+    pub(crate) fn buffer(&mut self) -> Chunk {
         let mut chunk = self.spare.try_recv().unwrap_or_else(|_| Chunk::new());
         chunk.len = CHUNK;
         chunk
     }
 
-    async fn push(&mut self, chunk: Chunk) -> io::Result<()> {
+    pub(crate) async fn push(&mut self, chunk: Chunk) -> io::Result<()> {
         self.tx
             .send(chunk)
             .await
@@ -375,7 +249,7 @@ impl Sink {
     }
 
     /// Waits for every byte to be written and synced; the hash of them all.
-    async fn finish(self) -> io::Result<Hash> {
+    pub(crate) async fn finish(self) -> io::Result<Hash> {
         drop(self.tx);
         self.done.await.map_err(io::Error::other)?
     }
@@ -383,7 +257,7 @@ impl Sink {
 
 /// A second handle on `path` that bypasses the page cache, for writing or
 /// for reading, where the platform and file system offer one.
-fn open_direct(path: &Path, write: bool) -> Option<File> {
+pub(crate) fn open_direct(path: &Path, write: bool) -> Option<File> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -466,136 +340,6 @@ fn write_chunks(
     written?;
     file.sync_all()?;
     Ok(Hash::from(hasher.finalize()))
-}
-
-/// Why one stream of a fetch ended early.
-enum Broke {
-    /// Worth another stream, from where this one stopped.
-    Retry(String),
-    /// Not worth another try.
-    Fatal(BlobError),
-}
-
-/// Fetches the blob `hash` of `len` bytes from `peer` into `blobs`, unless it
-/// is already there. Returns the bytes that crossed the network.
-pub async fn fetch(
-    client: &Client,
-    blobs: &Blobs,
-    peer: PeerId,
-    hash: Hash,
-    len: u64,
-) -> Result<u64, BlobError> {
-    if blobs.has(&hash, len) {
-        return Ok(0);
-    }
-    let fail = |reason: String| BlobError::Fetch { peer, hash, reason };
-    let tmp = blobs.temp_path();
-    let result: Result<(), BlobError> = async {
-        let mut sink = Sink::new(&tmp)?;
-        let mut received = 0u64;
-        let mut attempt = 0;
-        while received < len {
-            attempt += 1;
-            match fetch_range(client, &mut sink, peer, hash, len, &mut received).await {
-                Ok(()) => {}
-                Err(Broke::Retry(why)) if attempt < ATTEMPTS => {
-                    tracing::debug!(%peer, %hash, received, "blob stream broke ({why}); resuming");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-                Err(Broke::Retry(why)) => return Err(fail(why)),
-                Err(Broke::Fatal(e)) => return Err(e),
-            }
-        }
-        let got = sink.finish().await?;
-        if got != hash {
-            return Err(BlobError::HashMismatch { peer, hash, got });
-        }
-        fs::rename(&tmp, blobs.path(&hash))?;
-        Ok(())
-    }
-    .await;
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map(|()| len)
-}
-
-/// Asks `peer` for the blob from `*received` on, over one stream, and
-/// hands what arrives to `sink`, counting it in `received`.
-async fn fetch_range(
-    client: &Client,
-    sink: &mut Sink,
-    peer: PeerId,
-    hash: Hash,
-    len: u64,
-    received: &mut u64,
-) -> Result<(), Broke> {
-    let retry = |e: &dyn std::fmt::Display| Broke::Retry(e.to_string());
-    let stalled = || Broke::Retry(format!("no data for {} s", STALL.as_secs()));
-    let mut stream = tokio::time::timeout(STALL, client.open_stream(peer, BLOB_PROTOCOL))
-        .await
-        .map_err(|_| stalled())?
-        .map_err(|e| retry(&e))?;
-    let want = len - *received;
-    let req = BlobRequest {
-        hash,
-        offset: *received,
-        len: want,
-    };
-    write_frame(&mut stream, &req)
-        .await
-        .map_err(|e| retry(&e))?;
-    let answer = tokio::time::timeout(STALL, read_frame::<BlobResponse, _>(&mut stream))
-        .await
-        .map_err(|_| stalled())?;
-    let fatal = |reason: String| Broke::Fatal(BlobError::Fetch { peer, hash, reason });
-    match answer {
-        Ok(BlobResponse::Sending { total_len, len: n }) if total_len == len && n == want => {}
-        Ok(BlobResponse::Sending { total_len, len: n }) => {
-            return Err(fatal(format!(
-                "offered {n} bytes of a {total_len}-byte blob when {want} of {len} were asked"
-            )));
-        }
-        Ok(BlobResponse::NotFound) => return Err(Broke::Fatal(BlobError::NotFound { peer, hash })),
-        Ok(BlobResponse::Refused(why)) => return Err(fatal(format!("refused: {why}"))),
-        Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(fatal(e.to_string())),
-        Err(e) => return Err(retry(&e)),
-    }
-    let end = len;
-    while *received < end {
-        let mut chunk = sink.buffer();
-        let room = usize::try_from(end - *received).unwrap_or(usize::MAX);
-        chunk.len = room.min(CHUNK);
-        // One deadline per chunk rather than per read: a timer per read
-        // costs more than the read at these rates.
-        let filled = tokio::time::timeout(STALL, fill(&mut stream, chunk.data_mut()))
-            .await
-            .map_err(|_| stalled())?
-            .map_err(|e| retry(&e))?;
-        if filled == 0 {
-            return Err(Broke::Retry(format!(
-                "the stream ended after {} of {len} bytes",
-                *received
-            )));
-        }
-        chunk.len = filled;
-        sink.push(chunk).await.map_err(|e| Broke::Fatal(e.into()))?;
-        *received += filled as u64;
-    }
-    Ok(())
-}
-
-/// Reads from `stream` until `buf` is full or the stream ends; the bytes
-/// read.
-async fn fill(stream: &mut libp2p::Stream, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match stream.read(&mut buf[filled..]).await? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]

@@ -13,14 +13,16 @@ use std::time::{Duration, Instant};
 
 use alliance_kernels::library::{self, monte_carlo_pi, sgemm};
 use alliance_protocol::armor::Label;
-use alliance_protocol::cert::{Chain, Charter, CharterDefaults, InstitutionCert, NodeCert, Roles};
+use alliance_protocol::cert::{
+    Chain, Charter, CharterDefaults, InstitutionCert, NodeCert, Roles, TrustedCharter,
+};
 use alliance_protocol::task::ElemType;
 use alliance_protocol::{Identity, Signed, Timestamp};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::job::npy;
+use crate::submit::npy;
 use crate::{api, config, trust};
 
 #[derive(Debug, Args)]
@@ -89,100 +91,18 @@ pub fn run(a: &DemoArgs) -> Result<()> {
 fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find this program")?;
     step("founding an alliance of three institutions");
-    let root = Identity::generate();
-    let now = Timestamp::now();
-    let charter = Signed::sign(
-        &Charter::new(
-            "Demo Alliance",
-            root.public(),
-            vec![],
-            CharterDefaults {
-                advert_ttl_secs: 30,
-                ..CharterDefaults::default()
-            },
-            now,
-        ),
-        &root,
-    )?
-    .verify_charter()?;
-    let institutions = [
-        ("University North", Roles::ALL),
-        ("University South", Roles::WORK | Roles::SUBMIT),
-        ("Institute East", Roles::WORK),
-    ]
-    .map(|(n, r)| (n, r, Identity::generate()));
-    for (name, roles, _) in &institutions {
+    let founding = Founding::new()?;
+    for (name, roles, _) in &founding.institutions {
         println!("  {name} (roles {roles})");
     }
-    let make = |name: &str, inst: usize, roles: Roles| -> Result<PathBuf> {
-        let (iname, iroles, ikey) = &institutions[inst];
-        let node_dir = dir.join(name);
-        std::fs::create_dir_all(&node_dir)?;
-        let id = Identity::generate();
-        id.save(&node_dir.join("node.key"))?;
-        let icert = InstitutionCert::new(
-            &charter,
-            (*iname).to_owned(),
-            ikey.public(),
-            *iroles,
-            now,
-            30,
-        );
-        let ncert = NodeCert::new(&charter, ikey.public(), id.public(), roles, now, 7);
-        let chain = Chain::new(Signed::sign(&icert, &root)?, Signed::sign(&ncert, ikey)?);
-        std::fs::write(
-            node_dir.join("node.chain"),
-            trust::armored(Label::InstitutionCertificate, &chain.institution)
-                + &trust::armored(Label::NodeCertificate, &chain.node),
-        )?;
-        std::fs::write(
-            node_dir.join("charter.alliance"),
-            trust::armored(Label::Charter, &charter.signed),
-        )?;
-        let cfg = config::EXAMPLE
-            .replace(
-                "listen = [\"/ip4/0.0.0.0/tcp/4001\", \"/ip4/0.0.0.0/udp/4001/quic-v1\"]",
-                "listen = [\"/ip4/127.0.0.1/tcp/0\"]",
-            )
-            .replace("mdns = true", "mdns = false")
-            .replace("listen = \"127.0.0.1:7878\"", "listen = \"127.0.0.1:0\"");
-        std::fs::write(node_dir.join(config::FILE_NAME), cfg)?;
-        Ok(node_dir)
-    };
-    let start = |name: &'static str, node_dir: PathBuf, bootstrap: Option<&str>| -> Result<Node> {
-        if let Some(b) = bootstrap {
-            let path = node_dir.join(config::FILE_NAME);
-            let text = std::fs::read_to_string(&path)?;
-            std::fs::write(
-                &path,
-                text.replace("bootstrap = []", &format!("bootstrap = [{b:?}]")),
-            )?;
-        }
-        let log = std::fs::File::create(node_dir.join("node.log"))?;
-        let mut cmd = Command::new(&exe);
-        cmd.args(["node", "run", "--data-dir"]).arg(&node_dir);
-        if bootstrap.is_none() {
-            cmd.arg("--bootstrap");
-        }
-        let child = cmd
-            .env("RUST_LOG", "info,wgpu_hal=off,wgpu_core=off,naga=off")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", exe.display()))?;
-        let node = Node {
-            name,
-            dir: node_dir,
-            child,
-        };
-        wait(Duration::from_secs(60), &format!("{name} to start"), || {
-            api::request(&node.dir, "GET", "/v1/status", "").is_ok()
-        })?;
-        Ok(node)
-    };
 
     step("starting a bootstrap node, three workers and a submitting node (separate processes)");
-    let boot = start("bootstrap", make("boot", 0, Roles::BOOTSTRAP)?, None)?;
+    let boot = start(
+        &exe,
+        "bootstrap",
+        founding.node_dir(dir, "boot", 0, Roles::BOOTSTRAP)?,
+        None,
+    )?;
     let s = api::request(&boot.dir, "GET", "/v1/status", "")?;
     let boot_addr = format!(
         "{}/p2p/{}",
@@ -192,12 +112,18 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
     println!("  bootstrap  {boot_addr}");
     let mut nodes = vec![boot];
     for (name, inst) in [("worker-north", 0), ("worker-south", 1), ("worker-east", 2)] {
-        let n = start(name, make(name, inst, Roles::WORK)?, Some(&boot_addr))?;
+        let n = start(
+            &exe,
+            name,
+            founding.node_dir(dir, name, inst, Roles::WORK)?,
+            Some(&boot_addr),
+        )?;
         nodes.push(n);
     }
     let sub = start(
+        &exe,
         "submitter",
-        make("submitter", 1, Roles::SUBMIT)?,
+        founding.node_dir(dir, "submitter", 1, Roles::SUBMIT)?,
         Some(&boot_addr),
     )?;
     wait(
@@ -211,7 +137,156 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
         },
     )?;
     let names = peer_names(&nodes)?;
-    let gpus = api::request(&sub.dir, "GET", "/v1/gpus", "")?;
+    show_gpus(&sub.dir, &names)?;
+
+    let jobs = dir.join("jobs");
+    std::fs::create_dir_all(&jobs)?;
+    pi_job(&jobs, &sub.dir, a.tasks, &names)?;
+    sgemm_job(&jobs, &sub.dir, &names)?;
+
+    step("stopping every node (SIGTERM)");
+    for mut n in std::iter::once(sub).chain(nodes.into_iter().rev()) {
+        stop(&mut n.child);
+        println!("  {} stopped", n.name);
+    }
+    println!("\ndemo complete");
+    Ok(())
+}
+
+/// The demo's alliance: its root key and charter, and three institutions
+/// with their keys.
+struct Founding {
+    root: Identity,
+    charter: TrustedCharter,
+    institutions: [(&'static str, Roles, Identity); 3],
+    now: Timestamp,
+}
+
+impl Founding {
+    fn new() -> Result<Self> {
+        let root = Identity::generate();
+        let now = Timestamp::now();
+        let charter = Signed::sign(
+            &Charter::new(
+                "Demo Alliance",
+                root.public(),
+                vec![],
+                CharterDefaults {
+                    advert_ttl_secs: 30,
+                    ..CharterDefaults::default()
+                },
+                now,
+            ),
+            &root,
+        )?
+        .verify_charter()?;
+        let institutions = [
+            ("University North", Roles::ALL),
+            ("University South", Roles::WORK | Roles::SUBMIT),
+            ("Institute East", Roles::WORK),
+        ]
+        .map(|(n, r)| (n, r, Identity::generate()));
+        Ok(Self {
+            root,
+            charter,
+            institutions,
+            now,
+        })
+    }
+
+    /// A node's data directory under `dir`: its key, its chain from
+    /// institution `inst` with `roles`, the charter and a config that
+    /// listens on loopback only.
+    fn node_dir(&self, dir: &Path, name: &str, inst: usize, roles: Roles) -> Result<PathBuf> {
+        let (iname, iroles, ikey) = &self.institutions[inst];
+        let node_dir = dir.join(name);
+        std::fs::create_dir_all(&node_dir)?;
+        let id = Identity::generate();
+        id.save(&node_dir.join("node.key"))?;
+        let icert = InstitutionCert::new(
+            &self.charter,
+            (*iname).to_owned(),
+            ikey.public(),
+            *iroles,
+            self.now,
+            30,
+        );
+        let ncert = NodeCert::new(
+            &self.charter,
+            ikey.public(),
+            id.public(),
+            roles,
+            self.now,
+            7,
+        );
+        let chain = Chain::new(
+            Signed::sign(&icert, &self.root)?,
+            Signed::sign(&ncert, ikey)?,
+        );
+        std::fs::write(
+            node_dir.join("node.chain"),
+            trust::armored(Label::InstitutionCertificate, &chain.institution)
+                + &trust::armored(Label::NodeCertificate, &chain.node),
+        )?;
+        std::fs::write(
+            node_dir.join("charter.alliance"),
+            trust::armored(Label::Charter, &self.charter.signed),
+        )?;
+        let cfg = config::EXAMPLE
+            .replace(
+                "listen = [\"/ip4/0.0.0.0/tcp/4001\", \"/ip4/0.0.0.0/udp/4001/quic-v1\"]",
+                "listen = [\"/ip4/127.0.0.1/tcp/0\"]",
+            )
+            .replace("mdns = true", "mdns = false")
+            .replace("listen = \"127.0.0.1:7878\"", "listen = \"127.0.0.1:0\"");
+        std::fs::write(node_dir.join(config::FILE_NAME), cfg)?;
+        Ok(node_dir)
+    }
+}
+
+/// Starts `alliance node run` on `node_dir` (a bootstrap node when
+/// `bootstrap` is `None`, else a member that dials it) and waits for its
+/// API.
+fn start(
+    exe: &Path,
+    name: &'static str,
+    node_dir: PathBuf,
+    bootstrap: Option<&str>,
+) -> Result<Node> {
+    if let Some(b) = bootstrap {
+        let path = node_dir.join(config::FILE_NAME);
+        let text = std::fs::read_to_string(&path)?;
+        std::fs::write(
+            &path,
+            text.replace("bootstrap = []", &format!("bootstrap = [{b:?}]")),
+        )?;
+    }
+    let log = std::fs::File::create(node_dir.join("node.log"))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["node", "run", "--data-dir"]).arg(&node_dir);
+    if bootstrap.is_none() {
+        cmd.arg("--bootstrap");
+    }
+    let child = cmd
+        .env("RUST_LOG", "info,wgpu_hal=off,wgpu_core=off,naga=off")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let node = Node {
+        name,
+        dir: node_dir,
+        child,
+    };
+    wait(Duration::from_secs(60), &format!("{name} to start"), || {
+        api::request(&node.dir, "GET", "/v1/status", "").is_ok()
+    })?;
+    Ok(node)
+}
+
+/// Prints the GPUs the submitter sees, with who lends them.
+fn show_gpus(sub: &Path, names: &[(String, String)]) -> Result<()> {
+    let gpus = api::request(sub, "GET", "/v1/gpus", "")?;
     for g in gpus.as_array().into_iter().flatten() {
         let who = names
             .iter()
@@ -228,33 +303,35 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
             gpu["name"].as_str().unwrap_or("?")
         );
     }
+    Ok(())
+}
 
-    let jobs = dir.join("jobs");
-    std::fs::create_dir_all(&jobs)?;
+/// Job 1: Monte Carlo π as an array job of `tasks` tasks, every count
+/// checked against the CPU reference.
+fn pi_job(jobs: &Path, sub: &Path, tasks: u32, names: &[(String, String)]) -> Result<()> {
     let (seed, wg, samples) = (2026u32, 16u32, 64u32);
     std::fs::write(
         jobs.join("pi.toml"),
         format!(
-            "name = \"monte-carlo-pi\"\nkernel = \"library:monte_carlo_pi\"\ndispatch = [{wg}, 1, 1]\ntasks = {}\ninfo_binding = 0\n\n[[inputs]]\nbinding = 1\nkind = \"uniform\"\ntype = \"u32\"\nvalues = [{seed}, {samples}]\n\n[[outputs]]\nbinding = 2\ntype = \"u32\"\nlen = {wg}\n",
-            a.tasks
+            "name = \"monte-carlo-pi\"\nkernel = \"library:monte_carlo_pi\"\ndispatch = [{wg}, 1, 1]\ntasks = {tasks}\ninfo_binding = 0\n\n[[inputs]]\nbinding = 1\nkind = \"uniform\"\ntype = \"u32\"\nvalues = [{seed}, {samples}]\n\n[[outputs]]\nbinding = 2\ntype = \"u32\"\nlen = {wg}\n",
         ),
     )?;
-    step(&format!(
-        "job 1: Monte Carlo π, an array job of {} tasks, exact comparison",
-        a.tasks
-    ));
-    let pi_id = submit_and_wait(&sub.dir, &jobs.join("pi.toml"))?;
-    let out = jobs.join("pi-results");
-    export(&sub.dir, &pi_id, &out, true)?;
+    let (pi_id, out) = run_job(
+        sub,
+        jobs,
+        "pi.toml",
+        &format!("job 1: Monte Carlo π, an array job of {tasks} tasks, exact comparison"),
+        true,
+    )?;
     let counts = npy::parse(&std::fs::read(out.join("out2.npy"))?)?;
     let got = library::to_u32(&counts.data);
-    let want: Vec<u32> = (0..a.tasks)
+    let want: Vec<u32> = (0..tasks)
         .flat_map(|t| monte_carlo_pi::cpu(seed, wg, samples, t))
         .collect();
     if got != want {
         bail!("the π counts differ from the CPU reference");
     }
-    let total = u64::from(a.tasks)
+    let total = u64::from(tasks)
         * u64::from(wg)
         * u64::from(monte_carlo_pi::WORKGROUP)
         * u64::from(samples);
@@ -262,8 +339,12 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
         "  every count equals the CPU reference; π ≈ {:.5} from {total} samples",
         monte_carlo_pi::estimate(&got, total)
     );
-    who_computed(&sub.dir, &pi_id, &names)?;
+    who_computed(sub, &pi_id, names)
+}
 
+/// Job 2: a 128×128 SGEMM replicated on two workers and compared within a
+/// tolerance, checked against the CPU reference.
+fn sgemm_job(jobs: &Path, sub: &Path, names: &[(String, String)]) -> Result<()> {
     let m = 128usize;
     let am: Vec<f32> = (0..m * m)
         .map(|i| ((i * 7) % 17) as f32 / 17.0 - 0.5)
@@ -286,12 +367,13 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
             g = m.div_ceil(64)
         ),
     )?;
-    step(&format!(
-        "job 2: a {m}×{m} SGEMM on two workers, replicas compared within a tolerance"
-    ));
-    let sg_id = submit_and_wait(&sub.dir, &jobs.join("sgemm.toml"))?;
-    let out = jobs.join("sgemm-results");
-    export(&sub.dir, &sg_id, &out, false)?;
+    let (sg_id, out) = run_job(
+        sub,
+        jobs,
+        "sgemm.toml",
+        &format!("job 2: a {m}×{m} SGEMM on two workers, replicas compared within a tolerance"),
+        false,
+    )?;
     let c = library::to_f32(&npy::parse(&std::fs::read(out.join("out3-task0.npy"))?)?.data);
     let want = sgemm::cpu(m, m, m, &am, &bm);
     let worst = c
@@ -303,15 +385,25 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
         bail!("the SGEMM result is {worst:e} away from the CPU reference");
     }
     println!("  C matches the CPU reference (largest relative difference {worst:.1e})");
-    who_computed(&sub.dir, &sg_id, &names)?;
+    who_computed(sub, &sg_id, names)
+}
 
-    step("stopping every node (SIGTERM)");
-    for mut n in std::iter::once(sub).chain(nodes.into_iter().rev()) {
-        stop(&mut n.child);
-        println!("  {} stopped", n.name);
-    }
-    println!("\ndemo complete");
-    Ok(())
+/// Announces a job, submits the job file `file` from `jobs`, waits for
+/// its end and exports its outputs (every task in one file per output
+/// with `concat`) to
+/// `jobs/<name>-results`; the job's id and that folder.
+fn run_job(
+    sub: &Path,
+    jobs: &Path,
+    file: &str,
+    title: &str,
+    concat: bool,
+) -> Result<(String, PathBuf)> {
+    step(title);
+    let id = submit_and_wait(sub, &jobs.join(file))?;
+    let out = jobs.join(format!("{}-results", file.trim_end_matches(".toml")));
+    export(sub, &id, &out, concat)?;
+    Ok((id, out))
 }
 
 fn wait(limit: Duration, what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
@@ -339,7 +431,7 @@ fn peer_names(nodes: &[Node]) -> Result<Vec<(String, String)>> {
 }
 
 fn submit_and_wait(sub: &Path, job: &Path) -> Result<String> {
-    let job = crate::jobcli::submit_file(sub, job)?;
+    let job = crate::cli::researcher::submit_file(sub, job)?;
     let id = job.id;
     println!(
         "  job {id}: {} task{}, redundancy {}",
@@ -347,7 +439,7 @@ fn submit_and_wait(sub: &Path, job: &Path) -> Result<String> {
         if job.tasks == 1 { "" } else { "s" },
         job.redundancy
     );
-    crate::jobcli::wait_for_job(sub, &id, false)?;
+    crate::cli::researcher::wait_for_job(sub, &id, false)?;
     Ok(id)
 }
 

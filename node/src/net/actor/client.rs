@@ -1,0 +1,264 @@
+//! The handle the rest of the node holds: a cheap, cloneable [`Client`]
+//! whose methods send a [`Command`] with a `oneshot` for the answer; the
+//! views it answers with; [`Inbound`], the requests from members the actor
+//! hands to the worker and the submitter.
+
+use crate::trust::credits::{Balance, Credits};
+use alliance_protocol::advert::GpuInfo;
+use alliance_protocol::cert::{Member, Revocations};
+use alliance_protocol::task::Credit;
+use alliance_protocol::wire::{Ack, Acks, OfferAnswers, OfferRequest, Progress, Reports};
+use alliance_protocol::{Signed, Timestamp};
+use libp2p::PeerId;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+/// A request from a verified member, for the part of the node that answers
+/// it; dropping `reply` fails the request.
+#[derive(Debug)]
+pub enum Inbound {
+    Offer {
+        peer: PeerId,
+        member: Member,
+        request: Box<OfferRequest>,
+        reply: oneshot::Sender<OfferAnswers>,
+    },
+    Report {
+        peer: PeerId,
+        member: Member,
+        reports: Box<Reports>,
+        reply: oneshot::Sender<Acks>,
+    },
+    Progress {
+        peer: PeerId,
+        member: Member,
+        progress: Box<Progress>,
+        reply: oneshot::Sender<Ack>,
+    },
+}
+
+/// Outcome of a request to a peer: its answer, or why there is none.
+pub type Reply<T> = Result<T, String>;
+
+/// The node's own status.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub alliance: String,
+    pub alliance_id: String,
+    pub institution: String,
+    pub roles: String,
+    pub listen_addrs: Vec<String>,
+    pub external_addrs: Vec<String>,
+    /// What AutoNAT found: "public", "private" or "unknown", with the
+    /// number of agreeing probes.
+    pub nat: String,
+    /// Bootstrap nodes this node holds a relayed address on.
+    pub relayed_via: Vec<String>,
+    pub connected_peers: usize,
+    /// Bytes received and sent over all connections since start.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub members: usize,
+    pub paused: bool,
+    pub rejected: Vec<Rejection>,
+    /// Revocation lists in force: signer and sequence number.
+    pub revocation_lists: Vec<(String, u64)>,
+}
+
+/// A peer that was turned away, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection {
+    pub peer_id: String,
+    pub reason: String,
+}
+
+/// A verified, connected member.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerView {
+    pub peer_id: String,
+    pub institution: String,
+    pub roles: String,
+    pub addresses: Vec<String>,
+    /// Whether at least one connection to the peer is direct (not relayed).
+    pub direct: bool,
+    pub valid_until: String,
+}
+
+/// A live advert.
+#[derive(Debug, Clone, Serialize)]
+pub struct AdvertView {
+    pub peer_id: String,
+    pub institution: String,
+    pub local: bool,
+    pub sequence: u64,
+    /// When this node accepted the advert (or published it, if local),
+    /// microseconds since the Unix epoch.
+    pub received_at_us: u64,
+    pub expires_at: String,
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// Requests to the actor.
+#[derive(Debug)]
+pub enum Command {
+    Status(oneshot::Sender<Status>),
+    Metrics(oneshot::Sender<String>),
+    Peers(oneshot::Sender<Vec<PeerView>>),
+    Gpus(oneshot::Sender<Vec<AdvertView>>),
+    SetPaused(bool, oneshot::Sender<()>),
+    /// The lent GPUs' advert entries changed (state, reason, free slots).
+    SetGpus(Vec<GpuInfo>, oneshot::Sender<()>),
+    Revoke(
+        Box<Signed<Revocations>>,
+        oneshot::Sender<Result<(), String>>,
+    ),
+    Offer(
+        PeerId,
+        Box<OfferRequest>,
+        oneshot::Sender<Reply<OfferAnswers>>,
+    ),
+    Report(PeerId, Box<Reports>, oneshot::Sender<Reply<Acks>>),
+    Progress(PeerId, Box<Progress>, oneshot::Sender<Reply<Ack>>),
+    /// The verified member behind a peer, if it is one and connected.
+    Member(PeerId, oneshot::Sender<Option<Member>>),
+    /// Keep and gossip credits this node issued.
+    PublishCredits(Vec<Signed<Credit>>),
+    /// Every institution's account.
+    Credits(oneshot::Sender<Vec<Balance>>),
+    /// One institution's balance, GPU seconds.
+    /// A member misbehaved (a bad result, a blob that fails its hash):
+    /// disconnect and block it, with the reason.
+    Punish(PeerId, String),
+}
+
+/// The handle the rest of the node uses.
+#[derive(Clone)]
+pub struct Client {
+    pub(super) commands: mpsc::Sender<Command>,
+    pub(super) streams: libp2p_stream::Control,
+    /// The credit totals the actor keeps, read here directly: a worker
+    /// asks for a balance for every task that waits for its GPU.
+    pub(super) credits: Credits,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
+}
+
+/// The actor has stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("the network actor has stopped")]
+pub struct Stopped;
+
+impl Client {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    pub async fn status(&self) -> Result<Status, Stopped> {
+        self.ask(Command::Status).await
+    }
+
+    /// The node's traffic counters, as Prometheus text.
+    pub async fn metrics(&self) -> Result<String, Stopped> {
+        self.ask(Command::Metrics).await
+    }
+
+    pub async fn peers(&self) -> Result<Vec<PeerView>, Stopped> {
+        self.ask(Command::Peers).await
+    }
+
+    pub async fn gpus(&self) -> Result<Vec<AdvertView>, Stopped> {
+        self.ask(Command::Gpus).await
+    }
+
+    pub async fn set_paused(&self, paused: bool) -> Result<(), Stopped> {
+        self.ask(|tx| Command::SetPaused(paused, tx)).await
+    }
+
+    /// Replaces the lent GPUs' advert entries; a change is published at
+    /// once.
+    pub async fn set_gpus(&self, gpus: Vec<GpuInfo>) -> Result<(), Stopped> {
+        self.ask(|tx| Command::SetGpus(gpus, tx)).await
+    }
+
+    pub async fn revoke(&self, list: Signed<Revocations>) -> Result<Result<(), String>, Stopped> {
+        self.ask(|tx| Command::Revoke(Box::new(list), tx)).await
+    }
+
+    /// Offers tasks to `peer`; the answers come one per offer.
+    pub async fn offer(
+        &self,
+        peer: PeerId,
+        req: OfferRequest,
+    ) -> Result<Reply<OfferAnswers>, Stopped> {
+        self.ask(|tx| Command::Offer(peer, Box::new(req), tx)).await
+    }
+
+    /// Reports tasks' ends to their submitter `peer`; the acknowledgements
+    /// come one per report.
+    pub async fn report(&self, peer: PeerId, reports: Reports) -> Result<Reply<Acks>, Stopped> {
+        self.ask(|tx| Command::Report(peer, Box::new(reports), tx))
+            .await
+    }
+
+    /// Tells the submitter `peer` that a task still runs.
+    pub async fn progress(&self, peer: PeerId, p: Progress) -> Result<Reply<Ack>, Stopped> {
+        self.ask(|tx| Command::Progress(peer, Box::new(p), tx))
+            .await
+    }
+
+    /// Opens a raw stream of `protocol` to `peer` (blob ranges).
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        protocol: libp2p::StreamProtocol,
+    ) -> Result<libp2p::Stream, libp2p_stream::OpenStreamError> {
+        self.streams.clone().open_stream(peer, protocol).await
+    }
+
+    /// Inbound raw streams of `protocol`; `None` if something already
+    /// takes them.
+    pub fn accept_streams(
+        &self,
+        protocol: libp2p::StreamProtocol,
+    ) -> Option<libp2p_stream::IncomingStreams> {
+        self.streams.clone().accept(protocol).ok()
+    }
+
+    /// Keeps and gossips credits this node issued (in batches).
+    pub async fn publish_credits(&self, credits: Vec<Signed<Credit>>) -> Result<(), Stopped> {
+        self.commands
+            .send(Command::PublishCredits(credits))
+            .await
+            .map_err(|_| Stopped)
+    }
+
+    /// Every institution's account, as this node's credits tell it.
+    pub async fn credits(&self) -> Result<Vec<Balance>, Stopped> {
+        self.ask(Command::Credits).await
+    }
+
+    /// One institution's balance in GPU seconds.
+    pub fn balance(&self, institution: alliance_protocol::PublicKey) -> f64 {
+        self.credits.balance(&institution, Timestamp::now())
+    }
+
+    /// The verified member behind `peer`, if connected.
+    pub async fn member(&self, peer: PeerId) -> Result<Option<Member>, Stopped> {
+        self.ask(|tx| Command::Member(peer, tx)).await
+    }
+
+    /// Drops and blocks a member that misbehaved.
+    pub async fn punish(&self, peer: PeerId, reason: String) -> Result<(), Stopped> {
+        self.commands
+            .send(Command::Punish(peer, reason))
+            .await
+            .map_err(|_| Stopped)
+    }
+}

@@ -1,0 +1,183 @@
+//! What researchers ask of the submitter: a job file checked, stored and
+//! scheduled; the list of jobs, one job's detail, cancelling, and waiting
+//! for a job's end.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use alliance_kernels::intake::Limits;
+use alliance_protocol::task::{Data, JobId};
+use alliance_protocol::{Hash, Timestamp};
+use tracing::info;
+
+use crate::submit::Job;
+
+use super::records::{
+    InputRecord, JobDetail, JobRecord, JobState, JobSummary, Progress, Replica, TaskRecord,
+    TaskState,
+};
+use super::{INLINE_INPUT, Jobs, JobsError, Live, db};
+
+pub(super) fn summary(l: &Live) -> JobSummary {
+    let mut p = Progress::default();
+    let mut waiting: BTreeMap<String, u32> = BTreeMap::new();
+    for t in &l.tasks {
+        match t.state {
+            TaskState::Verified => p.verified += 1,
+            TaskState::Failed => p.failed += 1,
+            TaskState::Waiting if t.replicas.iter().any(Replica::in_flight) => p.running += 1,
+            TaskState::Waiting => {
+                p.queued += 1;
+                if let Some(w) = &t.waiting {
+                    *waiting.entry(w.clone()).or_default() += 1;
+                }
+            }
+        }
+    }
+    let mut waiting: Vec<(String, u32)> = waiting.into_iter().collect();
+    waiting.sort_by_key(|w| std::cmp::Reverse(w.1));
+    JobSummary {
+        id: l.job.id.clone(),
+        name: l.job.name.clone(),
+        state: l.job.state.clone(),
+        tasks: l.job.tasks,
+        redundancy: l.job.redundancy,
+        progress: p,
+        submitted_at: l.job.submitted_at,
+        finished_at: l.job.finished_at,
+        waiting,
+    }
+}
+
+impl Jobs {
+    /// Loads, checks and stores the job file at `path`; returns its
+    /// summary, which holds its id.
+    pub fn submit(&self, path: &Path, limits: &Limits) -> Result<JobSummary, JobsError> {
+        let job = Job::load(path, limits).map_err(|e| JobsError::Refused(e.to_string()))?;
+        let mut raw = [0u8; 16];
+        getrandom::fill(&mut raw).map_err(db)?;
+        let id = JobId(raw).to_string();
+        let mut inputs = Vec::new();
+        for i in &job.inputs {
+            let parts: Vec<&[u8]> = match &i.parts {
+                crate::submit::spec::Parts::Shared(b) => vec![b.as_slice()],
+                crate::submit::spec::Parts::Split(p) => p.iter().map(Vec::as_slice).collect(),
+            };
+            let mut stored = Vec::new();
+            for p in parts {
+                stored.push(if p.len() <= INLINE_INPUT {
+                    Data::Inline(p.to_vec())
+                } else {
+                    let hash = self.inner.blobs.put(p).map_err(db)?;
+                    Data::Blob {
+                        hash,
+                        len: p.len() as u64,
+                    }
+                });
+            }
+            inputs.push(InputRecord {
+                binding: i.binding,
+                kind: i.kind,
+                elem: i.elem,
+                split: matches!(i.parts, crate::submit::spec::Parts::Split(_)),
+                parts: stored,
+            });
+        }
+        let record = JobRecord {
+            id: id.clone(),
+            name: job.name.clone(),
+            submitted_at: Timestamp::now(),
+            kernel_hash: Hash::of(job.kernel.as_bytes()),
+            kernel: job.kernel,
+            entry_point: job.entry_point,
+            dispatch: job.dispatch,
+            tasks: job.tasks,
+            steps: job.steps,
+            checkpoint_every: job.checkpoint_every,
+            timeout_ms: u64::try_from(job.timeout.as_millis()).unwrap_or(u64::MAX),
+            redundancy: job.redundancy,
+            adaptive: job.adaptive,
+            comparison: job.comparison,
+            info_binding: job.info_binding,
+            inputs,
+            outputs: job.outputs,
+            requirements: job.requirements,
+            state: JobState::Active,
+            finished_at: None,
+        };
+        // Tasks are stored once they are first offered: the job record
+        // alone stands for all its tasks until then, so a job of any size
+        // costs one write to submit.
+        let tasks: Vec<TaskRecord> = (0..record.tasks).map(TaskRecord::new).collect();
+        self.save_job(&record)?;
+        self.flush()?;
+        info!(job = %id, name = %record.name, tasks = record.tasks, "job submitted");
+        let live = Live::new(record, tasks);
+        let submitted = summary(&live);
+        self.lock()?.insert(id, live);
+        self.inner.wake.notify_one();
+        Ok(submitted)
+    }
+
+    /// Every job, newest first.
+    pub fn list(&self) -> Result<Vec<JobSummary>, JobsError> {
+        let live = self.lock()?;
+        let mut out: Vec<JobSummary> = live.values().map(summary).collect();
+        out.sort_by(|a, b| b.submitted_at.cmp(&a.submitted_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// One job with its tasks.
+    pub fn detail(&self, id: &str) -> Result<JobDetail, JobsError> {
+        let live = self.lock()?;
+        let l = live
+            .get(id)
+            .ok_or_else(|| JobsError::NotFound(id.to_owned()))?;
+        Ok(JobDetail {
+            summary: summary(l),
+            outputs: l.job.outputs.clone(),
+            tasks: l.tasks.clone(),
+        })
+    }
+
+    /// Stops offering a job's tasks; results still on their way are refused.
+    pub fn cancel(&self, id: &str) -> Result<JobSummary, JobsError> {
+        let mut live = self.lock()?;
+        let l = live
+            .get_mut(id)
+            .ok_or_else(|| JobsError::NotFound(id.to_owned()))?;
+        if l.job.state == JobState::Active {
+            l.job.state = JobState::Cancelled;
+            l.job.finished_at = Some(Timestamp::now());
+            let job = l.job.clone();
+            self.save_job(&job)?;
+            self.flush()?;
+            self.inner.ended.send_modify(|n| *n += 1);
+        }
+        Ok(summary(l))
+    }
+
+    /// The job's summary once it has ended (done, failed or cancelled), or
+    /// after `patience`, whichever comes first.
+    pub async fn wait_end(&self, id: &str, patience: Duration) -> Result<JobSummary, JobsError> {
+        let mut ended = self.inner.ended.subscribe();
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let now = {
+                let live = self.lock()?;
+                let l = live
+                    .get(id)
+                    .ok_or_else(|| JobsError::NotFound(id.to_owned()))?;
+                summary(l)
+            };
+            if now.state != JobState::Active {
+                return Ok(now);
+            }
+            match tokio::time::timeout_at(deadline, ended.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Ok(now),
+            }
+        }
+    }
+}

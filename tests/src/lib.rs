@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Condvar, Mutex, PoisonError};
 
 /// The workspace root (the folder of the root `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
@@ -51,6 +52,42 @@ pub fn dependency_names(package: &str) -> Result<Vec<String>, String> {
 
 pub mod alliance;
 pub mod jobs;
+
+/// The scenario whose tests run now, and how many of them.
+static RUNNING: Mutex<(Option<&'static str>, usize)> = Mutex::new((None, 0));
+/// Signalled when a scenario's last running test ends.
+static FREE: Condvar = Condvar::new();
+
+/// A test's turn: held for the whole test, see [`scenario`].
+#[derive(Debug)]
+pub struct Turn;
+
+/// Waits until no test of another scenario runs, then lets this test of
+/// `name` (a module of the test binary: pass `module_path!()`) run. The
+/// tests of one scenario still run side by side, as they did when each
+/// scenario was a test binary of its own; tests of two scenarios never do,
+/// so a heavy scenario (fifty nodes in one process, a whole alliance of
+/// processes, an owner's timing) has the machine to itself as it was
+/// written to.
+pub fn scenario(name: &'static str) -> Turn {
+    let mut running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+    while running.0.is_some_and(|now| now != name) {
+        running = FREE.wait(running).unwrap_or_else(PoisonError::into_inner);
+    }
+    *running = (Some(name), running.1 + 1);
+    Turn
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut running = RUNNING.lock().unwrap_or_else(PoisonError::into_inner);
+        running.1 = running.1.saturating_sub(1);
+        if running.1 == 0 {
+            running.0 = None;
+            FREE.notify_all();
+        }
+    }
+}
 
 /// Builds the release `alliance` binary that benchmarks start as node
 /// processes, so they measure this build; keeps the old one if cargo

@@ -75,6 +75,7 @@ fn accounts(node: &Node) -> BTreeMap<String, (i64, i64, u64)> {
 
 #[test]
 fn contributors_are_served_first_and_every_node_counts_alike() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let a = TestAlliance::new(
         "Credits Test",
         &[
@@ -183,6 +184,7 @@ fn contributors_are_served_first_and_every_node_counts_alike() {
 
 #[test]
 fn credit_pages_hand_on_every_credit_once_with_its_issuer() {
+    let _scenario = alliance_tests::scenario(module_path!());
     use alliance_node::trust::credits::Credits;
     use alliance_protocol::task::{Credit, JobId};
     use alliance_protocol::wire::{MAX_PAGE_CREDITS, MAX_PAGE_ISSUERS};

@@ -8,6 +8,7 @@ use alliance_tests::alliance::TestAlliance;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_nodes_converge_on_a_full_advert_table() {
+    let _scenario = alliance_tests::scenario(module_path!());
     const N: usize = 50;
     let a = TestAlliance::new(
         "Scale Test",

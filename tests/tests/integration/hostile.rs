@@ -68,6 +68,7 @@ async fn stranger(a: &TestAlliance, target: &Multiaddr) -> (Identity, Swarm<net:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_members_are_disconnected_with_a_reason() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let a = TestAlliance::new("Hostile Test", &[("North", Roles::ALL)], 60);
     let node = a.spawn(0, vec![]).await;
 
@@ -253,6 +254,7 @@ async fn send_raw_frame(target: &Multiaddr, frame: Vec<u8>) -> (PeerId, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_on_a_membership_stream_get_the_peer_dropped() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let a = TestAlliance::new("Frames Test", &[("North", Roles::ALL)], 60);
     let node = a.spawn(0, vec![]).await;
 
@@ -290,6 +292,7 @@ async fn bad_frames_on_a_membership_stream_get_the_peer_dropped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_streams_serve_members_and_drop_garbage() {
+    let _scenario = alliance_tests::scenario(module_path!());
     use alliance_node::net::blobs::{self, BlobError};
     use alliance_node::store::blobs::Blobs;
     use futures::AsyncWriteExt;

@@ -2,6 +2,7 @@
 
 #[test]
 fn the_demo_runs_to_completion() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let out = std::process::Command::new(alliance_tests::alliance_bin())
         .args(["demo", "--tasks", "6"])
         .output()

@@ -15,6 +15,7 @@ use alliance_tests::jobs::{
 
 #[test]
 fn library_jobs_run_across_three_workers_and_match_the_cpu() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let net = alliance_of_three();
     let dir = net.a.dir.path().join("jobs");
     std::fs::create_dir_all(&dir).unwrap();
@@ -209,6 +210,7 @@ len = {}
 
 #[test]
 fn bad_jobs_are_refused_at_submit_and_waiting_jobs_say_why() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let net = alliance_of_three();
     let dir = net.a.dir.path().join("jobs");
     std::fs::create_dir_all(&dir).unwrap();
@@ -295,6 +297,7 @@ fn bad_jobs_are_refused_at_submit_and_waiting_jobs_say_why() {
 
 #[test]
 fn workers_that_decline_everything_are_named_and_the_job_fails_with_their_reasons() {
+    let _scenario = alliance_tests::scenario(module_path!());
     // Every worker's owner allows one step per task.
     let net = alliance_of_three_with(|d| d.edit_config("max_steps = 1000000", "max_steps = 1"));
     let dir = net.a.dir.path().join("jobs");

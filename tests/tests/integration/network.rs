@@ -19,6 +19,7 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 
 #[test]
 fn an_alliance_forms_keeps_strangers_out_and_survives_its_bootstrap_node() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let a = TestAlliance::new(
         "Alliance of Test Universities",
         &[

@@ -32,6 +32,7 @@ fn use_psk(node: &NodeDir, key: &Path) {
 
 #[test]
 fn a_private_network_admits_only_nodes_with_its_key() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let a = TestAlliance::new("Private Alliance", &[("North", Roles::ALL)], 20);
     let key = a.dir.path().join("alliance.key");
     let other_key = a.dir.path().join("other.key");
@@ -81,6 +82,7 @@ fn a_private_network_admits_only_nodes_with_its_key() {
 
 #[test]
 fn members_that_listen_nowhere_reach_each_other_through_the_relay() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let a = TestAlliance::new("Relay Alliance", &[("North", Roles::ALL)], 20);
     let boot = a.node("boot", 0, Roles::BOOTSTRAP).start(true);
     let boot_addr = boot.address();

@@ -82,6 +82,7 @@ fn uninterrupted() -> Vec<u32> {
 
 #[test]
 fn the_cpu_check_composes_the_map_right() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let mut x = 12_345u32;
     for _ in 0..1000 {
         x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
@@ -168,6 +169,7 @@ fn only_w0_lends(d: &NodeDir) {
 
 #[test]
 fn owner_policy_keeps_work_away_and_says_why() {
+    let _scenario = alliance_tests::scenario(module_path!());
     // w0 (North) is paused by its owner, w1 (South) lends only in a
     // window that is closed now, w2 (North) refuses the submitter's
     // institution (South).
@@ -270,6 +272,7 @@ fn owner_policy_keeps_work_away_and_says_why() {
 
 #[test]
 fn the_owners_work_preempts_a_task_that_resumes_elsewhere_from_its_checkpoint() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let owner_program = format!("own-{}", std::process::id());
     let net = alliance_of_three_with(|d| {
         only_w0_lends(d);
@@ -371,6 +374,7 @@ fn the_owners_work_preempts_a_task_that_resumes_elsewhere_from_its_checkpoint() 
 
 #[test]
 fn a_killed_worker_s_task_resumes_from_its_last_checkpoint() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let mut net = alliance_of_three_with(only_w0_lends);
     let dir = net.a.dir.path().join("kill");
     std::fs::create_dir_all(&dir).unwrap();
@@ -396,6 +400,7 @@ fn a_killed_worker_s_task_resumes_from_its_last_checkpoint() {
 
 #[test]
 fn the_heat_example_resumed_from_a_checkpoint_gives_the_uninterrupted_answer() {
+    let _scenario = alliance_tests::scenario(module_path!());
     use alliance_kernels::executor::{Binding, Data, Executor};
     use alliance_node::submit::Job;
     let path = alliance_tests::workspace_root().join("examples/heat/job.toml");
@@ -442,6 +447,7 @@ fn the_heat_example_resumed_from_a_checkpoint_gives_the_uninterrupted_answer() {
 /// test says so and passes.
 #[test]
 fn nvml_sees_a_competing_process_where_an_nvidia_gpu_is_at_hand() {
+    let _scenario = alliance_tests::scenario(module_path!());
     use alliance_node::work::policy::{GpuId, IdleConfig, Probe};
     let gpus = alliance_kernels::gpu::discover(&alliance_kernels::gpu::Selection::All).unwrap();
     let Some(nvidia) = gpus.iter().find(|g| g.report.vendor == 0x10de) else {

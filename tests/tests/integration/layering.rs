@@ -18,6 +18,7 @@ fn assert_absent(package: &str, forbidden: &[&str]) {
 
 #[test]
 fn protocol_is_pure_data() {
+    let _scenario = alliance_tests::scenario(module_path!());
     assert_absent(
         "alliance-protocol",
         &[
@@ -42,6 +43,7 @@ fn protocol_is_pure_data() {
 
 #[test]
 fn kernels_know_nothing_of_the_network() {
+    let _scenario = alliance_tests::scenario(module_path!());
     assert_absent(
         "alliance-kernels",
         &[
@@ -59,6 +61,7 @@ fn kernels_know_nothing_of_the_network() {
 
 #[test]
 fn the_check_sees_real_dependencies() {
+    let _scenario = alliance_tests::scenario(module_path!());
     // Guards the two tests above against a cargo tree that lists nothing.
     let deps = dependency_names("alliance-kernels").unwrap();
     assert!(deps.iter().any(|d| d == "wgpu"), "{deps:?}");

@@ -120,6 +120,7 @@ fn verified(task: &Value) -> Vec<&Value> {
 
 #[test]
 fn a_lying_worker_is_outvoted_and_every_task_ends_right() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let net = alliance_with(
         &["University North", "University South", "University East"],
         &[(0, Some("1")), (1, None), (2, None)],
@@ -195,6 +196,7 @@ fn a_lying_worker_is_outvoted_and_every_task_ends_right() {
 
 #[test]
 fn two_liars_of_one_institution_cannot_outvote_another() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let net = alliance_with(
         &["University North", "University South"],
         &[(0, Some("1")), (0, Some("1")), (1, None)],
@@ -330,6 +332,7 @@ fn pi_bytes(seed: u32, task: u32) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_mismatched_and_replayed_reports_are_refused_and_counted() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let a = TestAlliance::new(
         "Rogue Test",
         &[
@@ -427,6 +430,7 @@ async fn forged_mismatched_and_replayed_reports_are_refused_and_counted() {
 
 #[test]
 fn a_worker_that_turns_liar_after_earning_trust_is_caught_and_rechecked() {
+    let _scenario = alliance_tests::scenario(module_path!());
     // Honest for its first 30 results, then always wrong.
     let net = alliance_with(
         &["University North", "University South", "University East"],
@@ -488,6 +492,7 @@ fn a_worker_that_turns_liar_after_earning_trust_is_caught_and_rechecked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_on_other_gpu_models_are_not_held_against_them() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let a = TestAlliance::new(
         "Model Test",
         &[

@@ -31,6 +31,7 @@ fn pi_reference(task: u32, steps: u32) -> Vec<u32> {
 
 #[test]
 fn a_task_whose_worker_is_killed_completes_elsewhere() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let mut net = alliance_of_three();
     let dir = net.a.dir.path().join("jobs");
     std::fs::create_dir_all(&dir).unwrap();
@@ -109,6 +110,7 @@ fn cancel_once_running(net: &Net, tasks: u32) -> PathBuf {
 
 #[test]
 fn cancelling_a_job_stops_its_running_tasks_at_the_workers() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let net = alliance_of_three();
     cancel_once_running(&net, 2);
     // The next progress report is refused, and each worker stops its task.
@@ -129,6 +131,7 @@ fn cancelling_a_job_stops_its_running_tasks_at_the_workers() {
 
 #[test]
 fn workers_that_ran_a_cancelled_job_take_the_next_one() {
+    let _scenario = alliance_tests::scenario(module_path!());
     // One task at a time per GPU: a cancelled task still counted as held
     // would leave its worker looking full to the submitter for good.
     let net = alliance_of_three_with(|d| d.edit_config("tasks_per_gpu = 32", "tasks_per_gpu = 1"));
@@ -152,6 +155,7 @@ fn workers_that_ran_a_cancelled_job_take_the_next_one() {
 
 #[test]
 fn a_submitter_killed_mid_job_finishes_it_after_a_restart() {
+    let _scenario = alliance_tests::scenario(module_path!());
     // One task per worker at a time: at the kill, half the tasks were
     // never offered, and only the job's record stands for them.
     let mut net =
@@ -228,6 +232,7 @@ fn a_submitter_killed_mid_job_finishes_it_after_a_restart() {
 
 #[test]
 fn an_input_shared_by_fifty_tasks_crosses_the_network_once_per_worker() {
+    let _scenario = alliance_tests::scenario(module_path!());
     let net = alliance_of_three();
     let dir = net.a.dir.path().join("jobs");
     std::fs::create_dir_all(&dir).unwrap();

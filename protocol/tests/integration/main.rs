@@ -1,0 +1,4 @@
+//! Records, certificates and chains: one test binary, one module per area.
+
+mod chain;
+mod records;

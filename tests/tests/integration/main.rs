@@ -1,0 +1,15 @@
+//! The system tests: one binary, one module per scenario, so libp2p and
+//! wgpu are linked once rather than once per file. Helpers they share live
+//! in the `alliance-tests` library (`tests/src`).
+
+mod credits;
+mod demo;
+mod failures;
+mod hostile;
+mod jobs;
+mod layering;
+mod network;
+mod owner;
+mod reachability;
+mod scale;
+mod trust;

@@ -70,8 +70,10 @@ fn run_locally(sb: &mut Sandbox, path: &Path) -> f64 {
     let job = Job::load(path, &Limits::default()).unwrap();
     let start = Instant::now();
     for i in 0..job.tasks {
-        sb.run(&job.task(i), Duration::from_secs(600), &mut |_| Ok(()))
-            .unwrap();
+        sb.run(&job.task(i).unwrap(), Duration::from_secs(600), &mut |_| {
+            Ok(())
+        })
+        .unwrap();
     }
     start.elapsed().as_secs_f64()
 }

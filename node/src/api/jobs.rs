@@ -38,7 +38,7 @@ pub(super) async fn submit(State(s): State<ApiState>, body: String) -> Answer {
         ));
     }
     let limits = s.limits.clone();
-    let submitted = tokio::task::spawn_blocking(move || jobs.submit(&path, &limits))
+    let submitted = tokio::task::spawn_blocking(move || jobs.submit_file(&path, &limits))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(Json(json!(submitted)))

@@ -71,6 +71,80 @@ impl Blobs {
         Ok(hash)
     }
 
+    /// Stores `len` bytes of the file at `path` from `offset` on, copied
+    /// a chunk at a time (never held whole); returns their hash.
+    pub fn put_range(&self, path: &Path, offset: u64, len: u64) -> io::Result<Hash> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut src = File::open(path)?;
+        src.seek(SeekFrom::Start(offset))?;
+        let mut src = src.take(len);
+        let tmp = self.temp_path();
+        let mut out = File::create(&tmp)?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut copied = 0u64;
+        loop {
+            let n = src.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+            copied += n as u64;
+        }
+        if copied != len {
+            let _ = fs::remove_file(&tmp);
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} ended {copied} bytes into a {len}-byte range",
+                    path.display()
+                ),
+            ));
+        }
+        let hash = Hash::from(hasher.finalize());
+        if self.has(&hash, len) {
+            let _ = fs::remove_file(&tmp);
+            return Ok(hash);
+        }
+        out.sync_all()?;
+        fs::rename(&tmp, self.path(&hash))?;
+        Ok(hash)
+    }
+
+    /// Where an upload of the blob `hash` collects its bytes until it is
+    /// whole: kept across interrupted uploads, so one can resume.
+    pub fn upload_path(&self, hash: &Hash) -> PathBuf {
+        self.dir.join(format!(".upload-{hash}"))
+    }
+
+    /// Moves a finished upload into place once its bytes hash to `hash`;
+    /// removes it and says so when they do not.
+    pub fn finish_upload(&self, hash: &Hash, got: &Hash) -> io::Result<()> {
+        let part = self.upload_path(hash);
+        if got != hash {
+            let _ = fs::remove_file(&part);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the bytes hash to {got}, not {hash}"),
+            ));
+        }
+        File::open(&part)?.sync_all()?;
+        fs::rename(&part, self.path(hash))
+    }
+
+    /// Bytes in the blob directory, blobs and uploads in progress.
+    pub fn bytes_used(&self) -> u64 {
+        fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(fs::Metadata::is_file)
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// The whole blob.
     pub fn read(&self, hash: &Hash) -> io::Result<Vec<u8>> {
         fs::read(self.path(hash))

@@ -62,7 +62,7 @@ impl Jobs {
                     all.extend_from_slice(&bytes);
                 } else {
                     let name = format!("out{}-task{}.npy", o.binding, t.index);
-                    write_npy(out, &name, o.elem, &[o.len], &bytes)?;
+                    write_npy(out, &name, o.elem, &o.dims(), &bytes)?;
                     written.push(name);
                 }
             }
@@ -73,7 +73,9 @@ impl Jobs {
                     )));
                 }
                 let name = format!("out{}.npy", o.binding);
-                write_npy(out, &name, o.elem, &[u64::from(job.tasks), o.len], &all)?;
+                let mut shape = vec![u64::from(job.tasks)];
+                shape.extend(o.dims());
+                write_npy(out, &name, o.elem, &shape, &all)?;
                 written.push(name);
             }
         }

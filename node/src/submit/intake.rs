@@ -12,6 +12,7 @@ use alliance_protocol::{Hash, Timestamp};
 use tracing::info;
 
 use crate::submit::Job;
+use crate::submit::spec::Source;
 
 use super::records::{
     InputRecord, JobDetail, JobRecord, JobState, JobSummary, Progress, Replica, TaskRecord,
@@ -53,34 +54,51 @@ pub(super) fn summary(l: &Live) -> JobSummary {
 impl Jobs {
     /// Loads, checks and stores the job file at `path`; returns its
     /// summary, which holds its id.
-    pub fn submit(&self, path: &Path, limits: &Limits) -> Result<JobSummary, JobsError> {
+    pub fn submit_file(&self, path: &Path, limits: &Limits) -> Result<JobSummary, JobsError> {
         let job = Job::load(path, limits).map_err(|e| JobsError::Refused(e.to_string()))?;
+        self.submit(job)
+    }
+
+    /// Stores a checked job: its inputs' parts inline or as blobs (a blob
+    /// already in the store is named, not copied), then the job record,
+    /// on disk before its id is handed out.
+    pub fn submit(&self, job: Job) -> Result<JobSummary, JobsError> {
         let mut raw = [0u8; 16];
         getrandom::fill(&mut raw).map_err(db)?;
         let id = JobId(raw).to_string();
         let mut inputs = Vec::new();
         for i in &job.inputs {
-            let parts: Vec<&[u8]> = match &i.parts {
-                crate::submit::spec::Parts::Shared(b) => vec![b.as_slice()],
-                crate::submit::spec::Parts::Split(p) => p.iter().map(Vec::as_slice).collect(),
-            };
             let mut stored = Vec::new();
-            for p in parts {
-                stored.push(if p.len() <= INLINE_INPUT {
-                    Data::Inline(p.to_vec())
+            for part in 0..i.parts {
+                let len = i.part_len();
+                stored.push(if len <= INLINE_INPUT as u64 {
+                    Data::Inline(i.bytes(part).map_err(db)?)
                 } else {
-                    let hash = self.inner.blobs.put(p).map_err(db)?;
-                    Data::Blob {
-                        hash,
-                        len: p.len() as u64,
-                    }
+                    let hash = match &i.source {
+                        Source::File {
+                            hash: Some(h),
+                            offset: 0,
+                            ..
+                        } if i.parts == 1 => *h,
+                        Source::File { path, offset, .. } => self
+                            .inner
+                            .blobs
+                            .put_range(path, offset + i.part_start(part), len)
+                            .map_err(db)?,
+                        Source::Values(_) => self
+                            .inner
+                            .blobs
+                            .put(&i.bytes(part).map_err(db)?)
+                            .map_err(db)?,
+                    };
+                    Data::Blob { hash, len }
                 });
             }
             inputs.push(InputRecord {
                 binding: i.binding,
                 kind: i.kind,
                 elem: i.elem,
-                split: matches!(i.parts, crate::submit::spec::Parts::Split(_)),
+                split: i.split,
                 parts: stored,
             });
         }

@@ -73,30 +73,63 @@ fn field<'a>(header: &'a str, key: &'static str) -> Result<&'a str, NpyError> {
     Ok(rest[colon + 1..].trim_start())
 }
 
-/// Parses a `.npy` file's bytes.
-pub fn parse(bytes: &[u8]) -> Result<Array, NpyError> {
-    if bytes.len() < 10 || &bytes[..6] != MAGIC {
+/// A `.npy` file's header: what its data is and where it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub elem: ElemType,
+    pub shape: Vec<u64>,
+    /// Bytes before the data.
+    pub data_offset: u64,
+}
+
+impl Header {
+    /// Bytes of data the shape needs.
+    pub fn data_len(&self) -> Result<u64, NpyError> {
+        self.shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .and_then(|c| c.checked_mul(self.elem.size()))
+            .ok_or(NpyError::Header)
+    }
+
+    /// Refuses a file of `total` bytes whose data does not fill the shape.
+    fn check_len(&self, total: u64) -> Result<(), NpyError> {
+        let expected = self.data_len()?;
+        let found = total.saturating_sub(self.data_offset);
+        if found != expected {
+            return Err(NpyError::Length {
+                shape: self.shape.clone(),
+                expected,
+                found,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Where the header dictionary of a file starting with `prefix` (at
+/// least 12 bytes, or the whole file) lies: its start and length.
+fn header_span(prefix: &[u8]) -> Result<(usize, usize), NpyError> {
+    if prefix.len() < 10 || &prefix[..6] != MAGIC {
         return Err(NpyError::NotNpy);
     }
-    let (major, minor) = (bytes[6], bytes[7]);
-    let (header_len, start): (usize, usize) = match major {
-        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+    let (major, minor) = (prefix[6], prefix[7]);
+    match major {
+        1 => Ok((10, usize::from(u16::from_le_bytes([prefix[8], prefix[9]])))),
         2 | 3 => {
-            let raw: [u8; 4] = bytes
+            let raw: [u8; 4] = prefix
                 .get(8..12)
                 .and_then(|b| b.try_into().ok())
                 .ok_or(NpyError::Header)?;
             let len = usize::try_from(u32::from_le_bytes(raw)).map_err(|_| NpyError::Header)?;
-            (len, 12)
+            Ok((12, len))
         }
-        _ => return Err(NpyError::Version(major, minor)),
-    };
-    let end = start.checked_add(header_len).ok_or(NpyError::Header)?;
-    let header = bytes
-        .get(start..end)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or(NpyError::Header)?;
+        _ => Err(NpyError::Version(major, minor)),
+    }
+}
 
+/// Reads the header dictionary's text.
+fn parse_dict(header: &str, data_offset: u64) -> Result<Header, NpyError> {
     let descr = field(header, "descr")?;
     let descr = descr
         .strip_prefix('\'')
@@ -118,27 +151,58 @@ pub fn parse(bytes: &[u8]) -> Result<Array, NpyError> {
         .map(|s| s.trim_end_matches('L').parse::<u64>())
         .collect::<Result<Vec<u64>, _>>()
         .map_err(|_| NpyError::Header)?;
-    let count = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-    let expected = count
-        .and_then(|c| c.checked_mul(elem.size()))
-        .ok_or(NpyError::Header)?;
-    let data = &bytes[end..];
-    if data.len() as u64 != expected {
-        return Err(NpyError::Length {
-            shape,
-            expected,
-            found: data.len() as u64,
-        });
-    }
-    Ok(Array {
+    Ok(Header {
         elem,
         shape,
-        data: data.to_vec(),
+        data_offset,
     })
 }
 
-/// A `.npy` file (version 1.0) holding `data` as an array of `shape`.
-pub fn write(elem: ElemType, shape: &[u64], data: &[u8]) -> Vec<u8> {
+/// The header of a `.npy` file of `total` bytes, read from its start
+/// without reading its data; checks that the data fills the shape.
+pub fn read_header(file: &mut impl std::io::Read, total: u64) -> Result<Header, NpyError> {
+    /// Headers are short; a longer one is not a file numpy wrote.
+    const MAX_HEADER: usize = 1 << 20;
+    let mut prefix = [0u8; 12];
+    let n = usize::try_from(total.min(12)).unwrap_or(12);
+    file.read_exact(&mut prefix[..n])
+        .map_err(|_| NpyError::Header)?;
+    let (start, len) = header_span(&prefix[..n])?;
+    if len > MAX_HEADER {
+        return Err(NpyError::Header);
+    }
+    let mut text = prefix[start.min(n)..n].to_vec();
+    let rest = (start + len).saturating_sub(n);
+    let mut more = vec![0u8; rest];
+    file.read_exact(&mut more).map_err(|_| NpyError::Header)?;
+    text.extend_from_slice(&more);
+    text.truncate(len);
+    let header = std::str::from_utf8(&text).map_err(|_| NpyError::Header)?;
+    let h = parse_dict(header, (start + len) as u64)?;
+    h.check_len(total)?;
+    Ok(h)
+}
+
+/// Parses a `.npy` file's bytes.
+pub fn parse(bytes: &[u8]) -> Result<Array, NpyError> {
+    let (start, len) = header_span(bytes)?;
+    let end = start.checked_add(len).ok_or(NpyError::Header)?;
+    let header = bytes
+        .get(start..end)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or(NpyError::Header)?;
+    let h = parse_dict(header, end as u64)?;
+    h.check_len(bytes.len() as u64)?;
+    Ok(Array {
+        elem: h.elem,
+        shape: h.shape,
+        data: bytes[end..].to_vec(),
+    })
+}
+
+/// The header of a version 1.0 `.npy` file holding an array of `shape`;
+/// the data follows it.
+pub fn header(elem: ElemType, shape: &[u64]) -> Vec<u8> {
     let dims = match shape {
         [one] => format!("{one},"),
         more => more
@@ -156,7 +220,7 @@ pub fn write(elem: ElemType, shape: &[u64], data: &[u8]) -> Vec<u8> {
     let pad = (64 - (10 + header.len() + 1) % 64) % 64;
     header.extend(std::iter::repeat_n(' ', pad));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + data.len());
+    let mut out = Vec::with_capacity(10 + header.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[1, 0]);
     out.extend_from_slice(
@@ -165,6 +229,12 @@ pub fn write(elem: ElemType, shape: &[u64], data: &[u8]) -> Vec<u8> {
             .to_le_bytes(),
     );
     out.extend_from_slice(header.as_bytes());
+    out
+}
+
+/// A `.npy` file (version 1.0) holding `data` as an array of `shape`.
+pub fn write(elem: ElemType, shape: &[u64], data: &[u8]) -> Vec<u8> {
+    let mut out = header(elem, shape);
     out.extend_from_slice(data);
     out
 }
@@ -190,6 +260,10 @@ mod tests {
         assert_eq!(a.data, data);
         let one = parse(&write(ElemType::U32, &[6], &data)).unwrap();
         assert_eq!(one.shape, vec![6]);
+        let h = read_header(&mut &bytes[..], bytes.len() as u64).unwrap();
+        assert_eq!((h.elem, h.shape), (ElemType::F32, vec![2, 3]));
+        assert_eq!(h.data_offset, (bytes.len() - data.len()) as u64);
+        assert!(read_header(&mut &bytes[..40], 40).is_err());
     }
 
     /// Bytes exactly as `np.save` writes `np.arange(3, dtype=np.float64)`.

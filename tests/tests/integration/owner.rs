@@ -407,7 +407,7 @@ fn the_heat_example_resumed_from_a_checkpoint_gives_the_uninterrupted_answer() {
     let job = Job::load(&path, &Default::default()).unwrap();
     let gpus = alliance_kernels::gpu::discover(&alliance_kernels::gpu::Selection::All).unwrap();
     let mut ex = Executor::open(&gpus[0].adapter, Default::default()).unwrap();
-    let whole = job.task(0);
+    let whole = job.task(0).unwrap();
     assert_eq!(whole.checkpoint_every, Some(100));
     let mut checkpoints = Vec::new();
     let uninterrupted = ex

@@ -1,21 +1,28 @@
 //! The job file: what a researcher writes to run a batch of WGSL tasks.
 //!
 //! A job file is TOML; `examples/*/job.toml` are commented examples and
-//! `JOBS.md` documents every field. [`Job::load`] reads it, reads every
-//! input (`.npy` or raw little-endian), splits the inputs that are split
-//! across tasks, and checks the result by the same intake rules a worker
-//! applies, so a bad job is refused with the reason before anything leaves
-//! the machine.
+//! `JOBS.md` documents every field. [`Job::parse`] reads it with the files
+//! it names, found through [`Files`] (uploaded blobs, or a directory for
+//! [`Job::load`]): the kernel, and every input (`.npy` or raw
+//! little-endian) located but not read into memory, its split across tasks
+//! worked out; then checks the whole by the same intake rules a worker
+//! applies, and each declared element type against the kernel's, so a bad
+//! job is refused with the reason before anything is stored.
+
+mod inputs;
+#[cfg(test)]
+mod tests;
+
+pub use inputs::{Dir, Files, Input, Located, Source, Uploaded};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use alliance_kernels::executor::{self, Binding, Task};
-use alliance_kernels::intake::Limits;
+use alliance_kernels::executor::{Binding, INFO_BYTES, Task};
+use alliance_kernels::intake::{self, BufferKind, Limits, Supplied};
 use alliance_protocol::task::{Comparison, ElemType};
 use serde::{Deserialize, Serialize};
 
-use super::npy;
 use crate::work::kernels_elem;
 
 /// Tasks one job may hold.
@@ -175,17 +182,23 @@ pub struct InputFile {
     /// every task getting all of it.
     #[serde(default)]
     pub split: bool,
+    /// The whole input's shape, for raw files and values (a `.npy` file
+    /// carries its own): splitting goes along its first axis, and a state
+    /// buffer comes back with the shape of one task's part.
+    pub shape: Option<Vec<u64>>,
 }
 
 /// One output, per task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputFile {
     pub binding: u32,
     #[serde(rename = "type")]
     pub elem: Elem,
-    /// Elements per task.
-    pub len: u64,
+    /// Elements per task (the product of `shape` when that is given).
+    pub len: Option<u64>,
+    /// Each task's output shape, written into its `.npy` header.
+    pub shape: Option<Vec<u64>>,
 }
 
 /// What a worker must offer.
@@ -209,39 +222,27 @@ pub struct Requirements {
     pub group_by_gpu: bool,
 }
 
-/// An input's bytes: the same for every task, or one part per task.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parts {
-    Shared(Vec<u8>),
-    Split(Vec<Vec<u8>>),
-}
-
-/// A loaded input.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Input {
-    pub binding: u32,
-    pub kind: InputKind,
-    pub elem: ElemType,
-    pub parts: Parts,
-}
-
-impl Input {
-    /// Task `index`'s bytes.
-    pub fn bytes(&self, index: u32) -> &[u8] {
-        match &self.parts {
-            Parts::Shared(b) => b,
-            Parts::Split(parts) => parts.get(index as usize).map_or(&[][..], |p| p.as_slice()),
-        }
-    }
-}
-
 /// A loaded output declaration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Output {
     pub binding: u32,
     pub elem: ElemType,
     /// Elements per task.
     pub len: u64,
+    /// Each task's shape, when it is more than `[len]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shape: Vec<u64>,
+}
+
+impl Output {
+    /// Each task's shape: as declared, else `[len]`.
+    pub fn dims(&self) -> Vec<u64> {
+        if self.shape.is_empty() {
+            vec![self.len]
+        } else {
+            self.shape.clone()
+        }
+    }
 }
 
 /// A job read from its file, with its inputs, checked.
@@ -276,23 +277,42 @@ pub struct JobError {
 }
 
 impl Job {
-    /// Reads, loads and checks the job file at `path` against `limits`.
+    /// Reads, loads and checks the job file at `path`, with the files it
+    /// names beside it, against `limits`.
     pub fn load(path: &Path, limits: &Limits) -> Result<Self, JobError> {
+        let text = std::fs::read_to_string(path).map_err(|e| JobError {
+            file: path.to_owned(),
+            message: format!("cannot read it: {e}"),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path, &Dir(base), limits)
+    }
+
+    /// Loads and checks the job file `text` (called `path` in messages and
+    /// for its default name), finding the files it names through `files`.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        files: &dyn Files,
+        limits: &Limits,
+    ) -> Result<Self, JobError> {
         let err = |message: String| JobError {
             file: path.to_owned(),
             message,
         };
-        let text =
-            std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
         let file: JobFile =
-            toml::from_str(&text).map_err(|e| err(format!("not a valid job file: {e}")))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let job = Self::from_file(file, base, path).map_err(err)?;
+            toml::from_str(text).map_err(|e| err(format!("not a valid job file: {e}")))?;
+        let job = Self::from_file(file, files, path, limits).map_err(err)?;
         job.check(limits).map_err(err)?;
         Ok(job)
     }
 
-    fn from_file(file: JobFile, base: &Path, path: &Path) -> Result<Self, String> {
+    fn from_file(
+        file: JobFile,
+        files: &dyn Files,
+        path: &Path,
+        limits: &Limits,
+    ) -> Result<Self, String> {
         let name = file.name.clone().unwrap_or_else(|| {
             path.file_stem()
                 .map_or("job".into(), |s| s.to_string_lossy().into_owned())
@@ -313,13 +333,17 @@ impl Job {
                 .source
                 .to_owned(),
             None => {
-                let p = base.join(&file.kernel);
-                std::fs::read_to_string(&p).map_err(|e| {
-                    format!(
-                        "kernel = {:?}: cannot read {}: {e}",
-                        file.kernel,
-                        p.display()
-                    )
+                let at = files
+                    .locate(&file.kernel)
+                    .map_err(|e| format!("kernel = {:?}: {e}", file.kernel))?;
+                if at.len > limits.max_source_bytes {
+                    return Err(format!(
+                        "kernel = {:?}: {} holds {} bytes, above max_source_bytes = {} (the owner's intake limit)",
+                        file.kernel, at.shown, at.len, limits.max_source_bytes
+                    ));
+                }
+                std::fs::read_to_string(&at.path).map_err(|e| {
+                    format!("kernel = {:?}: cannot read {}: {e}", file.kernel, at.shown)
                 })?
             }
         };
@@ -374,28 +398,25 @@ impl Job {
         let inputs = file
             .inputs
             .iter()
-            .map(|i| load_input(i, base, file.tasks))
+            .map(|i| Input::load(i, files, file.tasks))
             .collect::<Result<Vec<_>, _>>()?;
-        // A state buffer's final contents come back like an output.
-        let outputs = file
+        let mut outputs = file
             .outputs
             .iter()
-            .map(|o| Output {
-                binding: o.binding,
-                elem: o.elem.into(),
-                len: o.len,
-            })
-            .chain(
-                inputs
-                    .iter()
-                    .filter(|i: &&Input| i.kind == InputKind::State)
-                    .map(|i| Output {
-                        binding: i.binding,
-                        elem: i.elem,
-                        len: i.bytes(0).len() as u64 / i.elem.size(),
-                    }),
-            )
-            .collect();
+            .map(output)
+            .collect::<Result<Vec<_>, _>>()?;
+        // A state buffer's final contents come back like an output.
+        outputs.extend(
+            inputs
+                .iter()
+                .filter(|i| i.kind == InputKind::State)
+                .map(|i| Output {
+                    binding: i.binding,
+                    elem: i.elem,
+                    len: i.part_len() / i.elem.size(),
+                    shape: i.part_shape(),
+                }),
+        );
         Ok(Self {
             name,
             kernel,
@@ -415,14 +436,14 @@ impl Job {
         })
     }
 
-    /// Task `index` as the executor would run it.
-    pub fn task(&self, index: u32) -> Task {
+    /// Task `index` as the executor would run it, its inputs read.
+    pub fn task(&self, index: u32) -> std::io::Result<Task> {
         let mut bindings: Vec<Binding> = self
             .inputs
             .iter()
             .map(|i| {
-                let data = i.bytes(index).to_vec().into();
-                match i.kind {
+                let data = i.bytes(index)?.into();
+                Ok(match i.kind {
                     InputKind::Storage => Binding::Input {
                         binding: i.binding,
                         data,
@@ -436,9 +457,9 @@ impl Job {
                         data,
                         elem: kernels_elem(i.elem),
                     },
-                }
+                })
             })
-            .collect();
+            .collect::<std::io::Result<_>>()?;
         bindings.extend(
             self.outputs
                 .iter()
@@ -455,7 +476,7 @@ impl Job {
         task.info_binding = self.info_binding;
         task.task_index = index;
         task.task_count = self.tasks;
-        task
+        Ok(task)
     }
 
     /// Whether `binding` is a state buffer (an input that comes back).
@@ -465,250 +486,154 @@ impl Job {
             .any(|i| i.binding == binding && i.kind == InputKind::State)
     }
 
-    /// Checks the job by a worker's intake rules with `limits`.
+    /// Checks the job by a worker's intake rules with `limits`, from the
+    /// sizes of its buffers (split parts are equal, so one task stands for
+    /// all), and every declared element type against the kernel's.
     pub fn check(&self, limits: &Limits) -> Result<(), String> {
-        // Split parts are equal in size, so the first task stands for all.
-        executor::check(&self.task(0), limits, None).map_err(|e| e.to_string())?;
+        let kernel = intake::check_kernel(&self.kernel, &self.entry_point, limits, None)
+            .map_err(|e| e.to_string())?;
+        let mut supplied: Vec<Supplied> = self
+            .inputs
+            .iter()
+            .map(|i| Supplied {
+                binding: i.binding,
+                kind: match i.kind {
+                    InputKind::Storage => BufferKind::Storage { read_only: true },
+                    InputKind::Uniform => BufferKind::Uniform,
+                    InputKind::State => BufferKind::Storage { read_only: false },
+                },
+                bytes: i.part_len(),
+            })
+            .collect();
+        supplied.extend(
+            self.outputs
+                .iter()
+                .filter(|o| !self.is_state(o.binding))
+                .map(|o| Supplied {
+                    binding: o.binding,
+                    kind: BufferKind::Storage { read_only: false },
+                    bytes: o.len.saturating_mul(o.elem.size()),
+                }),
+        );
+        if let Some(binding) = self.info_binding {
+            supplied.push(Supplied {
+                binding,
+                kind: BufferKind::Uniform,
+                bytes: INFO_BYTES,
+            });
+        }
+        intake::check_task(
+            &kernel,
+            &supplied,
+            self.dispatch,
+            self.steps,
+            self.checkpoint_every,
+            limits,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        let declared = self
+            .inputs
+            .iter()
+            .map(|i| ("input", i.binding, i.elem, i.from.as_str()))
+            .chain(
+                self.outputs
+                    .iter()
+                    .filter(|o| !self.is_state(o.binding))
+                    .map(|o| ("output", o.binding, o.elem, "")),
+            );
+        for (what, binding, elem, from) in declared {
+            let Some(info) = kernel.bindings.iter().find(|b| b.binding == binding) else {
+                continue;
+            };
+            check_elem(what, binding, elem, from, &info.name, info.scalar)?;
+        }
         Ok(())
     }
 }
 
-fn value_bytes(values: &[toml::Value], elem: Elem, binding: u32) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for (i, v) in values.iter().enumerate() {
-        let bad = || {
-            format!(
-                "input binding {binding}: values[{i}] = {v} is not a {elem:?} value",
-                elem = elem
-            )
-        };
-        match elem {
-            Elem::F32 => {
-                #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
-                let x = match v {
-                    toml::Value::Float(f) => *f as f32,
-                    toml::Value::Integer(n) => *n as f32,
-                    _ => return Err(bad()),
-                };
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-            Elem::U32 => {
-                let n = v
-                    .as_integer()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(bad)?;
-                out.extend_from_slice(&n.to_le_bytes());
-            }
-            Elem::I32 => {
-                let n = v
-                    .as_integer()
-                    .and_then(|n| i32::try_from(n).ok())
-                    .ok_or_else(bad)?;
-                out.extend_from_slice(&n.to_le_bytes());
-            }
-            Elem::U8 => {
-                let n = v
-                    .as_integer()
-                    .and_then(|n| u8::try_from(n).ok())
-                    .ok_or_else(bad)?;
-                out.push(n);
-            }
-        }
+/// A job file's name for an element type.
+pub fn elem_name(e: ElemType) -> &'static str {
+    match e {
+        ElemType::F32 => "f32",
+        ElemType::U32 => "u32",
+        ElemType::I32 => "i32",
+        ElemType::Bytes => "u8",
     }
-    Ok(out)
 }
 
-fn load_input(i: &InputFile, base: &Path, tasks: u32) -> Result<Input, String> {
-    let b = i.binding;
-    let declared: Option<ElemType> = i.elem.map(Into::into);
-    let (elem, rows, data) = match (&i.file, &i.values) {
-        (Some(_), Some(_)) => {
-            return Err(format!(
-                "input binding {b}: give either file or values, not both"
-            ));
-        }
-        (None, None) => return Err(format!("input binding {b}: give a file or values")),
-        (None, Some(values)) => {
-            let elem = i.elem.ok_or_else(|| {
-                format!("input binding {b}: values need a type (type = \"f32\", \"u32\", \"i32\" or \"u8\")")
-            })?;
-            (
-                elem.into(),
-                values.len() as u64,
-                value_bytes(values, elem, b)?,
-            )
-        }
-        (Some(f), None) => {
-            let p = base.join(f);
-            let bytes = std::fs::read(&p)
-                .map_err(|e| format!("input binding {b}: cannot read {}: {e}", p.display()))?;
-            if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) {
-                let a = npy::parse(&bytes)
-                    .map_err(|e| format!("input binding {b}: {}: {e}", p.display()))?;
-                if let Some(d) = declared
-                    && d != a.elem
-                {
-                    return Err(format!(
-                        "input binding {b}: {} holds a {a}, but the job says type = {:?}; convert it with a.astype(np.{}) or change the type",
-                        p.display(),
-                        i.elem
-                            .map_or("?".to_owned(), |e| format!("{e:?}").to_lowercase()),
-                        match d {
-                            ElemType::F32 => "float32",
-                            ElemType::U32 => "uint32",
-                            ElemType::I32 => "int32",
-                            ElemType::Bytes => "uint8",
-                        }
-                    ));
-                }
-                let rows = a.shape.first().copied().unwrap_or(1);
-                (a.elem, rows, a.data)
-            } else {
-                let elem = declared.unwrap_or(ElemType::Bytes);
-                if !(bytes.len() as u64).is_multiple_of(elem.size()) {
-                    return Err(format!(
-                        "input binding {b}: {} has {} bytes, not a whole number of {}-byte elements",
-                        p.display(),
-                        bytes.len(),
-                        elem.size()
-                    ));
-                }
-                (elem, bytes.len() as u64 / elem.size(), bytes)
-            }
-        }
-    };
-    if i.kind == InputKind::State
-        && i.elem.is_none()
-        && i.values.is_none()
-        && elem == ElemType::Bytes
-    {
-        return Err(format!("input binding {b}: a state buffer needs a type"));
+/// NumPy's name for an element type.
+pub fn numpy_name(e: ElemType) -> &'static str {
+    match e {
+        ElemType::F32 => "float32",
+        ElemType::U32 => "uint32",
+        ElemType::I32 => "int32",
+        ElemType::Bytes => "uint8",
     }
-    let parts = if i.split {
-        if !rows.is_multiple_of(u64::from(tasks)) {
+}
+
+/// Refuses a buffer whose elements the job declares as one type while the
+/// kernel reads them as another: the bits would be reinterpreted, a
+/// silently wrong result. Raw bytes (`u8`) and structs are not compared.
+fn check_elem(
+    what: &str,
+    binding: u32,
+    elem: ElemType,
+    from: &str,
+    var: &str,
+    scalar: Option<&'static str>,
+) -> Result<(), String> {
+    let Some(kernel) = scalar.filter(|s| ["f32", "u32", "i32"].contains(s)) else {
+        return Ok(());
+    };
+    let job = elem_name(elem);
+    if elem == ElemType::Bytes || job == kernel {
+        return Ok(());
+    }
+    let fix = match (what, from.is_empty()) {
+        ("input", false) => format!(
+            "convert the array with a.astype(np.{}) before saving {from}",
+            numpy_name(match kernel {
+                "f32" => ElemType::F32,
+                "u32" => ElemType::U32,
+                _ => ElemType::I32,
+            })
+        ),
+        _ => format!("write type = \"{kernel}\""),
+    };
+    Err(format!(
+        "{what} binding {binding} is {job} but the kernel declares `{var}` with {kernel} elements: {fix}, or change the kernel"
+    ))
+}
+
+/// An output declaration checked: its length and shape agree.
+fn output(o: &OutputFile) -> Result<Output, String> {
+    let b = o.binding;
+    let (len, shape) = match (o.len, &o.shape) {
+        (None, None) => {
             return Err(format!(
-                "input binding {b}: {rows} rows do not split evenly into {tasks} tasks"
+                "output binding {b}: give its elements per task as len = N or shape = [..]"
             ));
         }
-        let per = data.len() / tasks as usize;
-        Parts::Split(data.chunks(per.max(1)).map(<[u8]>::to_vec).collect())
-    } else {
-        Parts::Shared(data)
+        (Some(len), None) => (len, Vec::new()),
+        (len, Some(shape)) => {
+            let n = shape
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| format!("output binding {b}: shape {shape:?} is too large"))?;
+            if shape.is_empty() || len.is_some_and(|l| l != n) {
+                return Err(format!(
+                    "output binding {b}: shape {shape:?} holds {n} elements but len = {}; drop len or make them agree",
+                    len.unwrap_or(0)
+                ));
+            }
+            (n, shape.clone())
+        }
     };
-    Ok(Input {
+    Ok(Output {
         binding: b,
-        kind: i.kind,
-        elem,
-        parts,
+        elem: o.elem.into(),
+        len,
+        shape,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-
-    const PI: &str = r#"
-kernel = "library:monte_carlo_pi"
-dispatch = [4, 1, 1]
-tasks = 3
-info_binding = 0
-[[inputs]]
-binding = 1
-kind = "uniform"
-type = "u32"
-values = [7, 64]
-[[outputs]]
-binding = 2
-type = "u32"
-len = 4
-"#;
-
-    #[test]
-    fn a_library_array_job_loads() {
-        let dir = tempfile::tempdir().unwrap();
-        let job = Job::load(&write(dir.path(), "pi.toml", PI), &Limits::default()).unwrap();
-        assert_eq!(job.name, "pi");
-        assert_eq!(job.tasks, 3);
-        assert_eq!(
-            job.inputs[0].bytes(2),
-            [7u32.to_le_bytes(), 64u32.to_le_bytes()].concat()
-        );
-        let t = job.task(2);
-        assert_eq!(
-            (t.task_index, t.task_count, t.info_binding),
-            (2, 3, Some(0))
-        );
-    }
-
-    #[test]
-    fn redundancy_is_a_number_or_auto() {
-        let dir = tempfile::tempdir().unwrap();
-        let load = |text: &str| Job::load(&write(dir.path(), "pi.toml", text), &Limits::default());
-        let job = load(PI).unwrap();
-        assert_eq!((job.redundancy, job.adaptive), (1, false));
-        let job = load(&PI.replace("tasks = 3", "tasks = 3\nredundancy = 3")).unwrap();
-        assert_eq!((job.redundancy, job.adaptive), (3, false));
-        let job = load(&PI.replace("tasks = 3", "tasks = 3\nredundancy = \"auto\"")).unwrap();
-        assert_eq!((job.redundancy, job.adaptive), (2, true));
-        assert!(load(&PI.replace("tasks = 3", "tasks = 3\nredundancy = \"often\"")).is_err());
-    }
-
-    fn refused(text: &str, files: &[(&str, Vec<u8>)]) -> String {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, bytes) in files {
-            std::fs::write(dir.path().join(name), bytes).unwrap();
-        }
-        let err = Job::load(&write(dir.path(), "job.toml", text), &Limits::default()).unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains("job.toml"), "{msg}");
-        msg
-    }
-
-    #[test]
-    fn bad_jobs_are_refused_with_the_reason() {
-        let msg = refused(
-            "kernel = \"k.wgsl\"\ndispatch = [1,1,1]\n[[outputs]]\nbinding = 0\ntype = \"u32\"\nlen = 4\n",
-            &[("k.wgsl", b"@compute fn main( {".to_vec())],
-        );
-        assert!(msg.contains("line") || msg.contains("parse"), "{msg}");
-
-        let texture = b"@group(0) @binding(0) var t: texture_2d<f32>;\n@group(0) @binding(1) var<storage, read_write> o: array<u32>;\n@compute @workgroup_size(1) fn main() { o[0] = u32(textureDimensions(t).x); }".to_vec();
-        let msg = refused(
-            "kernel = \"k.wgsl\"\ndispatch = [1,1,1]\n[[outputs]]\nbinding = 1\ntype = \"u32\"\nlen = 4\n",
-            &[("k.wgsl", texture)],
-        );
-        assert!(msg.contains("texture"), "{msg}");
-
-        let msg = refused(&PI.replace("len = 4", "len = 4000000000"), &[]);
-        assert!(msg.contains("max_buffer_bytes"), "{msg}");
-
-        let msg = refused(
-            &PI.replace("values = [7, 64]", "file = \"missing.npy\""),
-            &[],
-        );
-        assert!(msg.contains("missing.npy"), "{msg}");
-
-        let f64_npy = npy::write(ElemType::U32, &[2], &[0; 8]);
-        let text = PI
-            .replace("values = [7, 64]", "file = \"p.npy\"")
-            .replace("type = \"u32\"\nfile", "type = \"f32\"\nfile");
-        let msg = refused(&text, &[("p.npy", f64_npy)]);
-        assert!(msg.contains("float32"), "{msg}");
-
-        let text = PI.replace("values = [7, 64]", "file = \"p.npy\"\nsplit = true");
-        let msg = refused(
-            &text,
-            &[("p.npy", npy::write(ElemType::U32, &[4], &[0; 16]))],
-        );
-        assert!(msg.contains("split evenly"), "{msg}");
-
-        let msg = refused(&PI.replace("dispatch", "dispatchh"), &[]);
-        assert!(msg.contains("dispatchh"), "{msg}");
-    }
 }

@@ -124,6 +124,13 @@ impl Default for ConnectionLimits {
 pub struct ApiConfig {
     /// Address of the API and dashboard.
     pub listen: SocketAddr,
+    /// What one API user may hold at once.
+    pub per_user: crate::api::UserLimits,
+    /// PEM certificate chain the API serves HTTPS with; needed (with
+    /// `tls_key`) to listen anywhere but loopback.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -175,6 +182,9 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7878)),
+            per_user: crate::api::UserLimits::default(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

@@ -71,6 +71,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     let blobs = Blobs::open(&data_dir.join("blobs"))
         .with_context(|| format!("cannot open the blob store in {}", data_dir.display()))?;
     let job_tables = crate::submit::Tables::open(&store)?;
+    let users = api::Users::open(&store, api::new_token(data_dir)?, cfg.api.per_user.clone())?;
     let submits = member.roles.contains(Roles::SUBMIT);
 
     let network = swarm(&cfg, data_dir, &identity, &charter, bootstrap)?;
@@ -127,14 +128,16 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         None
     };
     tokio::spawn(serve_requests(requests, worker.clone(), jobs.clone()));
-    tokio::spawn(crate::net::blobs::serve(client.clone(), blobs));
+    tokio::spawn(crate::net::blobs::serve(client.clone(), blobs.clone()));
 
     let state = api::ApiState {
         client,
         jobs,
         worker,
         limits: cfg.worker.limits.clone(),
-        token: String::new(),
+        users,
+        blobs: blobs.clone(),
+        uploading: Default::default(),
     };
     serve_api(&cfg, data_dir, state).await?;
     info!("stopping");
@@ -414,23 +417,60 @@ fn worker(
 /// Serves the HTTP API on `[api] listen` (loopback only) until Ctrl-C or
 /// SIGTERM, with the address and a fresh token in the data directory
 /// while it runs.
-async fn serve_api(cfg: &Config, data_dir: &Path, mut state: api::ApiState) -> Result<()> {
+async fn serve_api(cfg: &Config, data_dir: &Path, state: api::ApiState) -> Result<()> {
+    let tls = match (&cfg.api.tls_cert, &cfg.api.tls_key) {
+        (Some(c), Some(k)) => Some(api::tls::server_config(
+            &cfg.resolve(data_dir, c),
+            &cfg.resolve(data_dir, k),
+        )?),
+        (None, None) => None,
+        _ => bail!("[api] needs both tls_cert and tls_key, or neither"),
+    };
+    if tls.is_none() && !cfg.api.listen.ip().is_loopback() {
+        bail!(
+            "api.listen = {} is not a loopback address: off loopback the API serves only over TLS; set [api] tls_cert and tls_key (PEM), or listen on 127.0.0.1 and reach it through an SSH tunnel",
+            cfg.api.listen
+        );
+    }
     let listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
         .with_context(|| format!("cannot serve the API on {} (api.listen)", cfg.api.listen))?;
     let api_addr = listener.local_addr()?;
-    if !api_addr.ip().is_loopback() {
-        bail!("api.listen must be a loopback address, not {api_addr}");
-    }
-    state.token = api::new_token(data_dir)?;
     let addr_file = data_dir.join(api::ADDR_FILE);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    // The URL, and the certificate a local client is to trust, for the
+    // commands run on this machine.
+    let url_file = data_dir.join(api::URL_FILE);
+    let host = if api_addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], api_addr.port()))
+    } else {
+        api_addr
+    };
+    std::fs::write(&url_file, format!("{scheme}://{host}"))
+        .with_context(|| format!("cannot write {}", url_file.display()))?;
+    let cert_file = data_dir.join(api::CERT_FILE);
+    let _ = std::fs::remove_file(&cert_file);
+    if let Some(c) = &cfg.api.tls_cert {
+        std::fs::copy(cfg.resolve(data_dir, c), &cert_file)
+            .with_context(|| format!("cannot write {}", cert_file.display()))?;
+    }
     std::fs::write(&addr_file, api_addr.to_string())
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
-    info!(%api_addr, "API listening");
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the API server failed")?;
+    info!(%api_addr, scheme, "API listening");
+    let app = api::router(state);
+    let served = match tls {
+        Some(config) => {
+            axum::serve(api::tls::TlsListener::new(listener, config)?, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+        }
+    };
+    served.context("the API server failed")?;
     let _ = std::fs::remove_file(&addr_file);
     Ok(())
 }

@@ -219,6 +219,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// The node process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// GET `path` from the node's API; `None` while it does not answer.
     pub fn get(&self, path: &str) -> Option<Value> {
         alliance_node::api::request(&self.dir, "GET", path, "").ok()

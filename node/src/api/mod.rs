@@ -1,60 +1,68 @@
-//! The node's local HTTP API (127.0.0.1 only), and the small client the
-//! CLI uses to read it.
+//! The node's HTTP API: what researchers, the CLI and the dashboard call.
 //!
-//! Paths are versioned (`/v1/…`), bodies are JSON, and every error is a
-//! JSON object `{"error": "…"}` that says what went wrong.
+//! Paths are versioned (`/v1/…`), bodies are JSON unless they carry bytes
+//! (blobs up, `.npy` results down), and every error has one shape:
+//! `{"error": {"code": "…", "message": "…", "hint": "…"}}`.
 //!
-//! Loopback is shared by every user of the machine, so each `/v1` request
-//! must carry the token the node writes at start to `api.token` in its data
-//! directory (mode 0600, readable only by the node's user) as
-//! `Authorization: Bearer <token>`. Without it, another user of a lab
-//! machine could pause the node, or submit a job whose input is a file only
-//! the node's user may read. `GET /metrics` needs no token.
+//! Every `/v1` request carries a user's token as `Authorization: Bearer
+//! <token>` ([`users`]): the node's own token (written at start to
+//! `api.token` in its data directory, mode 0600) is the admin `node`;
+//! `alliance user add` makes more. A user sees and acts on only their own
+//! jobs; an admin on all, and alone may pause the worker, apply
+//! revocations and manage users. `GET /metrics` needs no token.
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `GET /v1/status` | PeerId, alliance, institution, listen and external addresses, NAT status, peers, rejections |
-//! | `GET /v1/peers` | verified, connected members |
-//! | `GET /v1/gpus` | the live advert table |
-//! | `GET /v1/worker` | the worker's GPUs and counts: offers accepted and declined, tasks run, input blobs fetched and reused |
-//! | `POST /v1/worker/pause`, `POST /v1/worker/resume` | stop or start lending this node's GPUs (`?gpu=N`: one GPU); a pause hands back the tasks they hold |
-//! | `POST /v1/revocations` | apply and gossip a revocation list (body: the armored file) |
-//! | `POST /v1/jobs` | submit a job: `{"file": "/abs/path/job.toml"}` → `{"id": …}` |
-//! | `GET /v1/jobs` | this node's jobs with their progress and why tasks wait |
+//! | `PUT /v1/blobs/HASH` | upload a file a job names, by its BLAKE3; `Content-Range` resumes one cut short |
+//! | `GET /v1/blobs/HASH` | how much of an upload arrived |
+//! | `POST /v1/jobs` | submit `{"job": "<TOML>", "files": {"name": "HASH"}}` → the job's summary |
+//! | `GET /v1/jobs?limit=N&after=ID` | the caller's jobs (an admin's: all), newest first, a page at a time |
 //! | `GET /v1/jobs/ID` | one job: every task's state, replicas, workers, timings, failures |
-//! | `GET /v1/jobs/ID/end?secs=N` | the job's summary once it has ended, or after N seconds (at most 25) if it has not |
+//! | `GET /v1/jobs/ID/end?secs=N` | the job's summary once it has ended, or after N seconds (at most 25) |
+//! | `GET /v1/jobs/ID/events` | the job's changes as server-sent events, until it ends |
+//! | `GET /v1/jobs/ID/outputs/B` | output binding B of every task as one `.npy` (`?task=N`: one task's) |
 //! | `POST /v1/jobs/ID/cancel` | stop offering the job's tasks |
-//! | `POST /v1/jobs/ID/export` | write verified outputs as `.npy`: `{"out": "/abs/dir", "concat": false}` |
+//! | `GET /v1/status`, `/v1/peers`, `/v1/gpus`, `/v1/credits`, `/v1/reputation`, `/v1/worker` | this node and the alliance it sees |
+//! | `POST /v1/worker/pause`, `POST /v1/worker/resume` | admin: stop or start lending this node's GPUs (`?gpu=N`: one) |
+//! | `POST /v1/revocations` | admin: apply and gossip a revocation list (body: the armored file) |
+//! | `GET /v1/users`, `POST /v1/users`, `DELETE /v1/users/NAME` | admin: the API's users |
+//! | `GET /v1/me` | who the token belongs to, with their usage and limits |
 //! | `GET /metrics` | traffic counters in the Prometheus text format |
-
 //!
-//! The server's routes live by resource: [`jobs`] (a researcher's jobs),
-//! [`node`] (this node, its peers, GPUs, credits, reputation, the worker);
+//! The routes live by resource: [`jobs`] (a researcher's jobs and their
+//! results), [`blobs`] (uploads), [`node`] (this node, its peers, GPUs,
+//! credits, reputation, the worker), [`users`] (tokens and limits);
 //! [`client`] is what the CLI uses to call them.
 
+mod blobs;
 mod client;
 mod jobs;
 mod node;
+pub mod tls;
+pub mod users;
 
-pub use client::{address, request};
-use jobs::{job_cancel, job_detail, job_end, job_export, job_list, jobs_of, submit};
-use node::{
-    credits, gpus, metrics, pause, peers, reputation, resume, revocations, status, worker_stats,
-};
+pub use blobs::Progress as UploadProgress;
+pub use client::{Api, Target, address, hash_file, request};
+pub use jobs::{JobEvent, NewJob};
+pub use users::{Caller, UserLimits, Users};
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
+use alliance_protocol::Hash;
 use anyhow::{Context, anyhow};
-use axum::extract::State;
+use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::net::actor::{Client, Stopped};
-use crate::submit::{Jobs, JobsError};
+use crate::store::blobs::Blobs;
+use crate::submit::{FIX, Jobs, JobsError};
 
 /// What the API handlers reach.
 #[derive(Clone, Debug)]
@@ -66,8 +74,12 @@ pub struct ApiState {
     pub worker: Option<crate::work::Worker>,
     /// The intake limits jobs are checked against at submission.
     pub limits: alliance_kernels::intake::Limits,
-    /// The secret every `/v1` request must carry.
-    pub token: String,
+    /// The API's users and their tokens.
+    pub users: Users,
+    /// Where uploads land: the blob store jobs' inputs are served from.
+    pub blobs: Blobs,
+    /// Uploads in progress, one at a time per blob.
+    pub uploading: Arc<Mutex<HashSet<Hash>>>,
 }
 
 impl axum::extract::FromRef<ApiState> for Client {
@@ -76,28 +88,15 @@ impl axum::extract::FromRef<ApiState> for Client {
     }
 }
 
-impl From<JobsError> for ApiError {
-    fn from(e: JobsError) -> Self {
-        let code = match e {
-            JobsError::Refused(_) => StatusCode::BAD_REQUEST,
-            JobsError::NotFound(_) => StatusCode::NOT_FOUND,
-            JobsError::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError(code, e.to_string())
-    }
-}
-
-fn body_json(body: &str) -> Result<serde_json::Value, ApiError> {
-    serde_json::from_str(body).map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("the body is not JSON: {e}"),
-        )
-    })
-}
-
 /// The file in the data directory that holds the API's address.
 pub const ADDR_FILE: &str = "api.addr";
+
+/// The file in the data directory that holds the API's URL.
+pub const URL_FILE: &str = "api.url";
+
+/// The copy of the API's TLS certificate in the data directory, which the
+/// commands on the node's machine trust.
+pub const CERT_FILE: &str = "api.crt.pem";
 
 /// The file in the data directory that holds the API's token.
 pub const TOKEN_FILE: &str = "api.token";
@@ -105,9 +104,7 @@ pub const TOKEN_FILE: &str = "api.token";
 /// Writes a fresh token to `data_dir/api.token`, mode 0600; returns it.
 pub fn new_token(data_dir: &Path) -> anyhow::Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut raw = [0u8; 32];
-    getrandom::fill(&mut raw).map_err(|e| anyhow!("no randomness from the system: {e}"))?;
-    let token = hex::encode(raw);
+    let token = users::fresh_token()?;
     let path = data_dir.join(TOKEN_FILE);
     let _ = std::fs::remove_file(&path);
     let mut f = std::fs::OpenOptions::new()
@@ -116,86 +113,256 @@ pub fn new_token(data_dir: &Path) -> anyhow::Result<String> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(token.as_bytes())?;
+    f.write_all(token.as_bytes())
+        .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
     Ok(token)
 }
 
-async fn authorize(
-    State(s): State<ApiState>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let given = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = given.is_some_and(|g| {
-        // Compared in constant time: the token is a secret.
-        g.len() == s.token.len()
-            && g.bytes()
-                .zip(s.token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
-    if ok {
-        next.run(request).await
-    } else {
-        ApiError(
-            StatusCode::UNAUTHORIZED,
-            format!(
-                "this request needs the node's API token (the {TOKEN_FILE} file in its data directory, readable by the node's user); the alliance command sends it when run as that user"
-            ),
-        )
-        .into_response()
+/// An error as every route answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong, as a code programs can match, a message people read,
+/// and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+    pub hint: String,
+}
+
+/// A refused request: its status and [`ErrorDetail`].
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    hint: String,
+}
+
+impl ApiError {
+    /// An error with its own code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            hint: String::new(),
+        }
+    }
+
+    /// An error whose code follows from its status.
+    pub fn of(status: StatusCode, message: impl Into<String>) -> Self {
+        let code = match status.as_u16() {
+            400 => "bad_request",
+            401 => "unauthorized",
+            403 => "forbidden",
+            404 => "not_found",
+            409 => "conflict",
+            413 => "too_large",
+            503 => "unavailable",
+            507 => "disk_full",
+            _ => "internal",
+        };
+        Self::new(status, code, message)
+    }
+
+    /// What to do about it.
+    #[must_use]
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = hint.into();
+        self
     }
 }
 
-struct ApiError(StatusCode, String);
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let hint = if self.hint.is_empty() {
+            default_hint(self.status).to_owned()
+        } else {
+            self.hint
+        };
+        (
+            self.status,
+            Json(ErrorBody {
+                error: ErrorDetail {
+                    code: self.code.into(),
+                    message: self.message,
+                    hint,
+                },
+            }),
+        )
+            .into_response()
+    }
+}
+
+fn default_hint(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "fix the request as the message says; JOBS.md documents every field of a job",
+        401 => {
+            "send Authorization: Bearer <token>: your own (an admin makes one with `alliance user add NAME`), or the node's, in the api.token file of its data directory"
+        }
+        403 => "this needs another user's token, or an admin's",
+        404 => "check the id or path; GET /v1/jobs lists your jobs",
+        409 => "the request conflicts with the state it found; read it again and retry",
+        503 => "the node is stopping or restarting; retry in a few seconds",
+        507 => "free space in the node's data directory, then retry",
+        _ => "the node's log says more",
+    }
+}
+
+impl From<JobsError> for ApiError {
+    fn from(e: JobsError) -> Self {
+        let (status, code) = match &e {
+            JobsError::Refused(_) => (StatusCode::BAD_REQUEST, "bad_job"),
+            JobsError::NotFound(_) | JobsError::Missing(_) => (StatusCode::NOT_FOUND, "not_found"),
+            JobsError::NotReady(_) => (StatusCode::CONFLICT, "not_ready"),
+            JobsError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        let text = e.to_string();
+        let hint = match &e {
+            JobsError::NotReady(_) => {
+                "wait for the job (GET /v1/jobs/ID/end or its events), or fetch the tasks that are verified one by one with ?task=N"
+            }
+            _ => "",
+        };
+        match text.split_once(FIX) {
+            Some((message, fix)) => ApiError::new(status, code, message).hint(fix),
+            None => ApiError::new(status, code, text).hint(hint),
+        }
     }
 }
 
 impl From<Stopped> for ApiError {
     fn from(e: Stopped) -> Self {
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        ApiError::of(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
     }
 }
 
 type Answer = Result<Json<serde_json::Value>, ApiError>;
 
+fn body_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::of(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not the JSON this route takes: {e}"),
+        )
+    })
+}
+
+/// A blocking job on its own thread, its panic an internal error.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::of(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
 async fn not_found() -> ApiError {
-    ApiError(
+    ApiError::of(
         StatusCode::NOT_FOUND,
-        "no such endpoint: try GET /v1/status, /v1/peers, /v1/gpus or /v1/jobs".into(),
+        "no such endpoint: GET /v1/openapi.json lists them all",
     )
+}
+
+/// The API as an OpenAPI 3.1 document, from the handlers' own types.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Alliance node API", description = "Submit WGSL jobs with their files, follow them, fetch their results; watch and steer the node."),
+    paths(
+        users::me, users::list, users::add, users::revoke,
+        blobs::upload, blobs::progress,
+        jobs::submit, jobs::list, jobs::detail, jobs::end, jobs::events, jobs::cancel, jobs::output,
+        node::worker_stats, node::reputation, node::status, node::peers, node::gpus, node::credits,
+        node::pause, node::resume, node::revocations, node::metrics,
+    ),
+    components(schemas(ErrorBody, ErrorDetail, UserLimits, users::UserView, users::NewUser, users::NewToken, users::Me, UploadProgress, NewJob, JobEvent)),
+    modifiers(&BearerAuth),
+    security(("token" = [])),
+)]
+#[derive(Debug)]
+pub struct ApiDoc;
+
+/// Every route but `/metrics` and the document itself takes a bearer token.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let c = doc.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
 
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
-        .route("/v1/worker", get(worker_stats))
-        .route("/v1/jobs", post(submit).get(job_list))
-        .route("/v1/jobs/{id}", get(job_detail))
-        .route("/v1/jobs/{id}/end", get(job_end))
-        .route("/v1/jobs/{id}/cancel", post(job_cancel))
-        .route("/v1/jobs/{id}/export", post(job_export))
-        .route("/v1/reputation", get(reputation))
-        .route("/v1/status", get(status))
-        .route("/v1/peers", get(peers))
-        .route("/v1/gpus", get(gpus))
-        .route("/v1/credits", get(credits))
-        .route("/v1/worker/pause", post(pause))
-        .route("/v1/worker/resume", post(resume))
-        .route("/v1/revocations", post(revocations))
+        .route("/v1/me", get(users::me))
+        .route("/v1/users", get(users::list).post(users::add))
+        .route("/v1/users/{name}", axum::routing::delete(users::revoke))
+        .route("/v1/blobs/{hash}", put(blobs::upload).get(blobs::progress))
+        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::detail))
+        .route("/v1/jobs/{id}/end", get(jobs::end))
+        .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/outputs/{binding}", get(jobs::output))
+        .route("/v1/worker", get(node::worker_stats))
+        .route("/v1/reputation", get(node::reputation))
+        .route("/v1/status", get(node::status))
+        .route("/v1/peers", get(node::peers))
+        .route("/v1/gpus", get(node::gpus))
+        .route("/v1/credits", get(node::credits))
+        .route("/v1/worker/pause", post(node::pause))
+        .route("/v1/worker/resume", post(node::resume))
+        .route("/v1/revocations", post(node::revocations))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            authorize,
+            users::authorize,
         ));
-    v1.route("/metrics", get(metrics))
+    v1.route("/metrics", get(node::metrics))
+        .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)
+        // Uploads stream to disk; JSON bodies are capped by their routes.
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Refuses a caller who is not an admin.
+fn admin_only(c: &Caller) -> Result<(), ApiError> {
+    if c.admin {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin_only",
+            format!("user {} is not an admin of this node", c.name),
+        )
+        .hint("ask the node's admin, or use an admin token (`alliance user add NAME --admin`)"))
+    }
+}
+
+/// Refuses a caller who may not see job `id`.
+fn may_see(jobs: &Jobs, c: &Caller, id: &str) -> Result<(), ApiError> {
+    let owner = jobs.owner(id)?;
+    if c.admin || owner == c.name {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_your_job",
+            format!("job {id} belongs to another user, not to {}", c.name),
+        )
+        .hint("use the token of the user who submitted it, or an admin's"))
+    }
 }

@@ -13,19 +13,24 @@ use serde_json::json;
 
 use crate::net::actor::Client;
 
-use super::{Answer, ApiError, ApiState, jobs_of};
+use super::jobs::jobs_of;
+use super::{Answer, ApiError, ApiState, Caller, admin_only};
+use axum::extract::Extension;
 
+/// The worker: its GPUs, offers accepted and declined, tasks run.
+#[utoipa::path(get, path = "/v1/worker", tag = "node", responses((status = 200, body = Object), (status = 404, body = super::ErrorBody), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn worker_stats(State(s): State<ApiState>) -> Answer {
     let w = s.worker.as_ref().ok_or_else(|| {
-        ApiError(
+        ApiError::of(
             StatusCode::NOT_FOUND,
-            "this node lends no GPU (its certificate lacks the work role, or it found no GPU)"
-                .into(),
+            "this node lends no GPU (its certificate lacks the work role, or it found no GPU)",
         )
     })?;
     Ok(Json(json!(w.stats())))
 }
 
+/// What this node verified of each worker and institution.
+#[utoipa::path(get, path = "/v1/reputation", tag = "node", responses((status = 200, body = Object), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn reputation(State(s): State<ApiState>) -> Answer {
     let (workers, institutions) = jobs_of(&s)?.reputation();
     Ok(Json(
@@ -33,22 +38,32 @@ pub(super) async fn reputation(State(s): State<ApiState>) -> Answer {
     ))
 }
 
+/// This node: PeerId, alliance, institution, addresses, NAT status, peers.
+#[utoipa::path(get, path = "/v1/status", tag = "node", responses((status = 200, body = Object), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn status(State(c): State<Client>) -> Answer {
     Ok(Json(json!(c.status().await?)))
 }
 
+/// The verified members this node is connected to.
+#[utoipa::path(get, path = "/v1/peers", tag = "node", responses((status = 200, body = Vec<Object>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn peers(State(c): State<Client>) -> Answer {
     Ok(Json(json!(c.peers().await?)))
 }
 
+/// The live advert table: every GPU the alliance lends.
+#[utoipa::path(get, path = "/v1/gpus", tag = "node", responses((status = 200, body = Vec<Object>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn gpus(State(c): State<Client>) -> Answer {
     Ok(Json(json!(c.gpus().await?)))
 }
 
+/// Each institution's account of GPU time given and taken.
+#[utoipa::path(get, path = "/v1/credits", tag = "node", responses((status = 200, body = Object), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn credits(State(c): State<Client>) -> Answer {
     Ok(Json(json!(c.credits().await?)))
 }
 
+/// Counters in the Prometheus text format (no token needed).
+#[utoipa::path(get, path = "/metrics", tag = "node", responses((status = 200, content_type = "text/plain", body = String)))]
 pub(super) async fn metrics(State(c): State<Client>) -> Result<Response, ApiError> {
     let text = c.metrics().await?;
     Ok((
@@ -67,11 +82,25 @@ pub(super) struct GpuChoice {
     gpu: Option<usize>,
 }
 
-pub(super) async fn pause(s: State<ApiState>, q: axum::extract::Query<GpuChoice>) -> Answer {
+/// Admin: stop lending this node's GPUs (`?gpu=N`: one).
+#[utoipa::path(post, path = "/v1/worker/pause", tag = "node", params(("gpu" = Option<usize>, Query)), responses((status = 200, body = Object), (status = 400, body = super::ErrorBody), (status = 403, body = super::ErrorBody), (status = 401, body = super::ErrorBody)))]
+pub(super) async fn pause(
+    s: State<ApiState>,
+    Extension(c): Extension<Caller>,
+    q: axum::extract::Query<GpuChoice>,
+) -> Answer {
+    admin_only(&c)?;
     set_paused(s, q, true).await
 }
 
-pub(super) async fn resume(s: State<ApiState>, q: axum::extract::Query<GpuChoice>) -> Answer {
+/// Admin: lend this node's GPUs again (`?gpu=N`: one).
+#[utoipa::path(post, path = "/v1/worker/resume", tag = "node", params(("gpu" = Option<usize>, Query)), responses((status = 200, body = Object), (status = 400, body = super::ErrorBody), (status = 403, body = super::ErrorBody), (status = 401, body = super::ErrorBody)))]
+pub(super) async fn resume(
+    s: State<ApiState>,
+    Extension(c): Extension<Caller>,
+    q: axum::extract::Query<GpuChoice>,
+) -> Answer {
+    admin_only(&c)?;
     set_paused(s, q, false).await
 }
 
@@ -83,21 +112,28 @@ pub(super) async fn set_paused(
     match &s.worker {
         Some(w) => w
             .set_paused(q.gpu, paused)
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?,
+            .map_err(|e| ApiError::of(StatusCode::BAD_REQUEST, e))?,
         // A node that runs no worker still shows its pause in its advert.
         None if q.gpu.is_none() => s.client.set_paused(paused).await?,
         None => {
-            return Err(ApiError(
+            return Err(ApiError::of(
                 StatusCode::BAD_REQUEST,
-                "this node lends no GPU".into(),
+                "this node lends no GPU",
             ));
         }
     }
     Ok(Json(json!({ "paused": paused, "gpu": q.gpu })))
 }
 
-pub(super) async fn revocations(State(c): State<Client>, body: String) -> Answer {
-    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+/// Admin: apply and gossip a revocation list (the body is the armored file).
+#[utoipa::path(post, path = "/v1/revocations", tag = "node", request_body(content = String, content_type = "text/plain"), responses((status = 200, body = Object), (status = 400, body = super::ErrorBody), (status = 403, body = super::ErrorBody), (status = 401, body = super::ErrorBody)))]
+pub(super) async fn revocations(
+    State(c): State<Client>,
+    Extension(caller): Extension<Caller>,
+    body: String,
+) -> Answer {
+    admin_only(&caller)?;
+    let bad = |m: String| ApiError::of(StatusCode::BAD_REQUEST, m);
     let blocks =
         armor::decode(&body).map_err(|e| bad(format!("not a revocation list file: {e}")))?;
     let mut applied = 0;

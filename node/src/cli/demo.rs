@@ -20,7 +20,7 @@ use alliance_protocol::task::ElemType;
 use alliance_protocol::{Identity, Signed, Timestamp};
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::submit::npy;
 use crate::{api, config, trust};
@@ -30,6 +30,17 @@ pub struct DemoArgs {
     /// Keep the demo's directory (keys, logs, databases, results) afterwards.
     #[arg(long)]
     pub keep: bool,
+    /// Keep the demo's alliance running afterwards, to submit your own
+    /// jobs to it, until Ctrl-C (or SIGTERM) stops it.
+    #[arg(long)]
+    pub stay: bool,
+    /// Skip the demo's two jobs (with --stay: just start the alliance).
+    #[arg(long)]
+    pub no_jobs: bool,
+    /// Where the demo's files go [default: a new folder in the temporary
+    /// directory].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
     /// Tasks in the Monte Carlo π job.
     #[arg(long, default_value_t = 12)]
     pub tasks: u32,
@@ -76,11 +87,13 @@ fn step(text: &str) {
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
-    let root_dir = std::env::temp_dir().join(format!("alliance-demo-{}", std::process::id()));
+    let root_dir = a.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("alliance-demo-{}", std::process::id()))
+    });
     std::fs::create_dir_all(&root_dir)
         .with_context(|| format!("cannot create {}", root_dir.display()))?;
     let result = demo(&root_dir, a);
-    if a.keep || result.is_err() {
+    if a.keep || a.stay || a.dir.is_some() || result.is_err() {
         println!("\nthe demo's files are in {}", root_dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&root_dir);
@@ -141,8 +154,13 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
 
     let jobs = dir.join("jobs");
     std::fs::create_dir_all(&jobs)?;
-    pi_job(&jobs, &sub.dir, a.tasks, &names)?;
-    sgemm_job(&jobs, &sub.dir, &names)?;
+    if !a.no_jobs {
+        pi_job(&jobs, &sub.dir, a.tasks, &names)?;
+        sgemm_job(&jobs, &sub.dir, &names)?;
+    }
+    if a.stay {
+        return stay(dir, &sub, &nodes);
+    }
 
     step("stopping every node (SIGTERM)");
     for mut n in std::iter::once(sub).chain(nodes.into_iter().rev()) {
@@ -151,6 +169,58 @@ fn demo(dir: &Path, a: &DemoArgs) -> Result<()> {
     }
     println!("\ndemo complete");
     Ok(())
+}
+
+/// Keeps the alliance running: says how to use it (and writes the same
+/// to `demo.env`), then waits until a node stops or the demo is stopped
+/// (Ctrl-C reaches every node of the terminal's process group; SIGTERM to
+/// the group stops them all).
+fn stay(dir: &Path, sub: &Node, nodes: &[Node]) -> Result<()> {
+    let addr = api::address(&sub.dir)?;
+    let url = format!("http://{addr}");
+    let token_file = sub.dir.join(api::TOKEN_FILE);
+    let env = format!(
+        "ALLIANCE_URL={url}\nALLIANCE_TOKEN_FILE={}\nALLIANCE_DATA_DIR={}\n",
+        token_file.display(),
+        sub.dir.display()
+    );
+    std::fs::write(dir.join("demo.env"), &env)?;
+    step("the alliance stays up");
+    println!(
+        "  the submitting node's API: {url} (its admin token is in {})\n",
+        token_file.display()
+    );
+    println!("  submit your own job as the node's admin:");
+    println!(
+        "    alliance submit examples/pi/job.toml --wait --data-dir {}",
+        sub.dir.display()
+    );
+    println!("  or give a researcher a token of their own and use it from anywhere:");
+    println!(
+        "    alliance user add alice --data-dir {}",
+        sub.dir.display()
+    );
+    println!("    export ALLIANCE_URL={url} ALLIANCE_TOKEN=<the token printed>");
+    println!("    python -c 'import alliance; print(alliance.Client().me())'");
+    println!("  the API's description: {url}/v1/openapi.json");
+    println!(
+        "  stop it: Ctrl-C here (or kill -TERM -{})",
+        std::process::id()
+    );
+    println!(
+        "  (the same, for scripts, is in {})",
+        dir.join("demo.env").display()
+    );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if api::request(&sub.dir, "GET", "/v1/status", "").is_err()
+            || nodes.iter().any(|n| !n.dir.join(api::ADDR_FILE).exists())
+        {
+            println!("a node stopped: stopping the demo");
+            return Ok(());
+        }
+    }
 }
 
 /// The demo's alliance: its root key and charter, and three institutions
@@ -431,7 +501,8 @@ fn peer_names(nodes: &[Node]) -> Result<Vec<(String, String)>> {
 }
 
 fn submit_and_wait(sub: &Path, job: &Path) -> Result<String> {
-    let job = crate::cli::researcher::submit_file(sub, job)?;
+    let api = api::Api::local(sub)?;
+    let job = crate::cli::researcher::submit_file(&api, job)?;
     let id = job.id;
     println!(
         "  job {id}: {} task{}, redundancy {}",
@@ -439,14 +510,12 @@ fn submit_and_wait(sub: &Path, job: &Path) -> Result<String> {
         if job.tasks == 1 { "" } else { "s" },
         job.redundancy
     );
-    crate::cli::researcher::wait_for_job(sub, &id, false)?;
+    crate::cli::researcher::wait_for_job(&api, &id, false)?;
     Ok(id)
 }
 
 fn export(sub: &Path, id: &str, out: &Path, concat: bool) -> Result<()> {
-    std::fs::create_dir_all(out)?;
-    let body = json!({ "out": out, "concat": concat }).to_string();
-    api::request(sub, "POST", &format!("/v1/jobs/{id}/export"), &body)?;
+    crate::cli::researcher::download_results(&api::Api::local(sub)?, id, out, concat)?;
     Ok(())
 }
 

@@ -6,7 +6,8 @@
 //! - [`admin`]: the lab admin sets up a node (`init`), creates the
 //!   institution key and certifies nodes (`member …`), checks certificates
 //!   and the node (`cert verify`, `node check`), and runs it (`node run`).
-//! - [`researcher`]: `submit` and `job …`, clients of the node's HTTP API.
+//! - [`researcher`]: `submit` and `job …`, clients of the node's HTTP API;
+//!   [`users`]: `user …`, the admin's handing out of API tokens.
 //! - [`status`]: watching and steering a running node: `status`, `peers`,
 //!   `gpus`, `pause`, `resume`, `reputation`, `credits`, publishing
 //!   revocations.
@@ -19,6 +20,7 @@ pub mod demo;
 mod operator;
 pub mod researcher;
 mod status;
+pub mod users;
 
 pub use admin::{
     CertCommand, InitArgs, IssueArgs, MemberCommand, NodeCheckArgs, NodeCommand, NodeRunArgs,
@@ -88,9 +90,12 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Submit a job file to this node; `--wait` shows progress until it ends.
     Submit(researcher::SubmitArgs),
-    /// This node's jobs: list, status, results, cancel.
+    /// Jobs: list, status, wait, results, cancel.
     #[command(subcommand)]
     Job(researcher::JobCommand),
+    /// Lab admin: the users of this node's API and their tokens.
+    #[command(subcommand)]
+    User(users::UserCommand),
     /// What this node verified of each worker and institution: agreeing and
     /// wrong results, lapses, score, and how `redundancy = "auto"` treats it.
     Reputation(DataDirArg),
@@ -139,6 +144,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::run(&a),
         Command::Submit(a) => researcher::submit(&a, json),
         Command::Job(c) => researcher::job(c, json),
+        Command::User(c) => users::user(c, json),
         Command::Reputation(a) => reputation(&a, json),
         Command::Credits(a) => credits(&a, json),
         Command::Sandbox => std::process::exit(i32::from(alliance_kernels::sandbox::child_main())),

@@ -47,6 +47,11 @@ impl Blobs {
         })
     }
 
+    /// The blob directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where the blob `hash` lives (whether or not it is there).
     pub fn path(&self, hash: &Hash) -> PathBuf {
         self.dir.join(hash.to_string())
@@ -131,18 +136,6 @@ impl Blobs {
         }
         File::open(&part)?.sync_all()?;
         fs::rename(&part, self.path(hash))
-    }
-
-    /// Bytes in the blob directory, blobs and uploads in progress.
-    pub fn bytes_used(&self) -> u64 {
-        fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.metadata().ok())
-            .filter(fs::Metadata::is_file)
-            .map(|m| m.len())
-            .sum()
     }
 
     /// The whole blob.

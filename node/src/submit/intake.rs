@@ -41,6 +41,7 @@ pub(super) fn summary(l: &Live) -> JobSummary {
     JobSummary {
         id: l.job.id.clone(),
         name: l.job.name.clone(),
+        owner: l.job.owner.clone(),
         state: l.job.state.clone(),
         tasks: l.job.tasks,
         redundancy: l.job.redundancy,
@@ -56,13 +57,13 @@ impl Jobs {
     /// summary, which holds its id.
     pub fn submit_file(&self, path: &Path, limits: &Limits) -> Result<JobSummary, JobsError> {
         let job = Job::load(path, limits).map_err(|e| JobsError::Refused(e.to_string()))?;
-        self.submit(job)
+        self.submit(job, super::records::NODE_USER)
     }
 
     /// Stores a checked job: its inputs' parts inline or as blobs (a blob
     /// already in the store is named, not copied), then the job record,
     /// on disk before its id is handed out.
-    pub fn submit(&self, job: Job) -> Result<JobSummary, JobsError> {
+    pub fn submit(&self, job: Job, owner: &str) -> Result<JobSummary, JobsError> {
         let mut raw = [0u8; 16];
         getrandom::fill(&mut raw).map_err(db)?;
         let id = JobId(raw).to_string();
@@ -123,6 +124,7 @@ impl Jobs {
             requirements: job.requirements,
             state: JobState::Active,
             finished_at: None,
+            owner: owner.to_owned(),
         };
         // Tasks are stored once they are first offered: the job record
         // alone stands for all its tasks until then, so a job of any size
@@ -136,6 +138,46 @@ impl Jobs {
         self.lock()?.insert(id, live);
         self.inner.wake.notify_one();
         Ok(submitted)
+    }
+
+    /// What `owner` has on this node now: active jobs, and their tasks
+    /// not yet ended.
+    pub fn usage(&self, owner: &str) -> Result<(u32, u64), JobsError> {
+        let live = self.lock()?;
+        let mut usage = (0, 0);
+        for l in live
+            .values()
+            .filter(|l| l.job.owner == owner && l.job.state == JobState::Active)
+        {
+            usage.0 += 1;
+            usage.1 += l
+                .tasks
+                .iter()
+                .filter(|t| t.state == TaskState::Waiting)
+                .count() as u64;
+        }
+        Ok(usage)
+    }
+
+    /// Who submitted job `id`.
+    pub fn owner(&self, id: &str) -> Result<String, JobsError> {
+        let live = self.lock()?;
+        live.get(id)
+            .map(|l| l.job.owner.clone())
+            .ok_or_else(|| JobsError::NotFound(id.to_owned()))
+    }
+
+    /// Whether an active job reads the blob `hash` as an input.
+    pub fn reads_blob(&self, hash: &Hash) -> Result<bool, JobsError> {
+        let live = self.lock()?;
+        Ok(live.values().any(|l| {
+            l.job.state == JobState::Active
+                && l.job
+                    .inputs
+                    .iter()
+                    .flat_map(|i| &i.parts)
+                    .any(|d| matches!(d, Data::Blob { hash: h, .. } if h == hash))
+        }))
     }
 
     /// Every job, newest first.

@@ -46,13 +46,14 @@ pub mod spec;
 mod verify;
 
 use checkpoints::{CheckpointRefs, held_checkpoints};
+pub use export::{OutputBody, Segment};
 use records::task_key;
 pub use records::{
     Checkpoint, InputRecord, JobDetail, JobRecord, JobState, JobSummary, Progress, Replica,
     ReplicaState, SentCheckpoint, Tables, TaskRecord, TaskState,
 };
 use settle::{Owed, OwedGroup};
-pub use spec::{Job, JobError};
+pub use spec::{FIX, Job, JobError};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -196,6 +197,12 @@ pub enum JobsError {
     Refused(String),
     #[error("no job {0} on this node (see `alliance job list`)")]
     NotFound(String),
+    /// Something of a job that does not exist (an output binding, a task).
+    #[error("{0}")]
+    Missing(String),
+    /// Asked for too early: the job has not got that far.
+    #[error("{0}")]
+    NotReady(String),
     #[error("the job database failed: {0}")]
     Db(String),
 }

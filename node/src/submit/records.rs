@@ -52,6 +52,17 @@ pub struct JobRecord {
     pub requirements: Requirements,
     pub state: JobState,
     pub finished_at: Option<Timestamp>,
+    /// The API user who submitted it; jobs from before users existed
+    /// belong to the node's own user.
+    #[serde(default = "node_user")]
+    pub owner: String,
+}
+
+/// The name of the node's own API user, an admin.
+pub const NODE_USER: &str = "node";
+
+fn node_user() -> String {
+    NODE_USER.into()
 }
 
 /// One try of a task on one worker.
@@ -238,6 +249,8 @@ pub struct Progress {
 pub struct JobSummary {
     pub id: String,
     pub name: String,
+    /// The API user who submitted it.
+    pub owner: String,
     pub state: JobState,
     pub tasks: u32,
     pub redundancy: u32,

@@ -73,6 +73,33 @@ pub(super) const MAX_REPLICAS: u32 = 16;
 /// its worker is told the result is not wanted when it reports, and no
 /// lease of it expires, so counting it would leave the worker looking
 /// busy to this node for good.
+/// The active jobs in the order a pass places them: the jobs of the users
+/// with the fewest tasks running first, then the oldest, so that between
+/// the users of one node the GPUs the alliance lends go round as they go
+/// round between institutions: the user who holds least gets the next.
+pub(super) fn fair_order(live: &BTreeMap<String, Live>) -> Vec<String> {
+    let mut running: HashMap<&str, usize> = HashMap::new();
+    for l in live.values().filter(|l| l.job.state == JobState::Active) {
+        *running.entry(l.job.owner.as_str()).or_default() += l
+            .tasks
+            .iter()
+            .skip(l.open_from)
+            .filter(|t| t.replicas.iter().any(super::records::Replica::in_flight))
+            .count();
+    }
+    let mut order: Vec<&Live> = live
+        .values()
+        .filter(|l| l.job.state == JobState::Active)
+        .collect();
+    order.sort_by_key(|l| {
+        (
+            running.get(l.job.owner.as_str()).copied().unwrap_or(0),
+            l.job.submitted_at,
+        )
+    });
+    order.into_iter().map(|l| l.job.id.clone()).collect()
+}
+
 pub(super) fn in_flight_by_worker(live: &BTreeMap<String, Live>) -> HashMap<String, u32> {
     let mut m = HashMap::new();
     for l in live.values().filter(|l| l.job.state == JobState::Active) {
@@ -140,10 +167,10 @@ impl Jobs {
                 self.recheck(&mut live, &caught)?;
             }
             let in_flight = in_flight_by_worker(&live);
-            for l in live.values_mut() {
-                if l.job.state != JobState::Active {
+            for id in fair_order(&live) {
+                let Some(l) = live.get_mut(&id) else {
                     continue;
-                }
+                };
                 let seen = Seen {
                     adverts: &adverts,
                     connected: &connected,

@@ -11,5 +11,6 @@ mod layering;
 mod network;
 mod owner;
 mod reachability;
+mod remote;
 mod scale;
 mod trust;

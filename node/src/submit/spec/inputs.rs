@@ -11,7 +11,7 @@ use std::sync::Arc;
 use alliance_protocol::Hash;
 use alliance_protocol::task::ElemType;
 
-use super::{Elem, InputFile, InputKind, numpy_name};
+use super::{Elem, FIX, InputFile, InputKind, numpy_name};
 use crate::store::blobs::Blobs;
 use crate::submit::npy;
 
@@ -263,13 +263,18 @@ fn npy_input(
     let b = i.binding;
     let mut f = File::open(&at.path)
         .map_err(|e| format!("input binding {b}: cannot read {}: {e}", at.shown))?;
-    let h = npy::read_header(&mut f, at.len)
-        .map_err(|e| format!("input binding {b}: {}: {e}", at.shown))?;
+    let h = npy::read_header(&mut f, at.len).map_err(|e| match e {
+        npy::NpyError::Dtype(d) => format!(
+            "input binding {b}: {} holds dtype {d:?}, which kernels cannot read{FIX}convert it with a.astype(np.float32), np.uint32, np.int32 or np.uint8 (as the kernel declares it)",
+            at.shown
+        ),
+        e => format!("input binding {b}: {}: {e}", at.shown),
+    })?;
     if let Some(d) = declared
         && d != h.elem
     {
         return Err(format!(
-            "input binding {b}: {} holds a {} array, but the job says type = {:?}; convert it with a.astype(np.{}) or change the type",
+            "input binding {b}: {} holds a {} array, but the job says type = {:?}{FIX}convert it with a.astype(np.{}) or change the type",
             at.shown,
             numpy_name(h.elem),
             i.elem

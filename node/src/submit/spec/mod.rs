@@ -268,7 +268,12 @@ pub struct Job {
     pub requirements: Requirements,
 }
 
-/// Why a job was refused; every message names the file and the problem.
+/// Joins a refusal's message to its fix, which the API hands back as the
+/// error's hint.
+pub const FIX: &str = "\n  fix: ";
+
+/// Why a job was refused; every message names the file and the problem,
+/// and many end in the fix (after [`FIX`]).
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {message}")]
 pub struct JobError {
@@ -592,7 +597,7 @@ fn check_elem(
     }
     let fix = match (what, from.is_empty()) {
         ("input", false) => format!(
-            "convert the array with a.astype(np.{}) before saving {from}",
+            "convert the array with a.astype(np.{}) before saving it as {from}",
             numpy_name(match kernel {
                 "f32" => ElemType::F32,
                 "u32" => ElemType::U32,
@@ -602,7 +607,7 @@ fn check_elem(
         _ => format!("write type = \"{kernel}\""),
     };
     Err(format!(
-        "{what} binding {binding} is {job} but the kernel declares `{var}` with {kernel} elements: {fix}, or change the kernel"
+        "{what} binding {binding} is {job} but the kernel declares `{var}` with {kernel} elements{FIX}{fix}, or change the kernel"
     ))
 }
 

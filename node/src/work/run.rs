@@ -127,9 +127,11 @@ impl Worker {
         let s = &self.inner.setup;
         let spec = &offer.spec;
         let acked = Arc::new(std::sync::atomic::AtomicU32::new(spec.start_step));
+        let began = std::time::Instant::now();
         let result = self
             .run(peer, offer, source, slot, from, Arc::clone(&acked))
             .await;
+        let wall = began.elapsed();
         let now = Timestamp::now();
         let submitter = PublicKey::from_peer_id(&peer).unwrap_or(offer.worker);
         let key: TaskKey = (spec.job, spec.task, offer.attempt);
@@ -175,6 +177,15 @@ impl Worker {
                         }
                     }
                 }
+                info!(
+                    job = %spec.job,
+                    task = spec.task,
+                    attempt = offer.attempt,
+                    wall_ms = u64::try_from(wall.as_millis()).unwrap_or(u64::MAX),
+                    gpu_ms = u64::try_from(outcome.gpu_time.as_millis()).unwrap_or(u64::MAX),
+                    %adapter,
+                    "task done"
+                );
                 let receipt = Receipt {
                     job: spec.job,
                     task: spec.task,

@@ -88,6 +88,9 @@ impl Api {
         };
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // Uploads go out in large writes: with ureq's 128 KiB default a
+            // GiB takes 8,192 of them, each a wake-up of the node's side.
+            .output_buffer_size(2 << 20)
             .timeout_connect(Some(Duration::from_secs(5)));
         if let Some(ca) = t
             .ca_cert
@@ -227,7 +230,9 @@ impl Api {
             .header("Authorization", self.auth())
             .header("Content-Type", "application/octet-stream");
         if len > 0 {
-            req = req.header("Content-Range", format!("bytes {from}-{}/{len}", len - 1));
+            req = req
+                .header("Content-Range", format!("bytes {from}-{}/{len}", len - 1))
+                .header("Content-Length", (len - from).to_string());
         }
         let resp = req
             .send(ureq::SendBody::from_reader(&mut reader))

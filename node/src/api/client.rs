@@ -206,14 +206,25 @@ impl Api {
     /// Uploads the file at `path` as a blob, resuming an upload of it that
     /// was cut short; `progress` hears the bytes sent. Returns its hash.
     pub fn upload(&self, path: &Path, progress: &dyn Fn(u64, u64)) -> anyhow::Result<Hash> {
+        let hash = hash_file(path)?;
+        self.upload_hashed(path, hash, progress)?;
+        Ok(hash)
+    }
+
+    /// [`Api::upload`] of a file whose hash is known already.
+    pub fn upload_hashed(
+        &self,
+        path: &Path,
+        hash: Hash,
+        progress: &dyn Fn(u64, u64),
+    ) -> anyhow::Result<()> {
         let len = std::fs::metadata(path)
             .with_context(|| format!("cannot read {}", path.display()))?
             .len();
-        let hash = hash_file(path)?;
         let status = self.get(&format!("/v1/blobs/{hash}"))?;
         if status["complete"].as_bool() == Some(true) {
             progress(len, len);
-            return Ok(hash);
+            return Ok(());
         }
         let from = status["received"].as_u64().unwrap_or(0).min(len);
         let mut f = File::open(path)?;
@@ -239,7 +250,7 @@ impl Api {
             .map_err(|e| self.unreachable(&e))?;
         self.answer(resp)
             .with_context(|| format!("uploading {}", path.display()))?;
-        Ok(hash)
+        Ok(())
     }
 
     /// Streams `GET path` into the file `to`; returns the bytes written.

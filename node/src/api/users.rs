@@ -79,7 +79,7 @@ struct Inner {
     /// `user NUL blob-hash` → bytes: what each user uploaded.
     stored: sled::Tree,
     node_token: String,
-    pub(super) limits: UserLimits,
+    limits: UserLimits,
 }
 
 impl std::fmt::Debug for Users {

@@ -3,10 +3,8 @@
 //! for a job's end.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
-use alliance_kernels::intake::Limits;
 use alliance_protocol::task::{Data, JobId};
 use alliance_protocol::{Hash, Timestamp};
 use tracing::info;
@@ -53,13 +51,6 @@ pub(super) fn summary(l: &Live) -> JobSummary {
 }
 
 impl Jobs {
-    /// Loads, checks and stores the job file at `path`; returns its
-    /// summary, which holds its id.
-    pub fn submit_file(&self, path: &Path, limits: &Limits) -> Result<JobSummary, JobsError> {
-        let job = Job::load(path, limits).map_err(|e| JobsError::Refused(e.to_string()))?;
-        self.submit(job, super::records::NODE_USER)
-    }
-
     /// Stores a checked job: its inputs' parts inline or as blobs (a blob
     /// already in the store is named, not copied), then the job record,
     /// on disk before its id is handed out.
@@ -165,19 +156,6 @@ impl Jobs {
         live.get(id)
             .map(|l| l.job.owner.clone())
             .ok_or_else(|| JobsError::NotFound(id.to_owned()))
-    }
-
-    /// Whether an active job reads the blob `hash` as an input.
-    pub fn reads_blob(&self, hash: &Hash) -> Result<bool, JobsError> {
-        let live = self.lock()?;
-        Ok(live.values().any(|l| {
-            l.job.state == JobState::Active
-                && l.job
-                    .inputs
-                    .iter()
-                    .flat_map(|i| &i.parts)
-                    .any(|d| matches!(d, Data::Blob { hash: h, .. } if h == hash))
-        }))
     }
 
     /// Every job, newest first.

@@ -68,11 +68,6 @@ pub(super) fn lease_from_now() -> Timestamp {
 /// Replicas placed for one task in one scheduling pass, at most.
 pub(super) const MAX_REPLICAS: u32 = 16;
 
-/// Replicas of open tasks of active jobs that each worker holds. A
-/// replica left over when its task ended, or its job, no longer counts:
-/// its worker is told the result is not wanted when it reports, and no
-/// lease of it expires, so counting it would leave the worker looking
-/// busy to this node for good.
 /// The active jobs in the order a pass places them: the jobs of the users
 /// with the fewest tasks running first, then the oldest, so that between
 /// the users of one node the GPUs the alliance lends go round as they go
@@ -80,10 +75,13 @@ pub(super) const MAX_REPLICAS: u32 = 16;
 pub(super) fn fair_order(live: &BTreeMap<String, Live>) -> Vec<String> {
     let mut running: HashMap<&str, usize> = HashMap::new();
     for l in live.values().filter(|l| l.job.state == JobState::Active) {
+        // Past the last task ever placed no task has a replica.
+        let placed = l.last_placed.map_or(0, |p| p + 1);
         *running.entry(l.job.owner.as_str()).or_default() += l
             .tasks
+            .get(l.open_from..placed)
+            .unwrap_or_default()
             .iter()
-            .skip(l.open_from)
             .filter(|t| t.replicas.iter().any(super::records::Replica::in_flight))
             .count();
     }
@@ -100,6 +98,11 @@ pub(super) fn fair_order(live: &BTreeMap<String, Live>) -> Vec<String> {
     order.into_iter().map(|l| l.job.id.clone()).collect()
 }
 
+/// Replicas of open tasks of active jobs that each worker holds. A
+/// replica left over when its task ended, or its job, no longer counts:
+/// its worker is told the result is not wanted when it reports, and no
+/// lease of it expires, so counting it would leave the worker looking
+/// busy to this node for good.
 pub(super) fn in_flight_by_worker(live: &BTreeMap<String, Live>) -> HashMap<String, u32> {
     let mut m = HashMap::new();
     for l in live.values().filter(|l| l.job.state == JobState::Active) {

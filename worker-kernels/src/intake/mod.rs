@@ -503,7 +503,7 @@ pub use task::{Supplied, check_task};
 mod tests {
     use super::*;
 
-    const SAXPY: &str = "
+    pub(super) const SAXPY: &str = "
         struct Params { a: f32, n: u32 }
         @group(0) @binding(0) var<uniform> p: Params;
         @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -513,7 +513,7 @@ mod tests {
             if (id.x < p.n) { y[id.x] = p.a * x[id.x] + y[id.x]; }
         }";
 
-    fn check(src: &str) -> Result<Kernel, IntakeError> {
+    pub(super) fn check(src: &str) -> Result<Kernel, IntakeError> {
         check_kernel(src, "main", &Limits::default(), None)
     }
 

@@ -122,21 +122,7 @@ pub fn check_task(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intake::check_kernel;
-
-    const SAXPY: &str = "
-        struct Params { a: f32, n: u32 }
-        @group(0) @binding(0) var<uniform> p: Params;
-        @group(0) @binding(1) var<storage, read> x: array<f32>;
-        @group(0) @binding(2) var<storage, read_write> y: array<f32>;
-        @compute @workgroup_size(64)
-        fn main(@builtin(global_invocation_id) id: vec3<u32>) {
-            if (id.x < p.n) { y[id.x] = p.a * x[id.x] + y[id.x]; }
-        }";
-
-    fn check(src: &str) -> Result<Kernel, IntakeError> {
-        check_kernel(src, "main", &Limits::default(), None)
-    }
+    use crate::intake::tests::{SAXPY, check};
 
     #[test]
     fn task_checks() {

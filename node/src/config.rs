@@ -70,6 +70,13 @@ pub struct WorkerConfig {
     pub gpu: std::collections::BTreeMap<String, PolicyPatch>,
     /// How the node tells that the owner uses a GPU.
     pub idle: IdleConfig,
+    /// Standard library kernels each GPU compiles when the worker starts,
+    /// so tasks of them pay no compile time (default: all of them; `[]`
+    /// for none).
+    pub warm: Vec<String>,
+    /// How long a task's kernel may take to compile before the task is
+    /// failed; the task's own `timeout_secs` starts after it.
+    pub compile_timeout_secs: u64,
 }
 
 /// Peer-to-peer settings.
@@ -159,6 +166,11 @@ impl Default for WorkerConfig {
             policy: Policy::default(),
             gpu: std::collections::BTreeMap::new(),
             idle: IdleConfig::default(),
+            warm: alliance_kernels::library::KERNELS
+                .iter()
+                .map(|k| k.name.to_owned())
+                .collect(),
+            compile_timeout_secs: 300,
         }
     }
 }
@@ -247,6 +259,29 @@ impl Config {
             });
         }
         let w = &config.worker;
+        if let Some(name) = w
+            .warm
+            .iter()
+            .find(|n| alliance_kernels::library::get(n).is_none())
+        {
+            let names: Vec<&str> = alliance_kernels::library::KERNELS
+                .iter()
+                .map(|k| k.name)
+                .collect();
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "worker.warm names {name:?}, which is not a library kernel; the library has {}",
+                    names.join(", ")
+                ),
+            });
+        }
+        if w.compile_timeout_secs == 0 {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: "worker.compile_timeout_secs = 0: a kernel needs time to compile; the default is 300".into(),
+            });
+        }
         for key in w.gpu.keys() {
             if key.parse::<usize>().is_err() {
                 return Err(ConfigError::Parse {

@@ -109,6 +109,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     let worker = worker(&cfg, data_dir, &identity, &client, &blobs, lent);
     if let Some(w) = &worker {
         tokio::spawn(w.clone().watch());
+        tokio::spawn(w.clone().warm());
     }
     let jobs = if submits {
         let j = Jobs::open(
@@ -411,6 +412,8 @@ fn worker(
             ..cfg.worker.idle.clone()
         },
         pause_file: lent.pause_file,
+        warm: cfg.worker.warm.clone(),
+        compile_timeout: std::time::Duration::from_secs(cfg.worker.compile_timeout_secs),
     }))
 }
 

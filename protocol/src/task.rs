@@ -232,6 +232,9 @@ pub struct Receipt {
     pub outputs: Vec<OutputDigest>,
     /// GPU time (timestamp queries where supported, else wall time), µs.
     pub gpu_time_us: u64,
+    /// Time to compile the kernel on this worker, µs: zero when the worker
+    /// had it compiled already. Not GPU work, and not credited.
+    pub compile_time_us: u64,
     /// Adapter name and backend it ran on.
     pub adapter: String,
     /// The worker's node key (must be the signer).
@@ -306,8 +309,8 @@ pub struct Outcomes(pub Vec<Outcome>);
 
 impl Record for Outcomes {
     const NAME: &'static str = "task outcomes";
-    const CONTEXT: &'static str = "task-outcomes/v1";
-    const VERSION: u16 = 1;
+    const CONTEXT: &'static str = "task-outcomes/v2";
+    const VERSION: u16 = 2;
     /// A full batch of receipts of up to 64 KiB each.
     const MAX_SIZE: usize = MAX_BATCH * 64 * 1024;
 }

@@ -13,10 +13,17 @@
 //!    against one local alliance. Target Python / CLI ≤ 1.1. Needs the
 //!    client installed in `target/python-venv` (`python/run-tests` puts it
 //!    there); skipped with a message without it.
+//! 4. GPU time as billed: the demo's SGEMM job (`library:sgemm`, 128×128,
+//!    two replicas) on a local alliance whose workers warm the library at
+//!    start, as the demo's do: each replica's GPU time in the job's record
+//!    against the bare executor's time for the same task on the same
+//!    adapter, warm. Target ≤ 1.5: compile time is reported apart, and a
+//!    replica's GPU time is the kernel's. The job records' compile time is
+//!    shown beside.
 //!
 //! Run: `cargo bench -p alliance-tests --bench api`
-//! (`API_BENCH=upload,submit` picks the parts; `UPLOAD_MIB=N` the size;
-//! `SUBMIT_ROUNDS=N` the rounds of part 3.)
+//! (`API_BENCH=upload,submit,sgemm` picks the parts; `UPLOAD_MIB=N` the
+//! size; `SUBMIT_ROUNDS=N` the rounds of part 3, `SGEMM_ROUNDS=N` of 4.)
 
 #![allow(
     clippy::unwrap_used,
@@ -35,7 +42,9 @@ use alliance_node::api::Api;
 use alliance_node::store::blobs::Blobs;
 use alliance_protocol::cert::Roles;
 use alliance_tests::alliance::TestAlliance;
-use alliance_tests::jobs::{alliance, alliance_of_three, text, write};
+use alliance_tests::jobs::{
+    alliance, alliance_of_three, alliance_of_three_with, run_job, text, write,
+};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -243,13 +252,77 @@ fn submit() {
     );
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn sgemm() {
+    use alliance_kernels::executor::{Checkpoint, Executor, TaskError};
+    use alliance_kernels::gpu::{self, Selection};
+    use alliance_kernels::intake::Limits;
+    use alliance_node::cli::demo;
+
+    let rounds: usize = std::env::var("SGEMM_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let m = demo::SGEMM_M;
+    let net = alliance_of_three_with(|d| d.warm_library());
+    let jobs = net.sub_dir.path.join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let (a, b) = demo::write_sgemm_job(&jobs, m).unwrap();
+    let job = jobs.join("sgemm.toml");
+    let (mut billed, mut compiled) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let id = run_job(&net.sub_dir, &job);
+        let d = net.sub.get(&format!("/v1/jobs/{id}")).unwrap();
+        for r in d["tasks"][0]["replicas"].as_array().unwrap() {
+            if r["state"] == "verified" {
+                billed.push(r["gpu_time_us"].as_f64().unwrap() / 1000.0);
+                compiled.push(r["compile_time_us"].as_f64().unwrap() / 1000.0);
+            }
+        }
+    }
+    // The bare executor: the same task on the same adapter, warm.
+    let gpu = gpu::discover(&Selection::All).unwrap().remove(0);
+    let mut ex = Executor::open(&gpu.adapter, Limits::default()).unwrap();
+    let task = alliance_kernels::library::sgemm::tiled(m, m, m, &a, &b);
+    let mut none = |_: Checkpoint| -> Result<(), TaskError> { Ok(()) };
+    let cold = ex.run(&task, &mut none).unwrap();
+    let bare: Vec<f64> = (0..rounds.max(5))
+        .map(|_| ex.run(&task, &mut none).unwrap().gpu_time.as_secs_f64() * 1000.0)
+        .collect();
+    println!(
+        "sgemm: the demo's {m}×{m} job on {} ({} replicas in {rounds} jobs)",
+        gpu.report.name,
+        billed.len()
+    );
+    println!(
+        "  replica GPU time, median {:.2} ms (max {:.2}); compile time in the records, max {:.1} ms",
+        median(billed.clone()),
+        billed.iter().copied().fold(0.0, f64::max),
+        compiled.iter().copied().fold(0.0, f64::max)
+    );
+    println!(
+        "  bare executor, warm: median {:.2} ms; its first run compiled for {:.1} ms",
+        median(bare.clone()),
+        cold.compile_time.as_secs_f64() * 1000.0
+    );
+    println!(
+        "demo SGEMM GPU time / bare executor time (medians): {:.2} (target ≤ 1.5)",
+        median(billed) / median(bare)
+    );
+}
+
 fn main() {
-    let parts = std::env::var("API_BENCH").unwrap_or_else(|_| "upload,submit".into());
+    let parts = std::env::var("API_BENCH").unwrap_or_else(|_| "upload,submit,sgemm".into());
     for part in parts.split(',') {
         match part {
             "upload" => upload(),
             "submit" => submit(),
-            other => eprintln!("API_BENCH: no part {other:?} (upload, submit)"),
+            "sgemm" => sgemm(),
+            other => eprintln!("API_BENCH: no part {other:?} (upload, submit, sgemm)"),
         }
     }
 }

@@ -56,6 +56,7 @@ fn local_sandbox(scratch: &Path) -> Sandbox {
             scratch: scratch.to_owned(),
         },
         start_timeout: Duration::from_secs(120),
+        compile_timeout: Duration::from_secs(300),
     })
     .unwrap()
 }

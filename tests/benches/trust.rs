@@ -141,6 +141,7 @@ fn verification_cost() {
             len: outputs.len() as u64,
         }],
         gpu_time_us: 9_000,
+        compile_time_us: 0,
         adapter: "bench".into(),
         worker: worker.public(),
         submitter: a.root.public(),

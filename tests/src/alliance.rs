@@ -15,6 +15,15 @@ use alliance_protocol::cert::{
 use alliance_protocol::{Identity, Signed, Timestamp};
 use serde_json::Value;
 
+/// The example config's `warm` line: every library kernel.
+fn warm_all() -> String {
+    let names: Vec<String> = alliance_kernels::library::KERNELS
+        .iter()
+        .map(|k| format!("{:?}", k.name))
+        .collect();
+    format!("warm = [{}]", names.join(", "))
+}
+
 /// An alliance whose files live in a temporary directory.
 #[derive(Debug)]
 pub struct TestAlliance {
@@ -113,7 +122,10 @@ impl TestAlliance {
                 "listen = [\"/ip4/127.0.0.1/tcp/0\"]",
             )
             .replace("mdns = true", "mdns = false")
-            .replace("listen = \"127.0.0.1:7878\"", "listen = \"127.0.0.1:0\"");
+            .replace("listen = \"127.0.0.1:7878\"", "listen = \"127.0.0.1:0\"")
+            // Each test's workers compile the kernels its tasks use, not
+            // the whole library (`warm_library` turns it on).
+            .replace(&warm_all(), "warm = []");
         std::fs::write(path.join("alliance.toml"), config).expect("config");
         NodeDir {
             path,
@@ -166,6 +178,12 @@ impl NodeDir {
             text.replace("bootstrap = []", &format!("bootstrap = [{list}]")),
         )
         .expect("config");
+    }
+
+    /// Has the node's GPUs compile every library kernel when it starts, as
+    /// a node does by default.
+    pub fn warm_library(&self) {
+        self.edit_config("warm = []", &warm_all());
     }
 
     /// Replaces `from` by `to` in the node's config file.

@@ -173,6 +173,7 @@ fn sandbox(scratch: &Path) -> Sandbox {
             scratch: scratch.to_owned(),
         },
         start_timeout: Duration::from_secs(120),
+        compile_timeout: Duration::from_secs(300),
     })
     .unwrap()
 }

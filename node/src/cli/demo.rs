@@ -412,14 +412,23 @@ fn pi_job(jobs: &Path, sub: &Path, tasks: u32, names: &[(String, String)]) -> Re
     who_computed(sub, &pi_id, names)
 }
 
-/// Job 2: a 128×128 SGEMM replicated on two workers and compared within a
-/// tolerance, checked against the CPU reference.
-fn sgemm_job(jobs: &Path, sub: &Path, names: &[(String, String)]) -> Result<()> {
-    let m = 128usize;
-    let am: Vec<f32> = (0..m * m)
+/// The demo's SGEMM: the side of its matrices.
+pub const SGEMM_M: usize = 128;
+
+/// The demo's SGEMM matrices A and B, `m`×`m`, row-major.
+pub fn sgemm_matrices(m: usize) -> (Vec<f32>, Vec<f32>) {
+    let a = (0..m * m)
         .map(|i| ((i * 7) % 17) as f32 / 17.0 - 0.5)
         .collect();
-    let bm: Vec<f32> = (0..m * m).map(|i| ((i * 3) % 19) as f32 / 19.0).collect();
+    let b = (0..m * m).map(|i| ((i * 3) % 19) as f32 / 19.0).collect();
+    (a, b)
+}
+
+/// Writes the demo's SGEMM job into `jobs`: `a.npy`, `b.npy` and
+/// `sgemm.toml` (`library:sgemm`, two replicas compared within a
+/// tolerance); the matrices.
+pub fn write_sgemm_job(jobs: &Path, m: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (am, bm) = sgemm_matrices(m);
     let shape = [m as u64, m as u64];
     std::fs::write(
         jobs.join("a.npy"),
@@ -437,6 +446,14 @@ fn sgemm_job(jobs: &Path, sub: &Path, names: &[(String, String)]) -> Result<()> 
             g = m.div_ceil(64)
         ),
     )?;
+    Ok((am, bm))
+}
+
+/// Job 2: a 128×128 SGEMM replicated on two workers and compared within a
+/// tolerance, checked against the CPU reference.
+fn sgemm_job(jobs: &Path, sub: &Path, names: &[(String, String)]) -> Result<()> {
+    let m = SGEMM_M;
+    let (am, bm) = write_sgemm_job(jobs, m)?;
     let (sg_id, out) = run_job(
         sub,
         jobs,
@@ -534,9 +551,10 @@ fn who_computed(sub: &Path, id: &str, names: &[(String, String)]) -> Result<()> 
                     .find(|(p, _)| r["worker"] == p.as_str())
                     .map_or("?", |(_, n)| n.as_str());
                 format!(
-                    "{who} ({}, {:.1} ms GPU)",
+                    "{who} ({}, {:.1} ms GPU, {:.1} ms compiling)",
                     r["institution"].as_str().unwrap_or("?"),
-                    r["gpu_time_us"].as_f64().unwrap_or(0.0) / 1000.0
+                    r["gpu_time_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                    r["compile_time_us"].as_f64().unwrap_or(0.0) / 1000.0
                 )
             })
             .collect();

@@ -432,12 +432,14 @@ fn status(id: &str, api: &Api, json: bool) -> Result<()> {
     }
     let s = &d["summary"];
     println!(
-        "job {} ({}): {}, {} tasks, redundancy {}",
+        "job {} ({}): {}, {} tasks, redundancy {}, {:.1} ms GPU, {:.1} ms compiling",
         s["id"].as_str().unwrap_or("?"),
         s["name"].as_str().unwrap_or("?"),
         s["state"].as_str().unwrap_or("?"),
         s["tasks"],
-        s["redundancy"]
+        s["redundancy"],
+        s["gpu_time_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        s["compile_time_us"].as_f64().unwrap_or(0.0) / 1000.0
     );
     for (reason, count) in s["waiting"]
         .as_array()
@@ -448,7 +450,7 @@ fn status(id: &str, api: &Api, json: bool) -> Result<()> {
         println!("  {count} waiting: {reason}");
     }
     println!(
-        "{:>5} {:<9} {:>8}  replicas (worker, institution, state, GPU time)",
+        "{:>5} {:<9} {:>8}  replicas (worker, institution, state, GPU time, compile time)",
         "task", "state", "attempts"
     );
     for t in d["tasks"].as_array().into_iter().flatten() {
@@ -473,8 +475,12 @@ fn status(id: &str, api: &Api, json: bool) -> Result<()> {
                         last.map_or("?".into(), |l| l.to_string())
                     ),
                 };
+                let compile = match r["compile_time_us"].as_u64() {
+                    Some(us) if us > 0 => format!(" +{:.1} ms compiling", us as f64 / 1000.0),
+                    _ => String::new(),
+                };
                 format!(
-                    "{short} {} {}{why}{steps} {:.1} ms",
+                    "{short} {} {}{why}{steps} {:.1} ms{compile}",
                     r["institution"].as_str().unwrap_or("?"),
                     r["state"].as_str().unwrap_or("?"),
                     r["gpu_time_us"].as_f64().unwrap_or(0.0) / 1000.0

@@ -21,6 +21,16 @@ use super::{INLINE_INPUT, Jobs, JobsError, Live, db};
 pub(super) fn summary(l: &Live) -> JobSummary {
     let mut p = Progress::default();
     let mut waiting: BTreeMap<String, u32> = BTreeMap::new();
+    let (mut gpu_time_us, mut compile_time_us) = (0u64, 0u64);
+    for r in l
+        .tasks
+        .iter()
+        .flat_map(|t| &t.replicas)
+        .filter(|r| r.returned())
+    {
+        gpu_time_us = gpu_time_us.saturating_add(r.gpu_time_us);
+        compile_time_us = compile_time_us.saturating_add(r.compile_time_us);
+    }
     for t in &l.tasks {
         match t.state {
             TaskState::Verified => p.verified += 1,
@@ -47,6 +57,8 @@ pub(super) fn summary(l: &Live) -> JobSummary {
         submitted_at: l.job.submitted_at,
         finished_at: l.job.finished_at,
         waiting,
+        gpu_time_us,
+        compile_time_us,
     }
 }
 

@@ -273,6 +273,7 @@ impl Jobs {
             offered_at: Timestamp::now(),
             finished_at: None,
             gpu_time_us: 0,
+            compile_time_us: 0,
             adapter: String::new(),
             outputs: Vec::new(),
             receipt: None,

@@ -108,6 +108,9 @@ pub struct Replica {
     pub offered_at: Timestamp,
     pub finished_at: Option<Timestamp>,
     pub gpu_time_us: u64,
+    /// Time the worker took to compile the kernel (zero when it had it).
+    #[serde(default)]
+    pub compile_time_us: u64,
     pub adapter: String,
     pub outputs: Vec<OutputDigest>,
     /// Hash of the signed receipt's payload, which a credit pays for.
@@ -259,6 +262,13 @@ pub struct JobSummary {
     pub finished_at: Option<Timestamp>,
     /// Why tasks wait, most common first, with how many.
     pub waiting: Vec<(String, u32)>,
+    /// GPU time of every replica that returned a result, µs.
+    #[serde(default)]
+    pub gpu_time_us: u64,
+    /// Time workers spent compiling the kernel for those replicas, µs:
+    /// kept apart from GPU time, and not credited.
+    #[serde(default)]
+    pub compile_time_us: u64,
 }
 
 /// What `GET /v1/jobs/ID` returns.

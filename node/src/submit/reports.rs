@@ -268,12 +268,14 @@ impl Jobs {
                     }
                     digests.push(d.clone());
                 }
-                let (gpu, adapter) = (receipt.gpu_time_us, receipt.adapter.clone());
+                let (gpu, compile) = (receipt.gpu_time_us, receipt.compile_time_us);
+                let adapter = receipt.adapter.clone();
                 let paid_for = receipt.digest();
                 self.finish_replica(&id, task, attempt, &worker_id, |r| {
                     r.state = ReplicaState::Returned;
                     r.outputs = digests;
                     r.gpu_time_us = gpu;
+                    r.compile_time_us = compile;
                     r.adapter = adapter;
                     r.receipt = Some(paid_for);
                     r.institution_key = Some(member.institution_key);

@@ -128,6 +128,10 @@ pub struct WorkerSetup {
     pub idle: IdleConfig,
     /// Where the owner's pauses are kept across restarts.
     pub pause_file: PathBuf,
+    /// Library kernels each GPU's sandbox compiles at start.
+    pub warm: Vec<String>,
+    /// How long a task's kernel may take to compile.
+    pub compile_timeout: std::time::Duration,
 }
 
 /// The worker; cheap to clone.
@@ -157,6 +161,9 @@ struct Inner {
     fetching: tokio::sync::Mutex<HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
     /// Reports on their way, by submitter.
     outbox: Mutex<HashMap<PeerId, Outbox>>,
+    /// True once the library kernels are warmed (at once without any):
+    /// tasks start after, so they find them compiled.
+    warmed: tokio::sync::watch::Sender<bool>,
 }
 
 /// What the worker has done since it started.
@@ -206,6 +213,7 @@ impl Worker {
     pub fn new(setup: WorkerSetup) -> Self {
         let mut setup = setup;
         let gates = std::mem::take(&mut setup.gates);
+        let warmed = tokio::sync::watch::Sender::new(setup.warm.is_empty());
         let slots = setup
             .gpus
             .iter()
@@ -234,6 +242,7 @@ impl Worker {
                 recheck: tokio::sync::Notify::new(),
                 fetching: tokio::sync::Mutex::new(HashMap::new()),
                 outbox: Mutex::new(HashMap::new()),
+                warmed,
             }),
         }
     }

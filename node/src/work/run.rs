@@ -183,6 +183,7 @@ impl Worker {
                     attempt = offer.attempt,
                     wall_ms = u64::try_from(wall.as_millis()).unwrap_or(u64::MAX),
                     gpu_ms = u64::try_from(outcome.gpu_time.as_millis()).unwrap_or(u64::MAX),
+                    compile_ms = u64::try_from(outcome.compile_time.as_millis()).unwrap_or(u64::MAX),
                     %adapter,
                     "task done"
                 );
@@ -194,6 +195,8 @@ impl Worker {
                     inputs: spec.bindings.iter().filter_map(input_hash).collect(),
                     outputs: digests,
                     gpu_time_us: u64::try_from(outcome.gpu_time.as_micros()).unwrap_or(u64::MAX),
+                    compile_time_us: u64::try_from(outcome.compile_time.as_micros())
+                        .unwrap_or(u64::MAX),
                     adapter,
                     worker: s.identity.public(),
                     submitter,
@@ -316,6 +319,8 @@ impl Worker {
                 acked,
             ))
         });
+        // Tasks wait for the library kernels to be warmed at start.
+        let _ = self.inner.warmed.subscribe().wait_for(|&w| w).await;
         let me = self.clone();
         let result = tokio::task::spawn_blocking(move || {
             // The GPU is this task's until the closure ends.
@@ -384,6 +389,74 @@ impl Worker {
         result
     }
 
+    /// Starts each lent GPU's sandbox and compiles the configured library
+    /// kernels in it (`[worker] warm`), so the first task of one pays no
+    /// compile time. A task that arrives meanwhile waits for its GPU's
+    /// sandbox; its deadline starts only once it runs.
+    pub async fn warm(self) {
+        let names = self.inner.setup.warm.clone();
+        if names.is_empty() {
+            return;
+        }
+        // Whatever happens here, tasks go ahead after.
+        struct Done<'a>(&'a tokio::sync::watch::Sender<bool>);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.send_replace(true);
+            }
+        }
+        let _done = Done(&self.inner.warmed);
+        let slots: Vec<_> = match self.inner.slots.lock() {
+            Ok(slots) => slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (i, Arc::clone(&s.sandbox), self.sandbox_config(&s.report, i)))
+                .collect(),
+            Err(_) => return,
+        };
+        let mut warming = Vec::new();
+        for (gpu, sandbox, config) in slots {
+            let names = names.clone();
+            warming.push(tokio::task::spawn_blocking(move || {
+                let Ok(mut guard) = sandbox.lock() else {
+                    return;
+                };
+                if guard.is_none() {
+                    match Sandbox::start(config) {
+                        Ok(sb) => *guard = Some(sb),
+                        Err(e) => {
+                            warn!(gpu, error = %e, "cannot start the sandbox to warm kernels");
+                            return;
+                        }
+                    }
+                }
+                let Some(sb) = guard.as_mut() else {
+                    return;
+                };
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                match sb.warm(&names) {
+                    Ok(warmed) => {
+                        for w in warmed {
+                            match w.compiled {
+                                Ok(took) => info!(
+                                    gpu,
+                                    kernel = %w.name,
+                                    compile_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                                    "library kernel warmed"
+                                ),
+                                Err(e) => warn!(gpu, kernel = %w.name, error = %e, "cannot warm a library kernel"),
+                            }
+                        }
+                    }
+                    Err(e) => warn!(gpu, error = %e, "cannot warm the library kernels"),
+                }
+            }));
+        }
+        for w in warming {
+            let _ = w.await;
+        }
+    }
+
     pub(super) fn sandbox_config(&self, report: &AdapterReport, slot: usize) -> sandbox::Config {
         let s = &self.inner.setup;
         let scratch = s.scratch.join(format!("gpu{slot}"));
@@ -399,6 +472,7 @@ impl Worker {
                 scratch,
             },
             start_timeout: Duration::from_secs(120),
+            compile_timeout: s.compile_timeout,
         }
     }
 }

@@ -22,6 +22,7 @@ fn alliance_sandbox_runs_tasks() {
             scratch: scratch.path().to_owned(),
         },
         start_timeout: Duration::from_secs(60),
+        compile_timeout: Duration::from_secs(300),
     })
     .unwrap();
     let ready = sb.ready().unwrap();

@@ -309,14 +309,14 @@ fn receipt() -> impl Strategy<Value = Receipt> {
         (job(), any::<u32>(), any::<u32>(), hash()),
         prop::collection::vec(hash(), 0..4),
         prop::collection::vec(digest(), 0..4),
-        (any::<u64>(), text(), key(), key(), ts()),
+        (any::<u64>(), any::<u64>(), text(), key(), key(), ts()),
     )
         .prop_map(
             |(
                 (job, task, attempt, kernel),
                 inputs,
                 outputs,
-                (gpu_time_us, adapter, worker, submitter, finished_at),
+                (gpu_time_us, compile_time_us, adapter, worker, submitter, finished_at),
             )| Receipt {
                 job,
                 task,
@@ -325,6 +325,7 @@ fn receipt() -> impl Strategy<Value = Receipt> {
                 inputs,
                 outputs,
                 gpu_time_us,
+                compile_time_us,
                 adapter,
                 worker,
                 submitter,

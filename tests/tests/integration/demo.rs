@@ -19,4 +19,13 @@ fn the_demo_runs_to_completion() {
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
+    // The demo's workers warm the library's kernels when they start, so
+    // no replica of its library jobs pays compile time.
+    let compiling: Vec<&str> = text.matches(" ms compiling").collect();
+    assert!(!compiling.is_empty(), "{text}");
+    assert_eq!(
+        text.matches(", 0.0 ms compiling").count(),
+        compiling.len(),
+        "a replica compiled its kernel:\n{text}"
+    );
 }

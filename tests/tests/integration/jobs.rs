@@ -55,6 +55,14 @@ fn library_jobs_run_across_three_workers_and_match_the_cpu() {
         .map(|r| r["worker"].as_str().unwrap().to_owned())
         .collect();
     assert!(workers.len() >= 2, "all tasks on {workers:?}");
+    // These workers warm no kernels at start, so the first task each ran
+    // compiled its kernel, and said so apart from its GPU time.
+    let summary = &status["summary"];
+    assert!(
+        summary["compile_time_us"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
+    assert!(summary["gpu_time_us"].as_u64().unwrap() > 0, "{summary}");
 
     // saxpy with x and y split across 4 tasks from .npy files; y is a
     // state buffer and comes back updated.

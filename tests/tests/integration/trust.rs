@@ -304,6 +304,7 @@ impl Rogue {
                 len: digest_of.len() as u64,
             }],
             gpu_time_us: 10,
+            compile_time_us: 0,
             adapter: self.adapter.clone(),
             worker: self.node.identity.public(),
             submitter: self.submitter,

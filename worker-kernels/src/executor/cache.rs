@@ -1,12 +1,23 @@
 //! What an executor keeps between tasks: compiled pipelines (keyed by
 //! kernel hash and entry point), idle buffers, timestamp queries.
+//!
+//! A new pipeline is compiled *and warmed*: Mesa's llvmpipe (and other
+//! drivers) compile a compute shader at its first dispatch, not when the
+//! pipeline is made, and for a kernel with barriers in a loop that takes
+//! seconds to tens of seconds. Left to the task's first dispatch it would
+//! be billed as GPU time and count against the task's deadline. So a new
+//! pipeline runs one workgroup on scratch buffers of the least sizes its
+//! bindings take (zeroed, so loops bounded by a uniform end at once), and
+//! the time to make and warm it is the task's compile time, kept apart.
+//! On drivers that compile eagerly the warm-up is one small dispatch.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::{Task, TaskError, error_text};
+use super::{TaskError, error_text};
 use crate::gpu::ComputeLimits;
-use crate::intake::{self, Kernel, Limits};
+use crate::intake::{self, BufferKind, Kernel, Limits};
 
 /// Compiled pipelines kept.
 const MAX_PIPELINES: usize = 64;
@@ -97,37 +108,45 @@ impl Cache {
             .push(buffer);
     }
 
+    /// The pipeline of `source`'s `entry_point` (whose BLAKE3 is `hash`),
+    /// compiled and warmed if new, and how long that took (zero when it
+    /// was cached).
     pub(super) fn pipeline(
         &mut self,
         device: &wgpu::Device,
-        task: &Task,
+        queue: &wgpu::Queue,
+        kernel: (&str, [u8; 32], &str),
         limits: &Limits,
         device_limits: Option<&ComputeLimits>,
-    ) -> Result<Arc<Pipeline>, TaskError> {
-        let key = (task.kernel_hash(), task.entry_point.clone());
+    ) -> Result<(Arc<Pipeline>, Duration), TaskError> {
+        let (source, hash, entry_point) = kernel;
+        let key = (hash, entry_point.to_owned());
         if let Some(p) = self.pipelines.get(&key) {
             let p = Arc::clone(p);
             self.order.retain(|k| k != &key);
             self.order.push_back(key);
-            return Ok(p);
+            return Ok((p, Duration::ZERO));
         }
-        let kernel = intake::check_kernel(&task.kernel, &task.entry_point, limits, device_limits)?;
+        let kernel = intake::check_kernel(source, entry_point, limits, device_limits)?;
+        let started = Instant::now();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("alliance kernel"),
-            source: wgpu::ShaderSource::Wgsl(task.kernel.as_str().into()),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some("alliance kernel"),
             layout: None,
             module: &module,
-            entry_point: Some(&task.entry_point),
+            entry_point: Some(entry_point),
             compilation_options: Default::default(),
             cache: None,
         });
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(TaskError::Gpu(error_text(&err)));
         }
+        warm_up(device, queue, &pipeline, &kernel)?;
+        let compile = started.elapsed();
         self.compiled += 1;
         let p = Arc::new(Pipeline { pipeline, kernel });
         if self.order.len() >= MAX_PIPELINES
@@ -137,6 +156,68 @@ impl Cache {
         }
         self.order.push_back(key.clone());
         self.pipelines.insert(key, Arc::clone(&p));
-        Ok(p)
+        Ok((p, compile))
+    }
+}
+
+/// Runs one workgroup of `pipeline` on zeroed scratch buffers of the least
+/// sizes `kernel`'s bindings take, and waits for it: what makes a driver
+/// that compiles at first dispatch compile now.
+fn warm_up(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    pipeline: &wgpu::ComputePipeline,
+    kernel: &Kernel,
+) -> Result<(), TaskError> {
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let buffers: Vec<(u32, wgpu::Buffer)> = kernel
+        .bindings
+        .iter()
+        .map(|b| {
+            let usage = match b.kind {
+                BufferKind::Uniform => wgpu::BufferUsages::UNIFORM,
+                BufferKind::Storage { .. } => wgpu::BufferUsages::STORAGE,
+            };
+            let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("alliance warm-up"),
+                size: b.min_bytes.max(4).next_multiple_of(16),
+                usage,
+                mapped_at_creation: false,
+            });
+            (b.binding, buffer)
+        })
+        .collect();
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
+        .iter()
+        .map(|(binding, buffer)| wgpu::BindGroupEntry {
+            binding: *binding,
+            resource: buffer.as_entire_binding(),
+        })
+        .collect();
+    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("alliance warm-up"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("alliance warm-up"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+    }
+    let submitted = queue.submit([encoder.finish()]);
+    device
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(submitted),
+            timeout: None,
+        })
+        .map_err(|e| TaskError::Gpu(format!("the warm-up dispatch did not finish: {e}")))?;
+    match pollster::block_on(scope.pop()) {
+        Some(err) => Err(TaskError::Gpu(error_text(&err))),
+        None => Ok(()),
     }
 }

@@ -250,6 +250,10 @@ pub struct Outcome {
     /// GPU time of the dispatches.
     pub gpu_time: Duration,
     pub timing: Timing,
+    /// Time to compile and warm the kernel's pipeline (zero when the
+    /// executor had it already): not GPU work, billed apart from it.
+    #[serde(default)]
+    pub compile_time: Duration,
 }
 
 /// The state buffers after `step` steps.
@@ -273,6 +277,8 @@ pub enum TaskError {
     DeviceLost(String),
     #[error("the task ran past its deadline of {0:?} and was stopped")]
     Timeout(Duration),
+    #[error("the kernel took longer than {0:?} to compile and was stopped")]
+    CompileTimeout(Duration),
     #[error("the sandbox process died: {0}")]
     Crashed(String),
     #[error("the sandbox failed: {0}")]
@@ -383,6 +389,37 @@ impl Executor {
         })
     }
 
+    /// Compiles and warms `task`'s pipeline unless it is cached, and says
+    /// how long that took: what [`Executor::run`] then does not pay.
+    pub fn prepare(&mut self, task: &Task) -> Result<Duration, TaskError> {
+        let kernel = (
+            task.kernel.as_str(),
+            task.kernel_hash(),
+            task.entry_point.as_str(),
+        );
+        self.compile(kernel)
+    }
+
+    /// Compiles and warms the pipeline of `source`'s `entry_point`, as a
+    /// task of that kernel would: what a worker does with the standard
+    /// library's kernels when it starts.
+    pub fn warm(&mut self, source: &str, entry_point: &str) -> Result<Duration, TaskError> {
+        let hash = *blake3::hash(source.as_bytes()).as_bytes();
+        self.compile((source, hash, entry_point))
+    }
+
+    fn compile(&mut self, kernel: (&str, [u8; 32], &str)) -> Result<Duration, TaskError> {
+        let compiled = self.cache.pipeline(
+            &self.device,
+            &self.queue,
+            kernel,
+            &self.limits,
+            Some(&self.device_limits),
+        );
+        self.errors.check()?;
+        compiled.map(|(_, took)| took)
+    }
+
     /// Runs `task`, calling `on_checkpoint` every `checkpoint_every` steps.
     pub fn run(
         &mut self,
@@ -472,7 +509,12 @@ pub fn run(
     device_limits: Option<&ComputeLimits>,
     on_checkpoint: &mut dyn FnMut(Checkpoint) -> Result<(), TaskError>,
 ) -> Result<Outcome, TaskError> {
-    let pipeline = cache.pipeline(device, task, limits, device_limits)?;
+    let kernel = (
+        task.kernel.as_str(),
+        task.kernel_hash(),
+        task.entry_point.as_str(),
+    );
+    let (pipeline, compile_time) = cache.pipeline(device, queue, kernel, limits, device_limits)?;
     check_bindings(&pipeline.kernel, task, limits, device_limits)?;
 
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -480,7 +522,7 @@ pub fn run(
     let scoped = pollster::block_on(scope.pop());
     match (result, scoped) {
         (_, Some(err)) => Err(TaskError::Gpu(error_text(&err))),
-        (result, None) => result,
+        (result, None) => result.map(|o| Outcome { compile_time, ..o }),
     }
 }
 
@@ -690,5 +732,6 @@ fn execute(
         outputs,
         gpu_time,
         timing,
+        compile_time: Duration::ZERO,
     })
 }

@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use super::{
-    ChildConfig, Hardening, INIT_CAP, ProbeReport, ProbeRequest, Ready, Request, Response,
+    ChildConfig, Hardening, INIT_CAP, ProbeReport, ProbeRequest, Ready, Request, Response, Warmed,
     read_frame, write_frame,
 };
-use crate::executor::{Checkpoint, Executor, TaskError};
+use crate::executor::{Checkpoint, Executor, Outcome, TaskError};
 use crate::gpu::{self, AdapterReport};
+use crate::library;
 
 /// The child's main loop; returns the process exit code.
 pub fn child_main() -> u8 {
@@ -51,13 +52,36 @@ pub fn child_main() -> u8 {
             }
         };
         let response = match request {
-            Request::Run(task) => {
-                let mut send_checkpoint = |c: Checkpoint| {
-                    write_frame(&mut output, &Response::Checkpoint(c))
-                        .map_err(|e| TaskError::Sandbox(format!("cannot send a checkpoint: {e}")))
-                };
-                Response::Done(executor.1.run(&task, &mut send_checkpoint))
-            }
+            Request::Run(task) => match executor.1.prepare(&task) {
+                Err(e) => Response::Done(Err(e)),
+                Ok(compile_time) => {
+                    if write_frame(&mut output, &Response::Compiled(compile_time)).is_err() {
+                        return 1;
+                    }
+                    let mut send_checkpoint = |c: Checkpoint| {
+                        write_frame(&mut output, &Response::Checkpoint(c)).map_err(|e| {
+                            TaskError::Sandbox(format!("cannot send a checkpoint: {e}"))
+                        })
+                    };
+                    let outcome = executor.1.run(&task, &mut send_checkpoint);
+                    Response::Done(outcome.map(|o| Outcome { compile_time, ..o }))
+                }
+            },
+            Request::Warm(names) => Response::Warmed(
+                names
+                    .into_iter()
+                    .map(|name| {
+                        let compiled = match library::get(&name) {
+                            Some(k) => executor
+                                .1
+                                .warm(k.source, k.entry_point)
+                                .map_err(|e| e.to_string()),
+                            None => Err(format!("no library kernel is called {name:?}")),
+                        };
+                        Warmed { name, compiled }
+                    })
+                    .collect(),
+            ),
             Request::Probe(p) => Response::Probe(probe(&p, &config)),
             Request::Shutdown => return 0,
             Request::Init(_) => {

@@ -11,7 +11,14 @@
 //!   cap before allocating.
 //! - **Deadline**: the parent waits for the answer with a timeout; past the
 //!   deadline it kills the child (SIGKILL) and starts a fresh one for the
-//!   next task. It never blocks on a hung GPU.
+//!   next task. It never blocks on a hung GPU. A task's kernel is compiled
+//!   first, under a deadline of its own ([`Config::compile_timeout`]); the
+//!   child says when it is ([`Response::Compiled`]), and only then does
+//!   the task's own deadline start.
+//! - **Warming**: [`Sandbox::warm`] compiles the standard library's kernels
+//!   ahead of any task, so a task of one pays no compile time; the child's
+//!   `XDG_CACHE_HOME` is inside its scratch directory, where Mesa's
+//!   on-disk shader cache then keeps them across restarts.
 //! - **Crashes**: a child that dies becomes [`TaskError::Crashed`] with its
 //!   exit status and the last lines it wrote to stderr.
 //! - **Defence in depth** (Linux), applied by the child to itself before it
@@ -150,8 +157,17 @@ pub struct ProbeReport {
 pub enum Request {
     Init(ChildConfig),
     Run(Box<Task>),
+    /// Compile and warm these library kernels, by name.
+    Warm(Vec<String>),
     Probe(ProbeRequest),
     Shutdown,
+}
+
+/// One library kernel warmed: how long it took, or why it failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Warmed {
+    pub name: String,
+    pub compiled: Result<std::time::Duration, String>,
 }
 
 /// Child → parent.
@@ -159,9 +175,13 @@ pub enum Request {
 pub enum Response {
     Ready(Ready),
     InitFailed(String),
+    /// The task's kernel is compiled (in that long; zero when cached):
+    /// its deadline starts now.
+    Compiled(std::time::Duration),
     Checkpoint(Checkpoint),
     Done(Result<Outcome, TaskError>),
     Probe(ProbeReport),
+    Warmed(Vec<Warmed>),
 }
 
 /// Writes one frame.

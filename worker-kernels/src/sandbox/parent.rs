@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{
-    ChildConfig, ProbeReport, ProbeRequest, Ready, Request, Response, STDERR_TAIL, read_frame,
-    write_frame,
+    ChildConfig, ProbeReport, ProbeRequest, Ready, Request, Response, STDERR_TAIL, Warmed,
+    read_frame, write_frame,
 };
 use crate::executor::{Checkpoint, Outcome, Task, TaskError};
 
@@ -27,6 +27,10 @@ pub struct Config {
     pub child: ChildConfig,
     /// How long a child may take to open its GPU.
     pub start_timeout: Duration,
+    /// How long a task's kernel may take to compile (and warm) before the
+    /// task's own deadline starts; also the bound on warming each library
+    /// kernel.
+    pub compile_timeout: Duration,
 }
 
 /// A child process and its pipes.
@@ -269,8 +273,22 @@ impl Sandbox {
         deadline: Duration,
         on_checkpoint: &mut dyn FnMut(Checkpoint) -> Result<(), TaskError>,
     ) -> Result<Outcome, TaskError> {
-        let until = Instant::now() + deadline;
         self.send(&Request::Run(Box::new(task.clone())))?;
+        let compile = self.config.compile_timeout;
+        match self
+            .receive(Instant::now() + compile, compile)
+            .map_err(|e| match e {
+                TaskError::Timeout(d) => TaskError::CompileTimeout(d),
+                other => other,
+            })? {
+            Response::Compiled(_) => {}
+            Response::Done(result) => return result,
+            other => {
+                self.kill();
+                return Err(TaskError::Sandbox(format!("unexpected answer {other:?}")));
+            }
+        }
+        let until = Instant::now() + deadline;
         loop {
             match self.receive(until, deadline)? {
                 Response::Checkpoint(c) => {
@@ -284,6 +302,30 @@ impl Sandbox {
                     self.kill();
                     return Err(TaskError::Sandbox(format!("unexpected answer {other:?}")));
                 }
+            }
+        }
+    }
+
+    /// Compiles and warms the library kernels `names` in the child, each
+    /// within the compile timeout, so tasks of them pay no compile time.
+    pub fn warm(&mut self, names: &[&str]) -> Result<Vec<Warmed>, TaskError> {
+        self.send(&Request::Warm(
+            names.iter().map(|&n| n.to_owned()).collect(),
+        ))?;
+        let budget = self
+            .config
+            .compile_timeout
+            .saturating_mul(u32::try_from(names.len().max(1)).unwrap_or(u32::MAX));
+        match self
+            .receive(Instant::now() + budget, budget)
+            .map_err(|e| match e {
+                TaskError::Timeout(d) => TaskError::CompileTimeout(d),
+                other => other,
+            })? {
+            Response::Warmed(w) => Ok(w),
+            other => {
+                self.kill();
+                Err(TaskError::Sandbox(format!("unexpected answer {other:?}")))
             }
         }
     }

@@ -7,6 +7,8 @@ use alliance_kernels::executor::{
 };
 use alliance_kernels::gpu::{self, Selection};
 use alliance_kernels::intake::{IntakeError, Limits};
+use alliance_kernels::library::{self, saxpy};
+use std::time::Duration;
 
 fn executor() -> Executor {
     let gpu = gpu::discover(&Selection::All).unwrap().remove(0);
@@ -111,6 +113,35 @@ fn pipelines_are_cached_and_pooled_buffers_come_back_clean() {
     );
     let out = ex.run(&t, &mut no_checkpoints).unwrap();
     assert!(out.outputs[0].data.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn compile_time_is_counted_apart_from_gpu_time() {
+    let mut ex = executor();
+    let first = ex.run(&saxpy_task(256), &mut no_checkpoints).unwrap();
+    assert!(
+        first.compile_time > Duration::ZERO,
+        "a new kernel is compiled"
+    );
+    let again = ex.run(&saxpy_task(256), &mut no_checkpoints).unwrap();
+    assert_eq!(again.compile_time, Duration::ZERO, "a cached kernel is not");
+    assert_eq!(first.outputs[0].hash, again.outputs[0].hash);
+
+    // A library kernel warmed ahead of its first task costs that task
+    // nothing, and the warm-up's scratch buffers leave the task's alone.
+    let k = library::get("saxpy").unwrap();
+    assert!(ex.warm(k.source, k.entry_point).unwrap() > Duration::ZERO);
+    let (x, y) = ([1.0f32, 2.0, 3.0], [10.0f32, 20.0, 30.0]);
+    let out = ex
+        .run(&saxpy::task(2.0, &x, &y), &mut no_checkpoints)
+        .unwrap();
+    assert_eq!(out.compile_time, Duration::ZERO);
+    assert_eq!(to_f32(&out.outputs[0].data), saxpy::cpu(2.0, &x, &y));
+    assert_eq!(ex.cache.compiled, 2);
+
+    // Warming a kernel that does not compile says why.
+    let err = ex.warm("@compute @workgroup_size(1) fn main( {}", "main");
+    assert!(matches!(err, Err(TaskError::Intake(_))), "{err:?}");
 }
 
 const COUNTER: &str = "

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use alliance_kernels::executor::{Binding, Checkpoint, Data, ElemType, Executor, Task, TaskError};
 use alliance_kernels::gpu::{self, Selection};
 use alliance_kernels::intake::Limits;
+use alliance_kernels::library::{self, saxpy};
 use alliance_kernels::sandbox::{
     ChildConfig, Config, Layer, ProbeRequest, ResourceLimits, Sandbox,
 };
@@ -26,6 +27,7 @@ fn config(scratch: &Path, rlimits: ResourceLimits) -> Config {
             scratch: scratch.to_owned(),
         },
         start_timeout: Duration::from_secs(60),
+        compile_timeout: Duration::from_secs(300),
     }
 }
 
@@ -107,6 +109,50 @@ fn spin_task() -> Task {
         ],
         [4096, 1, 1],
     )
+}
+
+#[test]
+fn warmed_library_kernels_cost_their_tasks_no_compile_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sb = sandbox(dir.path());
+    let warmed = sb.warm(&["saxpy", "no_such_kernel"]).unwrap();
+    assert_eq!(warmed[0].name, "saxpy");
+    assert!(warmed[0].compiled.as_ref().unwrap() > &Duration::ZERO);
+    let why = warmed[1].compiled.as_ref().unwrap_err();
+    assert!(why.contains("no library kernel is called"), "{why}");
+    let (x, y) = ([1.0f32, 2.0], [3.0f32, 4.0]);
+    let out = sb
+        .run(
+            &saxpy::task(2.0, &x, &y),
+            Duration::from_secs(60),
+            &mut none,
+        )
+        .unwrap();
+    assert_eq!(out.compile_time, Duration::ZERO);
+    assert_eq!(
+        library::to_f32(&out.outputs[0].data),
+        saxpy::cpu(2.0, &x, &y)
+    );
+    // A kernel not warmed is compiled before the task's deadline starts,
+    // and its compile time comes back with the outcome.
+    let out = sb
+        .run(&double_task(64), Duration::from_secs(60), &mut none)
+        .unwrap();
+    assert!(out.compile_time > Duration::ZERO);
+}
+
+#[test]
+fn a_kernel_slower_to_compile_than_the_compile_timeout_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), ResourceLimits::default());
+    // No kernel compiles in a microsecond, not even the smallest.
+    cfg.compile_timeout = Duration::from_micros(1);
+    let mut sb = Sandbox::start(cfg).unwrap();
+    let err = sb
+        .run(&double_task(64), Duration::from_secs(60), &mut none)
+        .unwrap_err();
+    assert_eq!(err, TaskError::CompileTimeout(Duration::from_micros(1)));
+    assert!(err.to_string().contains("to compile"), "{err}");
 }
 
 #[test]

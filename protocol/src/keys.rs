@@ -25,7 +25,7 @@ pub const KEY_FILE_HEADER: &str = "alliance-ed25519-secret-key-v1";
 /// applies the strict checks (canonical encoding, on the curve, not of small
 /// order) before any signature is checked against it.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct PublicKey([u8; 32]);
+pub struct PublicKey(#[serde(with = "crate::hash::bytes32")] [u8; 32]);
 
 /// Why a public key was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

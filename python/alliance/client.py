@@ -234,6 +234,16 @@ class Client:
         """How much of the blob ``hash`` the node holds."""
         return self._get(f"/v1/blobs/{hash}")
 
+    def release(self, hash: str) -> Dict[str, Any]:
+        """Stops holding the upload ``hash``, so it no longer counts against
+        your stored bytes (``me()["stored_bytes"]``). The node keeps the
+        bytes while another user holds them or a job names them; the answer
+        says how many bytes were ``freed`` and whether they were
+        ``removed``."""
+        resp = self._http.delete(f"/v1/blobs/{hash}")
+        _raise_for(resp)
+        return resp.json()
+
     def upload(self, data: Union[bytes, str, Path], hash: Optional[str] = None) -> str:
         """Uploads bytes, or the file at a path, as a blob; resumes an
         upload of the same bytes that was cut short. Returns its hash."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import httpx
+import jsonschema
 import numpy as np
 import pytest
 
@@ -155,3 +157,105 @@ def test_the_openapi_document_lists_every_route(net, raw):
     for path in ("/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/outputs/{binding}", "/v1/jobs/{id}/events",
                  "/v1/blobs/{hash}", "/v1/users", "/v1/me"):
         assert path in doc["paths"], path
+
+
+class Schemas:
+    """Checks a response against the OpenAPI document: its status must be
+    one the route documents, and its JSON body must match that status's
+    schema (JSON Schema 2020-12, which OpenAPI 3.1 uses)."""
+
+    def __init__(self, doc):
+        self.doc = doc
+        self.checked = set()
+
+    def check(self, method: str, route: str, resp: httpx.Response):
+        op = self.doc["paths"][route][method.lower()]
+        status = str(resp.status_code)
+        assert status in op["responses"], f"{method} {route} answered {status}, which it does not document"
+        content = op["responses"][status]["content"]
+        kind = resp.headers["content-type"].split(";")[0].strip()
+        if kind == "application/json":
+            assert kind in content, f"{method} {route} {status} sent JSON it does not document"
+            schema = dict(content[kind]["schema"], components=self.doc["components"])
+            error = jsonschema.exceptions.best_match(
+                jsonschema.Draft202012Validator(schema).iter_errors(resp.json()))
+            assert error is None, f"{method} {route} {status}: {error.message} at {list(error.absolute_path)}"
+        else:
+            assert kind in content or "application/octet-stream" in content, (method, route, status, kind)
+        self.checked.add((method.upper(), route))
+        return resp
+
+
+def test_every_response_matches_its_schema(net, raw):
+    doc = raw.get("/v1/openapi.json").json()
+    s = Schemas(doc)
+    admin = httpx.Client(base_url=net.url, headers={"Authorization": f"Bearer {net.admin_token}"}, timeout=60)
+    c = net.user("schema-user")
+    user = c._http
+
+    s.check("GET", "/v1/me", user.get("/v1/me"))
+    s.check("GET", "/v1/me", raw.get("/v1/me"))  # 401
+    s.check("POST", "/v1/users", admin.post("/v1/users", json={"name": "schema-temp"}))
+    s.check("POST", "/v1/users", admin.post("/v1/users", json={"name": "schema-temp"}))  # 409
+    s.check("GET", "/v1/users", admin.get("/v1/users"))
+    s.check("GET", "/v1/users", user.get("/v1/users"))  # 403
+    s.check("DELETE", "/v1/users/{name}", admin.delete("/v1/users/schema-temp"))
+    s.check("DELETE", "/v1/users/{name}", admin.delete("/v1/users/nobody"))  # 404
+
+    x = np.arange(8, dtype=np.float32)
+    blob = x.tobytes()
+    h = blake3_hex(blob)
+    s.check("PUT", "/v1/blobs/{hash}", user.put(f"/v1/blobs/{h}", content=blob))
+    s.check("PUT", "/v1/blobs/{hash}", user.put(f"/v1/blobs/{h}", content=blob))  # had it
+    s.check("PUT", "/v1/blobs/{hash}", user.put(f"/v1/blobs/{blake3_hex(b'y')}", content=b"z"))  # 400
+    s.check("GET", "/v1/blobs/{hash}", user.get(f"/v1/blobs/{h}"))
+    spare = b"held, then let go" * 8
+    before = c.me()["stored_bytes"]
+    c.upload(spare)
+    assert c.me()["stored_bytes"] == before + len(spare)
+    gone = c.release(blake3_hex(spare))
+    assert gone["freed"] == len(spare) and gone["removed"], gone
+    assert c.me()["stored_bytes"] == before
+    s.check("DELETE", "/v1/blobs/{hash}", user.delete(f"/v1/blobs/{blake3_hex(spare)}"))  # 404
+    c.upload(spare)
+    s.check("DELETE", "/v1/blobs/{hash}", user.delete(f"/v1/blobs/{blake3_hex(spare)}"))  # 200
+
+    job = double_job(c, x.reshape(2, 4), tasks=2, name="schema")
+    job.wait(timeout=SLOW)
+    s.check("GET", "/v1/jobs", user.get("/v1/jobs", params={"limit": 1}))
+    s.check("GET", "/v1/jobs/{id}", user.get(f"/v1/jobs/{job.id}"))
+    s.check("GET", "/v1/jobs/{id}", user.get("/v1/jobs/0123456789abcdef0123456789abcdef"))  # 404
+    s.check("GET", "/v1/jobs/{id}/end", user.get(f"/v1/jobs/{job.id}/end", params={"secs": 1}))
+    s.check("GET", "/v1/jobs/{id}/outputs/{binding}", user.get(f"/v1/jobs/{job.id}/outputs/1"))
+    s.check("GET", "/v1/jobs/{id}/outputs/{binding}", user.get(f"/v1/jobs/{job.id}/outputs/1",
+                                                               headers={"Range": "bytes=0-9"}))
+    with user.stream("GET", f"/v1/jobs/{job.id}/events") as r:
+        s.check("GET", "/v1/jobs/{id}/events", r)
+        schema = dict(doc["paths"]["/v1/jobs/{id}/events"]["get"]["responses"]["200"]["content"]
+                      ["text/event-stream"]["schema"], components=doc["components"])
+        summary = {"$ref": "#/components/schemas/JobSummary", "components": doc["components"]}
+        event, seen = None, []
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                last = event in ("job_done", "job_failed", "job_cancelled")
+                jsonschema.Draft202012Validator(summary if last else schema).validate(
+                    json.loads(line[5:]))
+                seen.append(event)
+        assert seen and seen[-1] == "job_done", seen
+    s.check("POST", "/v1/jobs", user.post("/v1/jobs", json={"job": "kernel = 1"}))  # 400
+    other = double_job(c, x.reshape(2, 4), tasks=2, name="schema-cancel")
+    s.check("POST", "/v1/jobs/{id}/cancel", user.post(f"/v1/jobs/{other.id}/cancel"))
+    s.check("GET", "/v1/jobs/{id}", net.user("schema-other")._http.get(f"/v1/jobs/{job.id}"))  # 403
+
+    for route in ("/v1/status", "/v1/peers", "/v1/gpus", "/v1/credits", "/v1/reputation", "/v1/worker"):
+        s.check("GET", route, admin.get(route))
+    s.check("POST", "/v1/worker/pause", user.post("/v1/worker/pause"))  # 403
+    s.check("POST", "/v1/revocations", admin.post("/v1/revocations", content="not armored"))  # 400
+    s.check("GET", "/metrics", raw.get("/metrics"))
+
+    # Every route the document lists was called at least once here.
+    listed = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
+    untried = listed - s.checked - {("POST", "/v1/worker/resume")}
+    assert not untried, f"routes this test does not check: {sorted(untried)}"

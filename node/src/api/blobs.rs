@@ -24,6 +24,7 @@ use crate::store::blobs::CHUNK;
 
 /// What an upload got to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[schema(as = UploadProgress)]
 pub struct Progress {
     pub hash: String,
     /// Bytes the node holds of it.
@@ -103,6 +104,52 @@ impl Drop for Uploading {
             set.remove(&self.1);
         }
     }
+}
+
+/// `DELETE /v1/blobs/HASH` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub(super) struct Released {
+    hash: String,
+    /// Bytes no longer counted against the caller.
+    freed: u64,
+    /// Whether the node dropped the bytes too: only when no other user
+    /// holds them and no job names them.
+    removed: bool,
+}
+
+/// Stop holding an upload, so it no longer counts against the caller's
+/// stored bytes. The node keeps the bytes while another user holds them
+/// or a job names them.
+#[utoipa::path(delete, path = "/v1/blobs/{hash}", tag = "blobs",
+    params(("hash" = String, Path, description = "BLAKE3 of the blob, 64 hex digits")),
+    responses(
+        (status = 200, body = Released),
+        (status = 400, body = super::ErrorBody),
+        (status = 404, description = "the caller holds no such upload", body = super::ErrorBody)))]
+pub(super) async fn release(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+    Path(hash): Path<String>,
+) -> Result<Json<Released>, ApiError> {
+    let h = parse_hash(&hash)?;
+    let freed = s.users.release(&c.name, &h)?;
+    let named = match &s.jobs {
+        Some(jobs) => {
+            let jobs = jobs.clone();
+            blocking(move || Ok(jobs.names_blob(&h)?)).await?
+        }
+        None => false,
+    };
+    let uploading = s.uploading.lock().map_or(true, |set| set.contains(&h));
+    let removed = !named
+        && !uploading
+        && !s.users.anyone_holds(&h)
+        && std::fs::remove_file(s.blobs.path(&h)).is_ok();
+    Ok(Json(Released {
+        hash,
+        freed,
+        removed,
+    }))
 }
 
 /// Upload a blob, or a part of one.

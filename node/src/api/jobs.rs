@@ -16,12 +16,13 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::submit::spec::Uploaded;
-use crate::submit::{Job, JobState, Jobs, OutputBody, ReplicaState, Segment, TaskState};
+use crate::submit::{
+    Job, JobDetail, JobState, JobSummary, Jobs, OutputBody, ReplicaState, Segment, TaskState,
+};
 
-use super::{Answer, ApiError, ApiState, Caller, blocking, body_json, may_see};
+use super::{ApiError, ApiState, Caller, Typed, blocking, body_json, may_see};
 
 /// The largest job request: the job file and the names of its files (the
 /// files themselves are blobs).
@@ -60,7 +61,7 @@ fn default_job_name() -> String {
 /// Submit a job whose files were uploaded.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = NewJob,
     responses(
-        (status = 200, description = "the job's summary, with its id", body = Object),
+        (status = 200, description = "the job's summary, with its id", body = JobSummary),
         (status = 400, description = "a bad job, with the reason; nothing was kept", body = super::ErrorBody),
         (status = 403, body = super::ErrorBody),
         (status = 409, description = "the user's limit on jobs or tasks is reached", body = super::ErrorBody),
@@ -69,7 +70,7 @@ pub(super) async fn submit(
     State(s): State<ApiState>,
     Extension(c): Extension<Caller>,
     body: Body,
-) -> Answer {
+) -> Typed<JobSummary> {
     let jobs = jobs_of(&s)?;
     let body = axum::body::to_bytes(body, MAX_JOB_REQUEST)
         .await
@@ -128,7 +129,7 @@ pub(super) async fn submit(
         Ok(jobs.submit(job, &c.name)?)
     })
     .await?;
-    Ok(Json(json!(summary)))
+    Ok(Json(summary))
 }
 
 /// `?limit=N&after=ID`: a page of a list.
@@ -140,14 +141,23 @@ pub(super) struct Page {
     after: Option<String>,
 }
 
+/// A page of jobs.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct JobPage {
+    /// Newest first.
+    pub(super) jobs: Vec<JobSummary>,
+    /// Pass as `after` for the next page; null on the last.
+    pub(super) next: Option<String>,
+}
+
 /// A page of the caller's jobs (an admin's: everyone's), newest first.
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(Page),
-    responses((status = 200, description = "{\"jobs\": [summary], \"next\": id or null}", body = Object)))]
+    responses((status = 200, body = JobPage)))]
 pub(super) async fn list(
     State(s): State<ApiState>,
     Extension(c): Extension<Caller>,
     Query(p): Query<Page>,
-) -> Answer {
+) -> Typed<JobPage> {
     let all = jobs_of(&s)?.list()?;
     let limit = p.limit.unwrap_or(100).clamp(1, 1000);
     let mine = all.into_iter().filter(|j| c.admin || j.owner == c.name);
@@ -157,20 +167,20 @@ pub(super) async fn list(
     };
     let next = (rest.len() > limit).then(|| rest[limit - 1].id.clone());
     rest.truncate(limit);
-    Ok(Json(json!({ "jobs": rest, "next": next })))
+    Ok(Json(JobPage { jobs: rest, next }))
 }
 
 /// One job with every task.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
-    responses((status = 200, body = Object), (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = JobDetail), (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn detail(
     State(s): State<ApiState>,
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
-) -> Answer {
+) -> Typed<JobDetail> {
     let jobs = jobs_of(&s)?;
     may_see(&jobs, &c, &id)?;
-    Ok(Json(json!(jobs.detail(&id)?)))
+    Ok(Json(jobs.detail(&id)?))
 }
 
 /// `?secs=N`: how long to wait for a job to end.
@@ -182,31 +192,31 @@ pub(super) struct Patience {
 
 /// The job's summary once it has ended, or after `secs`.
 #[utoipa::path(get, path = "/v1/jobs/{id}/end", tag = "jobs", params(("id" = String, Path), Patience),
-    responses((status = 200, body = Object), (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = JobSummary), (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn end(
     State(s): State<ApiState>,
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
     Query(q): Query<Patience>,
-) -> Answer {
+) -> Typed<JobSummary> {
     let jobs = jobs_of(&s)?;
     may_see(&jobs, &c, &id)?;
     // Below the client's read timeout.
     let patience = Duration::from_secs(q.secs.unwrap_or(25).min(25));
-    Ok(Json(json!(jobs.wait_end(&id, patience).await?)))
+    Ok(Json(jobs.wait_end(&id, patience).await?))
 }
 
 /// Stop offering the job's tasks.
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
-    responses((status = 200, body = Object), (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = JobSummary), (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn cancel(
     State(s): State<ApiState>,
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
-) -> Answer {
+) -> Typed<JobSummary> {
     let jobs = jobs_of(&s)?;
     may_see(&jobs, &c, &id)?;
-    Ok(Json(json!(jobs.cancel(&id)?)))
+    Ok(Json(jobs.cancel(&id)?))
 }
 
 /// One change of a job, as an event says it.
@@ -305,7 +315,7 @@ fn changes(seen: &mut Vec<Seen>, detail: &crate::submit::JobDetail) -> Vec<JobEv
 
 /// The job's changes as server-sent events, until it ends.
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
-    responses((status = 200, description = "text/event-stream of JobEvent, then the job's summary as event `end`", body = JobEvent),
+    responses((status = 200, description = "server-sent events named by their kind, each a JobEvent, then the job's summary as the last, `job_done`, `job_failed` or `job_cancelled`", content_type = "text/event-stream", body = JobEvent),
         (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn events(
     State(s): State<ApiState>,

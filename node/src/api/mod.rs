@@ -15,6 +15,7 @@
 //! |---|---|
 //! | `PUT /v1/blobs/HASH` | upload a file a job names, by its BLAKE3; `Content-Range` resumes one cut short |
 //! | `GET /v1/blobs/HASH` | how much of an upload arrived |
+//! | `DELETE /v1/blobs/HASH` | stop holding an upload, freeing the caller's stored bytes |
 //! | `POST /v1/jobs` | submit `{"job": "<TOML>", "files": {"name": "HASH"}}` → the job's summary |
 //! | `GET /v1/jobs?limit=N&after=ID` | the caller's jobs (an admin's: all), newest first, a page at a time |
 //! | `GET /v1/jobs/ID` | one job: every task's state, replicas, workers, timings, failures |
@@ -242,6 +243,8 @@ impl From<Stopped> for ApiError {
 }
 
 type Answer = Result<Json<serde_json::Value>, ApiError>;
+/// A handler's answer whose body has a schema in the OpenAPI document.
+type Typed<T> = Result<Json<T>, ApiError>;
 
 fn body_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
@@ -274,12 +277,12 @@ async fn not_found() -> ApiError {
     info(title = "Alliance node API", description = "Submit WGSL jobs with their files, follow them, fetch their results; watch and steer the node."),
     paths(
         users::me, users::list, users::add, users::revoke,
-        blobs::upload, blobs::progress,
+        blobs::upload, blobs::progress, blobs::release,
         jobs::submit, jobs::list, jobs::detail, jobs::end, jobs::events, jobs::cancel, jobs::output,
         node::worker_stats, node::reputation, node::status, node::peers, node::gpus, node::credits,
         node::pause, node::resume, node::revocations, node::metrics,
     ),
-    components(schemas(ErrorBody, ErrorDetail, UserLimits, users::UserView, users::NewUser, users::NewToken, users::Me, UploadProgress, NewJob, JobEvent)),
+    components(schemas(ErrorBody, ErrorDetail, UserLimits, users::UserView, users::NewUser, users::NewToken, users::Revoked, users::Me, UploadProgress, NewJob, JobEvent, jobs::JobPage)),
     modifiers(&BearerAuth),
     security(("token" = [])),
 )]
@@ -292,11 +295,41 @@ struct BearerAuth;
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
         let c = doc.components.get_or_insert_with(Default::default);
         c.add_security_scheme(
             "token",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+        // What the token check answers, on every route it guards.
+        let unauthorized = ResponseBuilder::new()
+            .description("no token, or one this node does not know")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for (path, item) in &mut doc.paths.paths {
+            if path == "/metrics" {
+                continue;
+            }
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.responses
+                    .responses
+                    .entry("401".into())
+                    .or_insert_with(|| unauthorized.clone().into());
+            }
+        }
     }
 }
 
@@ -304,33 +337,76 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(<ApiDoc as utoipa::OpenApi>::openapi())
 }
 
+/// One route: its path, method and handler, and whether it takes no token.
+struct Route {
+    path: &'static str,
+    /// The method `handler` answers; the handler carries it too, so only
+    /// the test that holds the routes against the document reads it.
+    #[cfg_attr(not(test), allow(dead_code))]
+    method: axum::http::Method,
+    handler: axum::routing::MethodRouter<ApiState>,
+    open: bool,
+}
+
+/// Every route but the OpenAPI document's own, one method each: what
+/// [`router`] serves, and what [`ApiDoc`] must describe (a test holds the
+/// two together).
+fn routes() -> Vec<Route> {
+    use axum::http::Method as M;
+    use axum::routing::delete;
+    let r = |path, method, handler| Route {
+        path,
+        method,
+        handler,
+        open: false,
+    };
+    vec![
+        r("/v1/me", M::GET, get(users::me)),
+        r("/v1/users", M::GET, get(users::list)),
+        r("/v1/users", M::POST, post(users::add)),
+        r("/v1/users/{name}", M::DELETE, delete(users::revoke)),
+        r("/v1/blobs/{hash}", M::PUT, put(blobs::upload)),
+        r("/v1/blobs/{hash}", M::GET, get(blobs::progress)),
+        r("/v1/blobs/{hash}", M::DELETE, delete(blobs::release)),
+        r("/v1/jobs", M::POST, post(jobs::submit)),
+        r("/v1/jobs", M::GET, get(jobs::list)),
+        r("/v1/jobs/{id}", M::GET, get(jobs::detail)),
+        r("/v1/jobs/{id}/end", M::GET, get(jobs::end)),
+        r("/v1/jobs/{id}/events", M::GET, get(jobs::events)),
+        r("/v1/jobs/{id}/cancel", M::POST, post(jobs::cancel)),
+        r("/v1/jobs/{id}/outputs/{binding}", M::GET, get(jobs::output)),
+        r("/v1/worker", M::GET, get(node::worker_stats)),
+        r("/v1/reputation", M::GET, get(node::reputation)),
+        r("/v1/status", M::GET, get(node::status)),
+        r("/v1/peers", M::GET, get(node::peers)),
+        r("/v1/gpus", M::GET, get(node::gpus)),
+        r("/v1/credits", M::GET, get(node::credits)),
+        r("/v1/worker/pause", M::POST, post(node::pause)),
+        r("/v1/worker/resume", M::POST, post(node::resume)),
+        r("/v1/revocations", M::POST, post(node::revocations)),
+        Route {
+            open: true,
+            ..r("/metrics", M::GET, get(node::metrics))
+        },
+    ]
+}
+
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
-    let v1 = Router::new()
-        .route("/v1/me", get(users::me))
-        .route("/v1/users", get(users::list).post(users::add))
-        .route("/v1/users/{name}", axum::routing::delete(users::revoke))
-        .route("/v1/blobs/{hash}", put(blobs::upload).get(blobs::progress))
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
-        .route("/v1/jobs/{id}", get(jobs::detail))
-        .route("/v1/jobs/{id}/end", get(jobs::end))
-        .route("/v1/jobs/{id}/events", get(jobs::events))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/v1/jobs/{id}/outputs/{binding}", get(jobs::output))
-        .route("/v1/worker", get(node::worker_stats))
-        .route("/v1/reputation", get(node::reputation))
-        .route("/v1/status", get(node::status))
-        .route("/v1/peers", get(node::peers))
-        .route("/v1/gpus", get(node::gpus))
-        .route("/v1/credits", get(node::credits))
-        .route("/v1/worker/pause", post(node::pause))
-        .route("/v1/worker/resume", post(node::resume))
-        .route("/v1/revocations", post(node::revocations))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            users::authorize,
-        ));
-    v1.route("/metrics", get(node::metrics))
+    let (mut guarded, mut open) = (Router::new(), Router::new());
+    for route in routes() {
+        if route.open {
+            open = open.route(route.path, route.handler);
+        } else {
+            guarded = guarded.route(route.path, route.handler);
+        }
+    }
+    let guarded = guarded.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        users::authorize,
+    ));
+    guarded
+        .merge(open)
         .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)
         // Uploads stream to disk; JSON bodies are capped by their routes.
@@ -364,5 +440,53 @@ fn may_see(jobs: &Jobs, c: &Caller, id: &str) -> Result<(), ApiError> {
             format!("job {id} belongs to another user, not to {}", c.name),
         )
         .hint("use the token of the user who submitted it, or an admin's"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn the_openapi_document_describes_every_route_and_no_other() {
+        let doc = serde_json::to_value(<ApiDoc as utoipa::OpenApi>::openapi()).unwrap();
+        let methods = ["get", "put", "post", "delete", "patch", "head", "options"];
+        let described: BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, item)| {
+                methods
+                    .iter()
+                    .filter(|m| item.get(**m).is_some())
+                    .map(move |m| (path.clone(), m.to_uppercase()))
+            })
+            .collect();
+        let served: BTreeSet<(String, String)> = routes()
+            .iter()
+            .map(|r| (r.path.to_owned(), r.method.to_string()))
+            .collect();
+        let undocumented: Vec<_> = served.difference(&described).collect();
+        let unserved: Vec<_> = described.difference(&served).collect();
+        assert!(
+            undocumented.is_empty(),
+            "served but not in the document: {undocumented:?}"
+        );
+        assert!(
+            unserved.is_empty(),
+            "in the document but not served: {unserved:?}"
+        );
+        // Every response that has a body names a schema.
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                for (status, response) in op["responses"].as_object().unwrap() {
+                    assert!(
+                        response.get("content").is_some(),
+                        "{method} {path} {status} has no body schema"
+                    );
+                }
+            }
+        }
     }
 }

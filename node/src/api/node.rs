@@ -57,7 +57,7 @@ pub(super) async fn gpus(State(c): State<Client>) -> Answer {
 }
 
 /// Each institution's account of GPU time given and taken.
-#[utoipa::path(get, path = "/v1/credits", tag = "node", responses((status = 200, body = Object), (status = 401, body = super::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/credits", tag = "node", responses((status = 200, body = Vec<Object>), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn credits(State(c): State<Client>) -> Answer {
     Ok(Json(json!(c.credits().await?)))
 }

@@ -15,9 +15,8 @@ use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
-use super::{Answer, ApiError, ApiState, admin_only, body_json};
+use super::{ApiError, ApiState, Typed, admin_only, body_json};
 use crate::submit::records::NODE_USER;
 
 /// Who made a request.
@@ -248,6 +247,39 @@ impl Users {
             .unwrap_or(false)
     }
 
+    /// Stops counting the blob `hash` against `user`; the bytes it counted.
+    pub fn release(&self, user: &str, hash: &Hash) -> Result<u64, ApiError> {
+        let removed = self
+            .inner
+            .stored
+            .remove(Self::stored_key(user, hash))
+            .map_err(db)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_held",
+                    format!("user {user} holds no upload {hash}"),
+                )
+                .hint("GET /v1/me says how many bytes you hold; only a whole upload is held")
+            })?;
+        self.inner.stored.flush().map_err(db)?;
+        Ok(removed
+            .as_ref()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// Whether any user holds the blob `hash`.
+    pub fn anyone_holds(&self, hash: &Hash) -> bool {
+        self.inner
+            .stored
+            .iter()
+            .keys()
+            .flatten()
+            .any(|k| k.ends_with(hash.as_bytes()))
+    }
+
     /// Counts the blob `hash` of `len` bytes against `user`.
     pub fn record_upload(&self, user: &str, hash: &Hash, len: u64) -> Result<(), ApiError> {
         self.inner
@@ -342,52 +374,62 @@ pub(super) async fn add(
     State(s): State<ApiState>,
     Extension(c): Extension<Caller>,
     body: axum::body::Bytes,
-) -> Answer {
+) -> Typed<NewToken> {
     admin_only(&c)?;
     let u: NewUser = body_json(&body)?;
     let token = s.users.add(&u.name, u.admin)?;
-    Ok(Json(json!(NewToken {
+    Ok(Json(NewToken {
         name: u.name,
         admin: u.admin,
-        token
-    })))
+        token,
+    }))
 }
 
 /// Every user.
 #[utoipa::path(get, path = "/v1/users", tag = "users",
     responses((status = 200, body = Vec<UserView>), (status = 403, body = super::ErrorBody)))]
-pub(super) async fn list(State(s): State<ApiState>, Extension(c): Extension<Caller>) -> Answer {
+pub(super) async fn list(
+    State(s): State<ApiState>,
+    Extension(c): Extension<Caller>,
+) -> Typed<Vec<UserView>> {
     admin_only(&c)?;
-    Ok(Json(json!(s.users.list())))
+    Ok(Json(s.users.list()))
+}
+
+/// `DELETE /v1/users/NAME` answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Revoked {
+    /// The user whose token no longer works.
+    pub revoked: String,
 }
 
 /// Take a user's token away.
 #[utoipa::path(delete, path = "/v1/users/{name}", tag = "users",
     params(("name" = String, Path)),
-    responses((status = 200, body = UserView), (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
+    responses((status = 200, body = Revoked), (status = 403, body = super::ErrorBody), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn revoke(
     State(s): State<ApiState>,
     Extension(c): Extension<Caller>,
     Path(name): Path<String>,
-) -> Answer {
+) -> Typed<Revoked> {
     admin_only(&c)?;
     s.users.revoke(&name)?;
-    Ok(Json(json!({ "revoked": name })))
+    Ok(Json(Revoked { revoked: name }))
 }
 
 /// Who the token belongs to, what they hold and may hold.
 #[utoipa::path(get, path = "/v1/me", tag = "users", responses((status = 200, body = Me)))]
-pub(super) async fn me(State(s): State<ApiState>, Extension(c): Extension<Caller>) -> Answer {
+pub(super) async fn me(State(s): State<ApiState>, Extension(c): Extension<Caller>) -> Typed<Me> {
     let (running_jobs, queued_tasks) = match &s.jobs {
         Some(j) => j.usage(&c.name)?,
         None => (0, 0),
     };
-    Ok(Json(json!(Me {
+    Ok(Json(Me {
         stored_bytes: s.users.stored_bytes(&c.name),
         name: c.name,
         admin: c.admin,
         running_jobs,
         queued_tasks,
         limits: s.users.limits().clone(),
-    })))
+    }))
 }

@@ -7,6 +7,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::submit::spec::{InputKind, Output, Requirements};
 
+/// How a protocol [`OutputDigest`] reads in the API's JSON: a buffer by
+/// binding, its BLAKE3 as 64 hex digits, its length in bytes. (The
+/// protocol crate knows nothing of the API; this is its schema.)
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct Digest {
+    binding: u32,
+    #[schema(pattern = "^[0-9a-f]{64}$")]
+    hash: String,
+    len: u64,
+}
+
+/// How a protocol [`ElemType`] reads in the API's JSON.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub enum Elem {
+    F32,
+    U32,
+    I32,
+    Bytes,
+}
+
 /// A job input as stored: shared by every task, or one part per task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InputRecord {
@@ -18,7 +40,7 @@ pub struct InputRecord {
 }
 
 /// A job's state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Active,
@@ -66,11 +88,12 @@ fn node_user() -> String {
 }
 
 /// One try of a task on one worker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum ReplicaState {
     Offered,
     Running {
+        #[schema(value_type = u64)]
         lease_until: Timestamp,
     },
     Returned,
@@ -98,26 +121,31 @@ pub enum ReplicaState {
 }
 
 /// A replica of a task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Replica {
     pub attempt: u32,
     pub worker: String,
     pub institution: String,
     #[serde(flatten)]
     pub state: ReplicaState,
+    #[schema(value_type = u64)]
     pub offered_at: Timestamp,
+    #[schema(value_type = Option<u64>)]
     pub finished_at: Option<Timestamp>,
     pub gpu_time_us: u64,
     /// Time the worker took to compile the kernel (zero when it had it).
     #[serde(default)]
     pub compile_time_us: u64,
     pub adapter: String,
+    #[schema(value_type = Vec<Digest>)]
     pub outputs: Vec<OutputDigest>,
     /// Hash of the signed receipt's payload, which a credit pays for.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub receipt: Option<Hash>,
     /// The worker's institution, whose account a credit fills.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub institution_key: Option<PublicKey>,
     /// The step this attempt started from (non-zero when it resumed from a
     /// checkpoint).
@@ -147,7 +175,7 @@ impl Replica {
 }
 
 /// A task's state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     Waiting,
@@ -156,7 +184,7 @@ pub enum TaskState {
 }
 
 /// A task as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskRecord {
     pub index: u32,
     pub state: TaskState,
@@ -165,6 +193,7 @@ pub struct TaskRecord {
     /// Why the task is not running now, when it waits.
     pub waiting: Option<String>,
     /// The verified outputs.
+    #[schema(value_type = Option<Vec<Digest>>)]
     pub result: Option<Vec<OutputDigest>>,
     /// Why it failed, when it did.
     pub failure: Option<String>,
@@ -219,27 +248,29 @@ impl TaskRecord {
 }
 
 /// A task's state after `step` steps, kept until the task is verified.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Checkpoint {
     pub step: u32,
     /// The state buffers, by binding, in the checkpoint store.
+    #[schema(value_type = Vec<Digest>)]
     pub state: Vec<OutputDigest>,
     /// The workers whose checkpoints at this step agree.
     pub workers: Vec<String>,
 }
 
 /// A checkpoint one attempt sent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SentCheckpoint {
     pub attempt: u32,
     pub worker: String,
     pub institution: String,
     pub step: u32,
+    #[schema(value_type = Vec<Digest>)]
     pub state: Vec<OutputDigest>,
 }
 
 /// Counts of tasks by state, for progress.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub queued: u32,
     pub running: u32,
@@ -248,7 +279,7 @@ pub struct Progress {
 }
 
 /// What `GET /v1/jobs` lists.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobSummary {
     pub id: String,
     pub name: String,
@@ -258,7 +289,9 @@ pub struct JobSummary {
     pub tasks: u32,
     pub redundancy: u32,
     pub progress: Progress,
+    #[schema(value_type = u64)]
     pub submitted_at: Timestamp,
+    #[schema(value_type = Option<u64>)]
     pub finished_at: Option<Timestamp>,
     /// Why tasks wait, most common first, with how many.
     pub waiting: Vec<(String, u32)>,
@@ -272,7 +305,7 @@ pub struct JobSummary {
 }
 
 /// What `GET /v1/jobs/ID` returns.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobDetail {
     pub summary: JobSummary,
     pub outputs: Vec<Output>,

@@ -8,6 +8,7 @@ mod failures;
 mod hostile;
 mod jobs;
 mod layering;
+mod limits;
 mod network;
 mod owner;
 mod reachability;

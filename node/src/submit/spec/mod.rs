@@ -223,9 +223,10 @@ pub struct Requirements {
 }
 
 /// A loaded output declaration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Output {
     pub binding: u32,
+    #[schema(value_type = crate::submit::records::Elem)]
     pub elem: ElemType,
     /// Elements per task.
     pub len: u64,

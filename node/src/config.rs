@@ -44,6 +44,39 @@ pub struct Config {
     pub network: NetworkConfig,
     /// Local HTTP API settings.
     pub api: ApiConfig,
+    /// What the node logs, and how.
+    pub log: LogConfig,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Lines for people.
+    #[default]
+    Text,
+    /// One JSON object a line, with the ids of the job, task and peer as
+    /// fields (of the event and of its spans).
+    Json,
+}
+
+/// What the node logs, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`; `alliance node run --log-format` overrides it.
+    pub format: LogFormat,
+    /// Which lines, as `RUST_LOG` says them (`RUST_LOG` overrides it).
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: crate::cli::DEFAULT_LOG.into(),
+        }
+    }
 }
 
 /// What this node lends and on what terms.
@@ -151,6 +184,7 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             network: NetworkConfig::default(),
             api: ApiConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }

@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 use crate::api;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::net;
 use crate::net::actor::{self, Client, Inbound, Setup};
 use crate::store::Store;
@@ -74,7 +75,10 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     let users = api::Users::open(&store, api::new_token(data_dir)?, cfg.api.per_user.clone())?;
     let submits = member.roles.contains(Roles::SUBMIT);
 
-    let network = swarm(&cfg, data_dir, &identity, &charter, bootstrap)?;
+    // One registry: the node's counters, then the swarm's beside them.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let network = swarm(&cfg, data_dir, &identity, &charter, bootstrap, registry)?;
     let own_peer = identity.peer_id();
     let bootstrap_addrs: Vec<Multiaddr> = charter
         .charter
@@ -106,7 +110,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
     let (stop_net, stopped) = tokio::sync::oneshot::channel();
     let network = tokio::spawn(event_loop.run(stopped));
 
-    let worker = worker(&cfg, data_dir, &identity, &client, &blobs, lent);
+    let worker = worker(&cfg, data_dir, &identity, &client, &blobs, lent, &metrics);
     if let Some(w) = &worker {
         tokio::spawn(w.clone().watch());
         tokio::spawn(w.clone().warm());
@@ -121,6 +125,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
             })?,
             job_tables,
             institution,
+            metrics.clone(),
         )
         .context("cannot load this node's jobs")?;
         tokio::spawn(j.clone().run());
@@ -129,7 +134,11 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         None
     };
     tokio::spawn(serve_requests(requests, worker.clone(), jobs.clone()));
-    tokio::spawn(crate::net::blobs::serve(client.clone(), blobs.clone()));
+    tokio::spawn(crate::net::blobs::serve(
+        client.clone(),
+        blobs.clone(),
+        metrics.clone(),
+    ));
 
     let state = api::ApiState {
         client,
@@ -139,6 +148,7 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         users,
         blobs: blobs.clone(),
         uploading: Default::default(),
+        metrics,
     };
     serve_api(&cfg, data_dir, state).await?;
     info!("stopping");
@@ -319,6 +329,7 @@ fn swarm(
     identity: &Identity,
     charter: &TrustedCharter,
     bootstrap: bool,
+    registry: prometheus_client::registry::Registry,
 ) -> Result<net::Network> {
     let psk = match &cfg.network.psk_file {
         Some(path) => {
@@ -345,7 +356,7 @@ fn swarm(
             max_memory_fraction: f64::from(l.max_memory_percent) / 100.0,
         },
     };
-    let mut network = net::build_swarm(identity, &charter.id, &options)
+    let mut network = net::build_swarm_with(identity, &charter.id, &options, registry)
         .map_err(|e| anyhow!("cannot start the network: {e}"))?;
     for addr in &cfg.network.listen {
         let a: Multiaddr = addr
@@ -371,6 +382,7 @@ fn worker(
     client: &Client,
     blobs: &Blobs,
     lent: Lent,
+    metrics: &Metrics,
 ) -> Option<Worker> {
     if lent.reports.is_empty() {
         return None;
@@ -413,6 +425,7 @@ fn worker(
         },
         pause_file: lent.pause_file,
         warm: cfg.worker.warm.clone(),
+        metrics: metrics.clone(),
         compile_timeout: std::time::Duration::from_secs(cfg.worker.compile_timeout_secs),
     }))
 }

@@ -12,6 +12,7 @@
 //! | [`net`] | the libp2p swarm and the one actor that owns it: admission, adverts, revocations, credit gossip, requests between members, reachability; blob transfer | `store`, `trust` |
 //! | [`trust`] | membership files, reputation, credits, the trust simulation | nothing of the node's |
 //! | [`store`] | the sled database (peers, revocation lists) and the blob files | nothing of the node's |
+//! | [`metrics`] | the node's counters, one Prometheus registry with libp2p's | nothing of the node's |
 //! | [`api`], [`cli`] | the interfaces: the HTTP API (routes by resource, and the client the CLI uses), one CLI file per user, the demo | every room, through its handle |
 //! | [`daemon`] | `alliance node run`: opens the store, starts the network actor, the worker, the submitter and the API | every room |
 //! | [`config`] | the documented configuration file, a section per room | `work` (owner policy types) |
@@ -53,6 +54,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod metrics;
 pub mod net;
 pub mod store;
 pub mod submit;

@@ -262,7 +262,11 @@ async fn blob_transfer() {
     let src_blobs = Blobs::open(&tmp.path().join("src")).unwrap();
     let hash: Hash = src_blobs.put(&data).unwrap();
     let src = a.spawn(0, vec![]).await;
-    tokio::spawn(blobs::serve(src.client.clone(), src_blobs.clone()));
+    tokio::spawn(blobs::serve(
+        src.client.clone(),
+        src_blobs.clone(),
+        alliance_node::metrics::Metrics::default(),
+    ));
     let dst = a.spawn(0, vec![src.address.clone()]).await;
     loop {
         if dst.client.member(src.peer).await.unwrap().is_some() {

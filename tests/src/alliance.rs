@@ -247,6 +247,13 @@ impl Running {
         alliance_node::api::request(&self.dir, "GET", path, "").ok()
     }
 
+    /// The node's `GET /metrics`, as Prometheus text.
+    pub fn metrics(&self) -> String {
+        alliance_node::api::Api::local(&self.dir)
+            .and_then(|api| api.get_text("/metrics"))
+            .expect("metrics")
+    }
+
     /// POST to the node's API.
     pub fn post(&self, path: &str, body: &str) -> Result<Value, String> {
         alliance_node::api::request(&self.dir, "POST", path, body).map_err(|e| format!("{e:#}"))

@@ -284,6 +284,7 @@ pub(super) async fn upload(
     while let Some(frame) = stream.next().await {
         match frame {
             Ok(b) => {
+                s.metrics.blob("in", "api", b.len() as u64);
                 pending.extend_from_slice(&b);
                 if pending.len() >= CHUNK && tx.send(pending.split().freeze()).await.is_err() {
                     break; // the writer stopped: its answer says why

@@ -177,6 +177,22 @@ impl Api {
         self.answer(resp)
     }
 
+    /// `GET path` of a text answer (`/metrics`).
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let mut resp = self.get_raw(path)?;
+        let status = resp.status();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(256 << 20)
+            .read_to_string()
+            .map_err(|e| anyhow!("the node's answer was cut short: {e}"))?;
+        if !status.is_success() {
+            bail!("the node answered {status}: {text}");
+        }
+        Ok(text)
+    }
+
     /// `method path` with a body (JSON, or text for the revocation route).
     pub fn send(&self, method: &str, path: &str, body: &str) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);

@@ -81,6 +81,8 @@ pub struct ApiState {
     pub blobs: Blobs,
     /// Uploads in progress, one at a time per blob.
     pub uploading: Arc<Mutex<HashSet<Hash>>>,
+    /// The node's counters (API requests, blob bytes, jobs by state).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl axum::extract::FromRef<ApiState> for Client {
@@ -409,9 +411,37 @@ pub fn router(state: ApiState) -> Router {
         .merge(open)
         .route("/v1/openapi.json", get(openapi))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         // Uploads stream to disk; JSON bodies are capped by their routes.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Counts every answer by method, route template and status
+/// (`alliance_api_requests_total`).
+async fn count_requests(
+    axum::extract::State(s): axum::extract::State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    s.metrics
+        .api_requests
+        .get_or_create(&crate::metrics::Request {
+            method,
+            route,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
 }
 
 /// Refuses a caller who is not an admin.

@@ -14,7 +14,8 @@ use serde_json::json;
 use crate::net::actor::Client;
 
 use super::jobs::jobs_of;
-use super::{Answer, ApiError, ApiState, Caller, admin_only};
+use super::{Answer, ApiError, ApiState, Caller, admin_only, blocking};
+use crate::submit::JobState;
 use axum::extract::Extension;
 
 /// The worker: its GPUs, offers accepted and declined, tasks run.
@@ -64,8 +65,24 @@ pub(super) async fn credits(State(c): State<Client>) -> Answer {
 
 /// Counters in the Prometheus text format (no token needed).
 #[utoipa::path(get, path = "/metrics", tag = "node", responses((status = 200, content_type = "text/plain", body = String)))]
-pub(super) async fn metrics(State(c): State<Client>) -> Result<Response, ApiError> {
-    let text = c.metrics().await?;
+pub(super) async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    if let Some(jobs) = &s.jobs {
+        let jobs = jobs.clone();
+        let all = blocking(move || Ok(jobs.list()?)).await?;
+        for (state, label) in [
+            (JobState::Active, "active"),
+            (JobState::Done, "done"),
+            (JobState::Failed, "failed"),
+            (JobState::Cancelled, "cancelled"),
+        ] {
+            let n = all.iter().filter(|j| j.state == state).count();
+            s.metrics
+                .jobs
+                .get_or_create(&crate::metrics::State { state: label })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+    let text = s.client.metrics().await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

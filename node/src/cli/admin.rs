@@ -16,8 +16,7 @@ use crate::config::{self, Config};
 use crate::trust::{self, Bundle, Verified};
 
 use super::{
-    DEFAULT_LOG, DataDirArg, RevokeArgs, check_days, create_dir, data_dir, load_key, parse_roles,
-    print_json,
+    DataDirArg, RevokeArgs, check_days, create_dir, data_dir, load_key, parse_roles, print_json,
 };
 
 #[derive(Debug, Args)]
@@ -118,6 +117,9 @@ pub struct NodeRunArgs {
     /// Run as a bootstrap node (the certificate must grant the bootstrap role).
     #[arg(long)]
     pub bootstrap: bool,
+    /// How to write log lines [default: `[log] format`, else text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<config::LogFormat>,
 }
 
 #[derive(Debug, Args)]
@@ -351,11 +353,18 @@ pub(super) fn node_run(a: NodeRunArgs) -> Result<()> {
         .with_context(|| "run `alliance init` first if this node is new")?;
     let dir = cfg.data_dir.clone().unwrap_or(dir);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
-    let _ = tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.filter));
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match a.log_format.unwrap_or(cfg.log.format) {
+        config::LogFormat::Text => logs.try_init(),
+        config::LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -22,6 +22,7 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::PeerId;
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::metrics::Metrics;
 use crate::net::BLOB_PROTOCOL;
 use crate::net::actor::Client;
 use crate::net::codec::{read_frame, write_frame};
@@ -58,7 +59,7 @@ pub enum BlobError {
 
 /// Serves `/alliance/blob/2` from `blobs` to verified members until the
 /// node stops.
-pub async fn serve(client: Client, blobs: Blobs) {
+pub async fn serve(client: Client, blobs: Blobs, metrics: Metrics) {
     let Some(mut incoming) = client.accept_streams(BLOB_PROTOCOL) else {
         tracing::warn!("blob streams are already being served");
         return;
@@ -66,8 +67,9 @@ pub async fn serve(client: Client, blobs: Blobs) {
     let permits = Arc::new(Semaphore::new(MAX_SERVING));
     while let Some((peer, stream)) = incoming.next().await {
         let (client, blobs, permits) = (client.clone(), blobs.clone(), Arc::clone(&permits));
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(&client, &blobs, &permits, peer, stream).await {
+            if let Err(e) = serve_one(&client, &blobs, &permits, &metrics, peer, stream).await {
                 tracing::debug!(%peer, "blob stream ended early: {e}");
             }
         });
@@ -78,6 +80,7 @@ async fn serve_one(
     client: &Client,
     blobs: &Blobs,
     permits: &Semaphore,
+    metrics: &Metrics,
     peer: PeerId,
     mut stream: libp2p::Stream,
 ) -> io::Result<()> {
@@ -127,6 +130,7 @@ async fn serve_one(
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         sent += chunk.len as u64;
+        metrics.blob("out", "network", chunk.len as u64);
         let _ = spare_tx.send(chunk);
     }
     drop(rx);

@@ -28,8 +28,8 @@ pub mod codec;
 pub mod swarm;
 
 pub use swarm::{
-    Behaviour, BehaviourEvent, Limits, Network, Options, build_swarm, gossip, metrics_text,
-    read_psk, traffic, transport,
+    Behaviour, BehaviourEvent, Limits, Network, Options, build_swarm, build_swarm_with, gossip,
+    metrics_text, read_psk, traffic, transport,
 };
 
 use alliance_protocol::Hash;

@@ -191,7 +191,17 @@ pub fn build_swarm(
     alliance: &Hash,
     options: &Options,
 ) -> Result<Network, String> {
-    let mut metrics = Registry::default();
+    build_swarm_with(identity, alliance, options, Registry::default())
+}
+
+/// [`build_swarm`], its traffic counters added to `metrics` (which holds
+/// the node's own): the one registry `GET /metrics` renders.
+pub fn build_swarm_with(
+    identity: &alliance_protocol::Identity,
+    alliance: &Hash,
+    options: &Options,
+    mut metrics: Registry,
+) -> Result<Network, String> {
     let psk = options.psk;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity.to_libp2p_keypair())
         .with_tokio()

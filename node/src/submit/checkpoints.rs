@@ -218,7 +218,7 @@ impl Jobs {
                             "state {binding} names another blob than its record"
                         )));
                     }
-                    blobs::fetch(
+                    let n = blobs::fetch(
                         &self.inner.client,
                         &self.inner.checkpoints,
                         peer,
@@ -230,6 +230,7 @@ impl Jobs {
                         blobs::BlobError::HashMismatch { .. } => Refusal::Bad(e.to_string()),
                         other => Refusal::Late(other.to_string()),
                     })?;
+                    self.inner.metrics.blob("in", "network", n);
                 }
             }
         }

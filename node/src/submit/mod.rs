@@ -62,6 +62,7 @@ use std::time::{Duration, Instant};
 use alliance_protocol::{Hash, Identity, PublicKey};
 use tracing::info;
 
+use crate::metrics::Metrics;
 use crate::store::blobs::Blobs;
 
 use crate::net::actor::Client;
@@ -134,6 +135,8 @@ pub struct Jobs {
 }
 
 struct Inner {
+    /// What this node counts of its jobs, for `GET /metrics`.
+    metrics: Metrics,
     identity: Arc<Identity>,
     client: Client,
     blobs: Blobs,
@@ -221,6 +224,7 @@ impl Jobs {
         checkpoints: Blobs,
         tables: Tables,
         institution: (PublicKey, String),
+        metrics: Metrics,
     ) -> Result<Self, JobsError> {
         let (institution, institution_name) = institution;
         let Tables {
@@ -290,6 +294,7 @@ impl Jobs {
                 wake: tokio::sync::Notify::new(),
                 ended: tokio::sync::watch::Sender::new(0),
                 started: Instant::now(),
+                metrics,
             }),
         })
     }

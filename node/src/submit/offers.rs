@@ -113,6 +113,19 @@ pub(super) fn describe_decline(r: &alliance_protocol::wire::DeclineReason) -> St
     }
 }
 
+/// A decline's kind, as `alliance_tasks_declined_total` labels it.
+pub(crate) fn decline_kind(r: &alliance_protocol::wire::DeclineReason) -> &'static str {
+    use alliance_protocol::wire::DeclineReason as D;
+    match r {
+        D::Busy => "busy",
+        D::Paused => "paused",
+        D::Unavailable(_) => "unavailable",
+        D::PolicyRefuses => "policy",
+        D::Limits(_) => "limits",
+        D::BadOffer(_) => "bad_offer",
+    }
+}
+
 impl Jobs {
     /// Records a worker's answers to offers of tasks of job `id`, given as
     /// ((task, attempt), answer).
@@ -143,13 +156,22 @@ impl Jobs {
             if r.state != ReplicaState::Offered {
                 continue;
             }
+            let m = &self.inner.metrics;
             r.state = match answer {
                 // The lease runs on this node's clock; progress reports
                 // renew it.
-                Ok(OfferAnswer::Accept { .. }) => ReplicaState::Running {
-                    lease_until: lease_from_now(),
-                },
+                Ok(OfferAnswer::Accept { .. }) => {
+                    m.tasks_accepted.inc();
+                    ReplicaState::Running {
+                        lease_until: lease_from_now(),
+                    }
+                }
                 Ok(OfferAnswer::Decline(reason)) => {
+                    m.tasks_declined
+                        .get_or_create(&crate::metrics::Reason {
+                            reason: decline_kind(&reason),
+                        })
+                        .inc();
                     if let Ok(mut d) = self.inner.declined.lock() {
                         d.insert(worker.clone(), Instant::now());
                     }
@@ -265,6 +287,7 @@ impl Jobs {
             attempt,
             expires_at: Timestamp::now().saturating_add_secs(60),
         };
+        self.inner.metrics.tasks_offered.inc();
         t.replicas.push(Replica {
             attempt,
             worker: advert.peer_id.clone(),

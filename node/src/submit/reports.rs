@@ -256,14 +256,21 @@ impl Jobs {
                                     o.binding
                                 )));
                             }
-                            blobs::fetch(&self.inner.client, &self.inner.blobs, peer, *hash, *len)
-                                .await
-                                .map_err(|e| match e {
-                                    blobs::BlobError::HashMismatch { .. } => {
-                                        Refusal::Bad(e.to_string())
-                                    }
-                                    other => Refusal::Late(other.to_string()),
-                                })?;
+                            let n = blobs::fetch(
+                                &self.inner.client,
+                                &self.inner.blobs,
+                                peer,
+                                *hash,
+                                *len,
+                            )
+                            .await
+                            .map_err(|e| match e {
+                                blobs::BlobError::HashMismatch { .. } => {
+                                    Refusal::Bad(e.to_string())
+                                }
+                                other => Refusal::Late(other.to_string()),
+                            })?;
+                            self.inner.metrics.blob("in", "network", n);
                         }
                     }
                     digests.push(d.clone());

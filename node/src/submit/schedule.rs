@@ -435,6 +435,7 @@ impl Jobs {
                     if *lease_until <= wall
                         && now.duration_since(self.inner.started) >= RECONNECT_GRACE =>
                 {
+                    self.inner.metrics.leases_expired.inc();
                     Some("no result before the lease ended".to_owned())
                 }
                 ReplicaState::Offered

@@ -121,6 +121,11 @@ impl Jobs {
                 );
                 match stored {
                     Ok(()) => {
+                        let m = &self.inner.metrics;
+                        m.credits_issued.inc();
+                        #[allow(clippy::cast_precision_loss)] // µs far below 2^53
+                        m.credited_gpu_seconds
+                            .inc_by(credit.gpu_time_us as f64 / 1e6);
                         self.wrote();
                         if let Ok(mut o) = self.inner.owed.lock()
                             && let Some((n, _)) = o.get_mut(&group)
@@ -182,6 +187,17 @@ impl Jobs {
 
     /// Counts a verified outcome in the worker's record.
     pub(super) fn count_against(&self, worker: &str, institution: &str, event: Event) {
+        let label = match event {
+            Event::Agreed => "agreed",
+            Event::AgreedBeforeWrong => "agreed_before_wrong",
+            Event::Wrong => "wrong",
+            Event::Lapsed => "lapsed",
+        };
+        self.inner
+            .metrics
+            .reputation_events
+            .get_or_create(&crate::metrics::EventLabel { event: label })
+            .inc();
         match self.inner.reputation.record(worker, institution, event) {
             Ok(r) if event == Event::Wrong => {
                 warn!(worker = %short(worker), %institution, streak = r.streak, "a wrong result: the worker is replicated from now on, and what it ran alone is checked again");

@@ -83,6 +83,7 @@ impl Jobs {
         if job.adaptive && required == 1 && !t.spot_check && returned.len() == 1 {
             let r = &t.replicas[returned[0]];
             if random_unit() < self.inner.reputation.worker(&r.worker).spot_check() {
+                self.inner.metrics.spot_checks.inc();
                 t.spot_check = true;
                 t.waiting = Some("spot check: another worker runs it too".into());
                 return;
@@ -177,6 +178,16 @@ impl Jobs {
             } else {
                 (ReplicaState::Unmatched, None)
             };
+            let outcome = match state {
+                ReplicaState::Verified => "verified",
+                ReplicaState::Outvoted => "outvoted",
+                _ => "unmatched",
+            };
+            self.inner
+                .metrics
+                .replicas
+                .get_or_create(&crate::metrics::Outcome { outcome })
+                .inc();
             r.state = state;
             if let Some(event) = event {
                 self.count_against(&r.worker, &r.institution, event);

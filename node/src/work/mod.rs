@@ -132,6 +132,8 @@ pub struct WorkerSetup {
     pub warm: Vec<String>,
     /// How long a task's kernel may take to compile.
     pub compile_timeout: std::time::Duration,
+    /// What the worker counts, for `GET /metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// The worker; cheap to clone.

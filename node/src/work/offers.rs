@@ -58,6 +58,12 @@ impl Worker {
             Ok(offers) => offers,
             Err(reason) => {
                 self.count(|s| s.declined += 1);
+                self.inner
+                    .setup
+                    .metrics
+                    .worker_offers
+                    .get_or_create(&crate::metrics::Answer { answer: "declined" })
+                    .inc();
                 info!(%peer, ?reason, "offers refused");
                 return OfferRequest::decline_all(&reason);
             }
@@ -80,6 +86,13 @@ impl Worker {
             s.accepted += accepted;
             s.declined += declined;
         });
+        let m = &self.inner.setup.metrics;
+        let answered = |answer| {
+            m.worker_offers
+                .get_or_create(&crate::metrics::Answer { answer })
+        };
+        answered("accepted").inc_by(accepted);
+        answered("declined").inc_by(declined);
         // One line per batch (each task's are at debug level): small tasks
         // come by the thousand.
         info!(%peer, accepted, declined, "offers answered");
@@ -116,7 +129,15 @@ impl Worker {
         );
         debug!(%peer, job = %offer.spec.job, task = offer.spec.task, attempt = offer.attempt, gpu = slot.1, "task accepted");
         let me = self.clone();
-        tokio::spawn(async move {
+        // Every line the task logs carries its ids.
+        let span = tracing::info_span!(
+            "task",
+            job = %offer.spec.job,
+            task = offer.spec.task,
+            attempt = offer.attempt,
+            %peer
+        );
+        let run = async move {
             let beat = tokio::spawn(heartbeat(
                 me.clone(),
                 peer,
@@ -137,7 +158,8 @@ impl Worker {
                 records::Outcome::Failed(_) => me.count(|s| s.failed += 1),
             }
             me.deliver(peer, outcome, outputs);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(run, span));
         OfferAnswer::Accept { lease_until }
     }
 

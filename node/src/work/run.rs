@@ -24,6 +24,23 @@ use crate::net::blobs;
 use super::{PROGRESS_EVERY, TaskKey, Worker};
 use super::{checkpoints::send_checkpoints, reports::outgoing};
 
+/// A task error's kind, as `alliance_sandbox_failures_total` labels it.
+fn failure_kind(e: &executor::TaskError) -> &'static str {
+    use executor::TaskError as E;
+    match e {
+        E::Intake(_) => "refused",
+        E::Gpu(_) => "gpu_error",
+        E::OutOfMemory(_) => "out_of_memory",
+        E::DeviceLost(_) => "device_lost",
+        E::Timeout(_) => "timeout",
+        E::CompileTimeout(_) => "compile_timeout",
+        E::Crashed(_) => "crashed",
+        E::Sandbox(_) => "sandbox",
+        E::Stopped(_) => "stopped",
+        _ => "other",
+    }
+}
+
 /// Sends `progress` to the submitter every [`PROGRESS_EVERY`] until aborted;
 /// when the submitter says it no longer wants the task (it was cancelled,
 /// or offered elsewhere), the task is stopped.
@@ -143,6 +160,7 @@ impl Worker {
                 "handed back at the owner's request ({why}); its last checkpoint is step {step}"
             );
             info!(job = %spec.job, task = spec.task, %reason, "task handed back");
+            s.metrics.preemptions.inc();
             let back = records::Outcome::HandedBack(self.task_failure(offer, submitter, reason));
             return (back, Vec::new());
         }
@@ -265,10 +283,13 @@ impl Worker {
                 let got = blobs::fetch(&s.client, &s.blobs, peer, *hash, *len).await;
                 match got {
                     Ok(0) => self.count(|s| s.blobs_cached += 1),
-                    Ok(n) => self.count(|s| {
-                        s.blobs_fetched += 1;
-                        s.bytes_fetched += n;
-                    }),
+                    Ok(n) => {
+                        s.metrics.blob("in", "network", n);
+                        self.count(|s| {
+                            s.blobs_fetched += 1;
+                            s.bytes_fetched += n;
+                        });
+                    }
                     Err(e) => {
                         if matches!(e, blobs::BlobError::HashMismatch { .. }) {
                             let _ = s.client.punish(peer, e.to_string()).await;
@@ -296,6 +317,7 @@ impl Worker {
             )
         };
         // Only a task that must wait needs its institution's balance.
+        let queued = std::time::Instant::now();
         let turn = match turns.try_take() {
             Some(turn) => turn,
             None => {
@@ -306,6 +328,7 @@ impl Worker {
                 turns.wait(priority).await
             }
         };
+        s.metrics.queue_wait.observe(queued.elapsed().as_secs_f64());
         debug!(%peer, job = %offer.spec.job, task = offer.spec.task, "task started");
         let key: TaskKey = (offer.spec.job, offer.spec.task, offer.attempt);
         let (checkpoints, newest) = tokio::sync::watch::channel(None);
@@ -357,6 +380,7 @@ impl Worker {
             if me.preempted(&key).is_some() {
                 sb.stopper().stop();
             }
+            let ran = std::time::Instant::now();
             let result = sb.run(&task, timeout, &mut |c| {
                 // The newest checkpoint replaces one not yet sent: the GPU
                 // never waits for the network.
@@ -366,13 +390,25 @@ impl Worker {
             if let Ok(mut r) = running.lock() {
                 *r = None;
             }
+            let m = &me.inner.setup.metrics;
+            m.run_time.observe(ran.elapsed().as_secs_f64());
             match result {
-                Ok(o) => Ok((o, adapter)),
+                Ok(o) => {
+                    m.compile_time.observe(o.compile_time.as_secs_f64());
+                    Ok((o, adapter))
+                }
                 Err(_) if !wanted(&key) => {
                     me.count(|s| s.stopped += 1);
                     Err("stopped: the submitter no longer wants it".into())
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => {
+                    m.sandbox_failures
+                        .get_or_create(&crate::metrics::Kind {
+                            kind: failure_kind(&e),
+                        })
+                        .inc();
+                    Err(e.to_string())
+                }
             }
         })
         .await

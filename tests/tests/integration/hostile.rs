@@ -306,7 +306,11 @@ async fn blob_streams_serve_members_and_drop_garbage() {
         .collect();
     let hash = held.put(&data).unwrap();
     let node = a.spawn(0, vec![]).await;
-    tokio::spawn(blobs::serve(node.client.clone(), held));
+    tokio::spawn(blobs::serve(
+        node.client.clone(),
+        held,
+        alliance_node::metrics::Metrics::default(),
+    ));
     let member = a.spawn(0, vec![node.address.clone()]).await;
     let mut joined = false;
     for _ in 0..100 {

@@ -213,7 +213,60 @@ len = {}
             }
         }
     }
+
+    // What the submitter and the workers counted of all that, scraped as
+    // Prometheus would.
+    let sub = net.sub.metrics();
+    for (series, at_least) in [
+        ("alliance_jobs{state=\"done\"}", 4.0),
+        ("alliance_tasks_offered_total", 10.0),
+        ("alliance_tasks_accepted_total", 10.0),
+        ("alliance_replicas_total{outcome=\"verified\"}", 10.0),
+        (
+            "alliance_api_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"200\"}",
+            4.0,
+        ),
+        (
+            "alliance_blob_bytes_total{direction=\"in\",via=\"api\"}",
+            1.0,
+        ),
+        (
+            "alliance_blob_bytes_total{direction=\"out\",via=\"api\"}",
+            1.0,
+        ),
+        ("alliance_reputation_events_total{event=\"agreed\"}", 1.0),
+    ] {
+        let got = sample(&sub, series);
+        assert!(
+            got >= at_least,
+            "{series} = {got}, not ≥ {at_least}:\n{sub}"
+        );
+    }
+    assert!(
+        sub.contains("# UNIT alliance_task_run_seconds seconds"),
+        "{sub}"
+    );
+    assert!(sub.contains("libp2p_"), "no libp2p metrics beside:\n{sub}");
+    let workers: Vec<String> = net.workers.iter().map(|(_, r)| r.metrics()).collect();
+    for series in [
+        "alliance_worker_offers_total{answer=\"accepted\"}",
+        "alliance_task_run_seconds_count",
+        "alliance_task_compile_seconds_count",
+        "alliance_task_queue_wait_seconds_count",
+    ] {
+        let total: f64 = workers.iter().map(|w| sample(w, series)).sum();
+        assert!(total >= 10.0, "{series} = {total} over the workers");
+    }
     drop(net.workers);
+}
+
+/// The value of one series (`name{labels}`) in Prometheus text; 0 when
+/// absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 #[test]

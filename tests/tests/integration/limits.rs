@@ -31,6 +31,8 @@ fn a_user_past_their_limits_is_refused_with_the_fix() {
     let node = a.node("sub", 0, Roles::BOOTSTRAP | Roles::SUBMIT);
     node.edit_config("running_jobs = 32", "running_jobs = 1");
     node.edit_config("stored_bytes = 68719476736", "stored_bytes = 4096");
+    // Machine-readable logs, as a log shipper would take them.
+    node.edit_config("format = \"text\"", "format = \"json\"");
     let _run = node.start(true);
     let url = std::fs::read_to_string(node.path.join("api.url")).unwrap();
 
@@ -123,4 +125,18 @@ fn a_user_past_their_limits_is_refused_with_the_fix() {
         .send("DELETE", &format!("/v1/blobs/{x}"), "")
         .unwrap_err();
     assert!(format!("{err:#}").contains("not_held"), "{err:#}");
+
+    // Every line the node logged is one JSON object with its message.
+    let log = std::fs::read_to_string(node.path.join("node.log")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "API listening"),
+        "{log}"
+    );
 }

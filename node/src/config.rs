@@ -390,9 +390,195 @@ pub fn data_dir(explicit: Option<&Path>) -> Option<PathBuf> {
         .or_else(|| env("HOME").map(|h| h.join(".local/share/alliance")))
 }
 
+/// Every configuration key as a Markdown reference: its section, type,
+/// default and meaning (`docs/config-reference.md`, `alliance node
+/// config-reference`).
+///
+/// Keys, types and defaults come from the type itself, `Config::default()`
+/// serialised; the meaning of each is the comment above it in
+/// [`EXAMPLE`], which a test holds equal to the default. A key the type has
+/// and the example does not explain is an error, so the reference cannot
+/// fall behind the type. Keys whose default is unset are those the example
+/// shows commented out (`# key = value`).
+pub fn reference() -> Result<String, String> {
+    let value = toml::Value::try_from(Config::default()).map_err(|e| e.to_string())?;
+    let docs = example_docs();
+    let mut rows: Vec<(String, String, String, String, String)> = Vec::new();
+    walk(&value, "", &mut rows);
+    // Keys unset by default: documented commented out in the example.
+    for ((section, key), (meaning, shown)) in &docs {
+        if shown.is_some() && !rows.iter().any(|r| &r.0 == section && &r.1 == key) {
+            let example = shown.clone().unwrap_or_default();
+            rows.push((
+                section.clone(),
+                key.clone(),
+                type_of_text(&example).into(),
+                format!("unset (e.g. `{example}`)"),
+                meaning.clone(),
+            ));
+        }
+    }
+    let mut out = String::from(
+        "# Configuration reference\n\nEvery key of `alliance.toml` (`alliance init` writes it with these defaults; any key may be left out). Made by `alliance node config-reference` from the config type and the comments in `node/alliance.example.toml`; a test fails when this file is stale.\n",
+    );
+    let mut sections: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    sections.dedup();
+    let mut seen = std::collections::BTreeSet::new();
+    for section in sections {
+        if !seen.insert(section.clone()) {
+            continue;
+        }
+        let title = if section.is_empty() {
+            "top level".to_owned()
+        } else {
+            format!("`[{section}]`")
+        };
+        out.push_str(&format!(
+            "\n## {title}\n\n| key | type | default | meaning |\n|---|---|---|---|\n"
+        ));
+        for (_, key, ty, default, meaning) in rows.iter().filter(|r| r.0 == section) {
+            let meaning = meaning.replace('|', "\\|");
+            if meaning.is_empty() {
+                return Err(format!(
+                    "{section}.{key} has no comment in node/alliance.example.toml: say what it does there"
+                ));
+            }
+            out.push_str(&format!("| `{key}` | {ty} | {default} | {meaning} |\n"));
+        }
+    }
+    Ok(out)
+}
+
+type Row = (String, String, String, String, String);
+
+fn walk(value: &toml::Value, section: &str, rows: &mut Vec<Row>) {
+    let docs = example_docs();
+    let Some(table) = value.as_table() else {
+        return;
+    };
+    // Plain keys first, then sub-sections, as the file reads.
+    for (key, v) in table {
+        let sub_section = v.as_table().is_some_and(|t| {
+            !t.is_empty() && !docs.contains_key(&(section.to_owned(), key.clone()))
+        });
+        if sub_section {
+            continue;
+        }
+        let meaning = docs
+            .get(&(section.to_owned(), key.clone()))
+            .map(|d| d.0.clone())
+            .unwrap_or_default();
+        rows.push((
+            section.to_owned(),
+            key.clone(),
+            type_of(v).into(),
+            format!("`{v}`"),
+            meaning,
+        ));
+    }
+    for (key, v) in table {
+        if let Some(t) = v.as_table()
+            && !t.is_empty()
+            && !docs.contains_key(&(section.to_owned(), key.clone()))
+        {
+            let name = if section.is_empty() {
+                key.clone()
+            } else {
+                format!("{section}.{key}")
+            };
+            walk(v, &name, rows);
+        }
+    }
+}
+
+fn type_of(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "string",
+        toml::Value::Integer(_) => "integer",
+        toml::Value::Float(_) => "float",
+        toml::Value::Boolean(_) => "boolean",
+        toml::Value::Datetime(_) => "datetime",
+        toml::Value::Array(_) => "array",
+        toml::Value::Table(_) => "table",
+    }
+}
+
+fn type_of_text(example: &str) -> &'static str {
+    let value = example.split_once('=').map_or("", |(_, v)| v.trim());
+    toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|t| t.get("v").map(type_of))
+        .unwrap_or("string")
+}
+
+/// `(section, key)` → (the comment above the key, and the line itself
+/// when it is commented out), from [`EXAMPLE`].
+fn example_docs() -> std::collections::BTreeMap<(String, String), (String, Option<String>)> {
+    let mut docs = std::collections::BTreeMap::new();
+    let mut section = String::new();
+    let mut comment: Vec<String> = Vec::new();
+    // A comment after a key explains the keys below it, not that one.
+    let mut after_key = false;
+    let key_of = |line: &str| -> Option<String> {
+        let (k, _) = line.split_once(" = ")?;
+        let k = k.trim();
+        (!k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .then(|| k.to_owned())
+    };
+    for line in EXAMPLE.lines() {
+        let line = line.trim();
+        if line.is_empty() {
+            comment.clear();
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+            comment.clear();
+        } else if let Some(text) = line.strip_prefix('#') {
+            let text = text.trim();
+            if std::mem::take(&mut after_key) {
+                comment.clear();
+            }
+            if let Some(name) = text.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                // `# [worker.gpu.1]`: an example of a map's sections.
+                let parts: Vec<&str> = name.split('.').collect();
+                if let [parent @ .., key, _] = &parts[..] {
+                    docs.entry((parent.join("."), (*key).to_owned()))
+                        .or_insert_with(|| (comment.join(" "), None));
+                }
+            } else if let Some(key) = key_of(text) {
+                // A key shown commented out: unset by default.
+                docs.entry((section.clone(), key))
+                    .or_insert_with(|| (comment.join(" "), Some(text.to_owned())));
+            } else {
+                comment.push(text.to_owned());
+            }
+        } else if let Some(key) = key_of(line) {
+            let meaning = if comment.is_empty() {
+                line.split_once(" # ")
+                    .map(|(_, c)| c.trim().to_owned())
+                    .unwrap_or_default()
+            } else {
+                comment.join(" ")
+            };
+            docs.insert((section.clone(), key), (meaning, None));
+            after_key = true;
+        }
+    }
+    docs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_checked_in_reference_is_current() {
+        let made = reference().unwrap();
+        let kept = include_str!("../../docs/config-reference.md");
+        assert!(
+            made == kept,
+            "docs/config-reference.md is stale: run `alliance node config-reference > docs/config-reference.md`"
+        );
+    }
 
     #[test]
     fn example_is_the_default() {

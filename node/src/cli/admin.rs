@@ -104,6 +104,8 @@ pub enum NodeCommand {
     Run(NodeRunArgs),
     /// Check that this node is ready to join: config, key, charter and chain.
     Check(NodeCheckArgs),
+    /// Print every config key with its type, default and meaning (Markdown).
+    ConfigReference,
 }
 
 #[derive(Debug, Args)]
@@ -352,24 +354,40 @@ pub(super) fn node_run(a: NodeRunArgs) -> Result<()> {
     let cfg = Config::load(&config_path)
         .with_context(|| "run `alliance init` first if this node is new")?;
     let dir = cfg.data_dir.clone().unwrap_or(dir);
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.filter));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.filter));
+    // The filter sits in a reload layer: SIGHUP changes it in place.
+    let (filter, handle) = reload::Layer::new(filter);
+    let logs = tracing_subscriber::registry().with(filter);
     let _ = match a.log_format.unwrap_or(cfg.log.format) {
-        config::LogFormat::Text => logs.try_init(),
-        config::LogFormat::Json => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
+        config::LogFormat::Text => logs
+            .with(fmt::layer().with_writer(std::io::stderr))
             .try_init(),
+        config::LogFormat::Json => logs
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
+    let reload = crate::daemon::service::Reload {
+        config: config_path.clone(),
+        set_filter: Box::new(move |f| {
+            let parsed = EnvFilter::try_new(f).map_err(|e| format!("[log] filter {f:?}: {e}"))?;
+            handle.reload(parsed).map_err(|e| e.to_string())
+        }),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(crate::daemon::run(cfg, &dir, a.bootstrap))
+    runtime.block_on(crate::daemon::run(cfg, &dir, a.bootstrap, reload))
 }
 
 pub(super) fn node_check(a: NodeCheckArgs, json: bool) -> Result<()> {

@@ -132,6 +132,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cert(CertCommand::Verify(a)) => verify(a, json),
         Command::Node(NodeCommand::Check(a)) => node_check(a, json),
         Command::Node(NodeCommand::Run(a)) => node_run(a),
+        Command::Node(NodeCommand::ConfigReference) => {
+            print!("{}", config::reference().map_err(|e| anyhow!(e))?);
+            Ok(())
+        }
         Command::Status(a) => status(&a, json),
         Command::Peers(a) => peers(&a, json),
         Command::Gpus(a) if a.local => gpus(a, json),

@@ -53,6 +53,30 @@ impl Worker {
         Ok(())
     }
 
+    /// Replaces each lent GPU's owner policy with `policy(index)` (a
+    /// reloaded config's), shown in the advert at once. When one GPU's new
+    /// policy is wrong none changes, and the error says why.
+    pub fn set_policies(
+        &self,
+        policy: impl Fn(usize) -> Result<super::policy::GpuPolicy, String>,
+    ) -> Result<(), String> {
+        let mut slots = self
+            .inner
+            .slots
+            .lock()
+            .map_err(|_| "worker state poisoned".to_owned())?;
+        let fresh: Vec<_> = slots
+            .iter()
+            .map(|s| policy(s.report.index))
+            .collect::<Result<_, _>>()?;
+        for (s, p) in slots.iter_mut().zip(fresh) {
+            s.gate.policy = p;
+        }
+        drop(slots);
+        self.inner.recheck.notify_one();
+        Ok(())
+    }
+
     /// Watches the owner's policy and signals: keeps each GPU's state,
     /// publishes it in the advert when it changes, and hands back the
     /// tasks of a GPU the owner takes back. Runs until the node stops.

@@ -14,4 +14,5 @@ mod owner;
 mod reachability;
 mod remote;
 mod scale;
+mod service;
 mod trust;

@@ -3,6 +3,8 @@
 //! starts the swarm and the network actor, the worker, the submitter and
 //! the HTTP API, and stops cleanly on Ctrl-C or SIGTERM.
 
+pub mod service;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +36,12 @@ use crate::work::policy::{Gate, IdleConfig};
 use crate::work::{Worker, WorkerSetup};
 
 /// Runs the node until Ctrl-C or SIGTERM.
-pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
+pub async fn run(
+    cfg: Config,
+    data_dir: &Path,
+    bootstrap: bool,
+    reload: service::Reload,
+) -> Result<()> {
     let identity = Arc::new(
         Identity::load(&cfg.resolve(data_dir, &cfg.key_file))
             .context("cannot use the node key (run `alliance init` first?)")?,
@@ -134,6 +141,8 @@ pub async fn run(cfg: Config, data_dir: &Path, bootstrap: bool) -> Result<()> {
         None
     };
     tokio::spawn(serve_requests(requests, worker.clone(), jobs.clone()));
+    tokio::spawn(service::keep_alive(client.clone(), worker.clone()));
+    tokio::spawn(service::reload_on_hangup(reload, worker.clone()));
     tokio::spawn(crate::net::blobs::serve(
         client.clone(),
         blobs.clone(),
@@ -473,6 +482,8 @@ async fn serve_api(cfg: &Config, data_dir: &Path, state: api::ApiState) -> Resul
     std::fs::write(&addr_file, api_addr.to_string())
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
     info!(%api_addr, scheme, "API listening");
+    // The swarm listens already: the node is up.
+    service::ready(&format!("{scheme}://{host}"));
     let app = api::router(state);
     let served = match tls {
         Some(config) => {

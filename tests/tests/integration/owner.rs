@@ -456,6 +456,9 @@ fn nvml_sees_a_competing_process_where_an_nvidia_gpu_is_at_hand() {
     };
     let nvml = alliance_node::work::policy::nvml::Nvml::load().expect("an NVIDIA GPU without NVML");
     assert!(nvml.count() > 0, "NVML reports no GPU");
+    let (used, total) = nvml.memory(0).expect("NVML reads the GPU's memory");
+    assert!(total > 0 && used <= total, "{used} of {total} bytes");
+    eprintln!("NVML: {used} of {total} bytes of GPU memory in use");
     let probe = Probe::new(
         IdleConfig {
             busy_percent: 5,

@@ -396,10 +396,11 @@ pub fn data_dir(explicit: Option<&Path>) -> Option<PathBuf> {
 ///
 /// Keys, types and defaults come from the type itself, `Config::default()`
 /// serialised; the meaning of each is the comment above it in
-/// [`EXAMPLE`], which a test holds equal to the default. A key the type has
-/// and the example does not explain is an error, so the reference cannot
-/// fall behind the type. Keys whose default is unset are those the example
-/// shows commented out (`# key = value`).
+/// [`EXAMPLE`], which a test holds equal to the default. A key with a
+/// default that the example does not explain is an error, so the
+/// reference cannot fall behind the type. Keys unset by default are not in
+/// the serialised default: the reference lists those the example shows
+/// commented out (`# key = value`), and misses one the example leaves out.
 pub fn reference() -> Result<String, String> {
     let value = toml::Value::try_from(Config::default()).map_err(|e| e.to_string())?;
     let docs = example_docs();

@@ -236,10 +236,9 @@ class Client:
 
     def release(self, hash: str) -> Dict[str, Any]:
         """Stops holding the upload ``hash``, so it no longer counts against
-        your stored bytes (``me()["stored_bytes"]``). The node keeps the
-        bytes while another user holds them or a job names them; the answer
-        says how many bytes were ``freed`` and whether they were
-        ``removed``."""
+        your stored bytes (``me()["stored_bytes"]``); the answer says how
+        many bytes were ``freed``. The bytes stay on the node, where other
+        users and jobs may still name them."""
         resp = self._http.delete(f"/v1/blobs/{hash}")
         _raise_for(resp)
         return resp.json()

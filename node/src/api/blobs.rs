@@ -112,14 +112,12 @@ pub(super) struct Released {
     hash: String,
     /// Bytes no longer counted against the caller.
     freed: u64,
-    /// Whether the node dropped the bytes too: only when no other user
-    /// holds them and no job names them.
-    removed: bool,
 }
 
 /// Stop holding an upload, so it no longer counts against the caller's
-/// stored bytes. The node keeps the bytes while another user holds them
-/// or a job names them.
+/// stored bytes. The bytes stay in the node's blob store: other users
+/// may hold them and jobs may name them (the admin's disk, not the user's
+/// allowance).
 #[utoipa::path(delete, path = "/v1/blobs/{hash}", tag = "blobs",
     params(("hash" = String, Path, description = "BLAKE3 of the blob, 64 hex digits")),
     responses(
@@ -132,24 +130,9 @@ pub(super) async fn release(
     Path(hash): Path<String>,
 ) -> Result<Json<Released>, ApiError> {
     let h = parse_hash(&hash)?;
-    let freed = s.users.release(&c.name, &h)?;
-    let named = match &s.jobs {
-        Some(jobs) => {
-            let jobs = jobs.clone();
-            blocking(move || Ok(jobs.names_blob(&h)?)).await?
-        }
-        None => false,
-    };
-    let uploading = s.uploading.lock().map_or(true, |set| set.contains(&h));
-    let removed = !named
-        && !uploading
-        && !s.users.anyone_holds(&h)
-        && std::fs::remove_file(s.blobs.path(&h)).is_ok();
-    Ok(Json(Released {
-        hash,
-        freed,
-        removed,
-    }))
+    let users = s.users.clone();
+    let freed = blocking(move || users.release(&c.name, &h)).await?;
+    Ok(Json(Released { hash, freed }))
 }
 
 /// Upload a blob, or a part of one.

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::net::actor::Client;
 
 use super::jobs::jobs_of;
-use super::{Answer, ApiError, ApiState, Caller, admin_only, blocking};
+use super::{Answer, ApiError, ApiState, Caller, admin_only};
 use crate::submit::JobState;
 use axum::extract::Extension;
 
@@ -67,15 +67,13 @@ pub(super) async fn credits(State(c): State<Client>) -> Answer {
 #[utoipa::path(get, path = "/metrics", tag = "node", responses((status = 200, content_type = "text/plain", body = String)))]
 pub(super) async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiError> {
     if let Some(jobs) = &s.jobs {
-        let jobs = jobs.clone();
-        let all = blocking(move || Ok(jobs.list()?)).await?;
-        for (state, label) in [
-            (JobState::Active, "active"),
-            (JobState::Done, "done"),
-            (JobState::Failed, "failed"),
-            (JobState::Cancelled, "cancelled"),
-        ] {
-            let n = all.iter().filter(|j| j.state == state).count();
+        for (state, n) in jobs.count_by_state()? {
+            let label = match state {
+                JobState::Active => "active",
+                JobState::Done => "done",
+                JobState::Failed => "failed",
+                JobState::Cancelled => "cancelled",
+            };
             s.metrics
                 .jobs
                 .get_or_create(&crate::metrics::State { state: label })

@@ -270,16 +270,6 @@ impl Users {
             .unwrap_or(0))
     }
 
-    /// Whether any user holds the blob `hash`.
-    pub fn anyone_holds(&self, hash: &Hash) -> bool {
-        self.inner
-            .stored
-            .iter()
-            .keys()
-            .flatten()
-            .any(|k| k.ends_with(hash.as_bytes()))
-    }
-
     /// Counts the blob `hash` of `len` bytes against `user`.
     pub fn record_upload(&self, user: &str, hash: &Hash, len: u64) -> Result<(), ApiError> {
         self.inner

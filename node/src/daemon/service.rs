@@ -1,6 +1,6 @@
 //! Life under systemd (`dist/alliance.service`, `Type=notify`), through
 //! sd-notify: `READY=1` once the swarm listens and the API serves; every
-//! half watchdog period a `WATCHDOG=1` ping, sent only after the network
+//! third of the watchdog period a `WATCHDOG=1` ping, sent only after the network
 //! actor answered a status request, so a node whose main loop hangs stops
 //! pinging and is restarted; a `STATUS=` line with the peers and the busy
 //! GPUs. Outside systemd (no `NOTIFY_SOCKET`) these do nothing.
@@ -57,8 +57,10 @@ pub async fn keep_alive(client: Client, worker: Option<Worker>) {
         return;
     }
     let (watchdog, usec) = watchdog_usec();
+    // A third of the period between pings, a third to wait for the
+    // actor's answer: a slow answer still leaves a ping in time.
     let every = if watchdog {
-        Duration::from_micros(usec / 2).max(Duration::from_millis(100))
+        Duration::from_micros(usec / 3).max(Duration::from_millis(100))
     } else {
         Duration::from_secs(15)
     };
@@ -109,7 +111,11 @@ pub async fn reload_on_hangup(reload: Reload, worker: Option<Worker>) {
         return;
     };
     while hangups.recv().await.is_some() {
-        notify(&[NotifyState::Reloading]);
+        // systemd wants the monotonic time beside RELOADING=1.
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[NotifyState::Reloading, now]),
+            Err(_) => notify(&[NotifyState::Reloading]),
+        }
         match apply(&reload, worker.as_ref()) {
             Ok(()) => {
                 info!(config = %reload.config.display(), "config reloaded: log filter and owner policy")
@@ -127,6 +133,10 @@ pub async fn reload_on_hangup(_: Reload, _: Option<Worker>) {}
 
 fn apply(reload: &Reload, worker: Option<&Worker>) -> Result<(), String> {
     let cfg = Config::load(&reload.config).map_err(|e| e.to_string())?;
+    // Everything is checked before anything changes.
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.log.filter.clone());
+    tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|e| format!("[log] filter {filter:?}: {e}"))?;
     if let Some(w) = worker {
         w.set_policies(|index| {
             crate::work::policy::for_gpu(
@@ -137,6 +147,5 @@ fn apply(reload: &Reload, worker: Option<&Worker>) -> Result<(), String> {
             )
         })?;
     }
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.log.filter.clone());
     (reload.set_filter)(&filter)
 }

@@ -170,29 +170,25 @@ impl Jobs {
             .ok_or_else(|| JobsError::NotFound(id.to_owned()))
     }
 
-    /// Every job, newest first.
-    /// Whether any job names the blob `hash`: as an input, a result or a
-    /// replica's output. Such a blob stays in the store.
-    pub fn names_blob(&self, hash: &Hash) -> Result<bool, JobsError> {
+    /// How many jobs are in each state, without building their summaries.
+    pub fn count_by_state(&self) -> Result<Vec<(JobState, usize)>, JobsError> {
         let live = self.lock()?;
-        Ok(live.values().any(|l| {
-            let input = l
-                .job
-                .inputs
-                .iter()
-                .flat_map(|i| &i.parts)
-                .any(|d| matches!(d, Data::Blob { hash: h, .. } if h == hash));
-            let output = l.tasks.iter().any(|t| {
-                t.result.iter().flatten().any(|o| o.hash == *hash)
-                    || t.replicas
-                        .iter()
-                        .flat_map(|r| &r.outputs)
-                        .any(|o| o.hash == *hash)
-            });
-            input || output
-        }))
+        let states = [
+            JobState::Active,
+            JobState::Done,
+            JobState::Failed,
+            JobState::Cancelled,
+        ];
+        Ok(states
+            .into_iter()
+            .map(|s| {
+                let n = live.values().filter(|l| l.job.state == s).count();
+                (s, n)
+            })
+            .collect())
     }
 
+    /// Every job, newest first.
     pub fn list(&self) -> Result<Vec<JobSummary>, JobsError> {
         let live = self.lock()?;
         let mut out: Vec<JobSummary> = live.values().map(summary).collect();

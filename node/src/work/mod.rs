@@ -95,6 +95,10 @@ struct Slot {
     sandbox: Arc<Mutex<Option<Sandbox>>>,
     /// Whose task runs next on this GPU.
     turns: Arc<Turns>,
+    /// True once this GPU's sandbox has warmed the library kernels (at
+    /// once without any): its tasks start after, so they find them
+    /// compiled.
+    warmed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// What the worker needs to start.
@@ -163,9 +167,6 @@ struct Inner {
     fetching: tokio::sync::Mutex<HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
     /// Reports on their way, by submitter.
     outbox: Mutex<HashMap<PeerId, Outbox>>,
-    /// True once the library kernels are warmed (at once without any):
-    /// tasks start after, so they find them compiled.
-    warmed: tokio::sync::watch::Sender<bool>,
 }
 
 /// What the worker has done since it started.
@@ -215,7 +216,7 @@ impl Worker {
     pub fn new(setup: WorkerSetup) -> Self {
         let mut setup = setup;
         let gates = std::mem::take(&mut setup.gates);
-        let warmed = tokio::sync::watch::Sender::new(setup.warm.is_empty());
+        let nothing_to_warm = setup.warm.is_empty();
         let slots = setup
             .gpus
             .iter()
@@ -230,6 +231,7 @@ impl Worker {
                 taken: 0,
                 sandbox: Arc::new(Mutex::new(None)),
                 turns: Arc::new(Turns::default()),
+                warmed: Arc::new(tokio::sync::watch::Sender::new(nothing_to_warm)),
             })
             .collect();
         Self {
@@ -244,7 +246,6 @@ impl Worker {
                 recheck: tokio::sync::Notify::new(),
                 fetching: tokio::sync::Mutex::new(HashMap::new()),
                 outbox: Mutex::new(HashMap::new()),
-                warmed,
             }),
         }
     }

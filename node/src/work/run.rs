@@ -302,7 +302,7 @@ impl Worker {
         let blobs = s.blobs.clone();
         let task = to_task(offer, &source, |h| blobs.path(h));
         let timeout = Duration::from_millis(offer.spec.timeout_ms);
-        let (sandbox, config, running, turns) = {
+        let (sandbox, config, running, turns, warmed) = {
             let slots = self
                 .inner
                 .slots
@@ -314,6 +314,7 @@ impl Worker {
                 self.sandbox_config(&slot_ref.report, slot),
                 Arc::clone(&slot_ref.running),
                 Arc::clone(&slot_ref.turns),
+                Arc::clone(&slot_ref.warmed),
             )
         };
         // Only a task that must wait needs its institution's balance.
@@ -342,8 +343,8 @@ impl Worker {
                 acked,
             ))
         });
-        // Tasks wait for the library kernels to be warmed at start.
-        let _ = self.inner.warmed.subscribe().wait_for(|&w| w).await;
+        // A task waits for its GPU to have warmed the library kernels.
+        let _ = warmed.subscribe().wait_for(|&w| w).await;
         let me = self.clone();
         let result = tokio::task::spawn_blocking(move || {
             // The GPU is this task's until the closure ends.
@@ -434,26 +435,35 @@ impl Worker {
         if names.is_empty() {
             return;
         }
-        // Whatever happens here, tasks go ahead after.
-        struct Done<'a>(&'a tokio::sync::watch::Sender<bool>);
-        impl Drop for Done<'_> {
+        // Whatever happens to a GPU's warming, its tasks go ahead after.
+        struct Done(Arc<tokio::sync::watch::Sender<bool>>);
+        impl Drop for Done {
             fn drop(&mut self) {
                 self.0.send_replace(true);
             }
         }
-        let _done = Done(&self.inner.warmed);
         let slots: Vec<_> = match self.inner.slots.lock() {
             Ok(slots) => slots
                 .iter()
                 .enumerate()
-                .map(|(i, s)| (i, Arc::clone(&s.sandbox), self.sandbox_config(&s.report, i)))
+                .map(|(i, s)| {
+                    let done = Done(Arc::clone(&s.warmed));
+                    // A GPU its owner paused is left alone.
+                    let wanted = !s.gate.paused && s.gate.policy.shared;
+                    let job = (Arc::clone(&s.sandbox), self.sandbox_config(&s.report, i));
+                    (i, done, wanted.then_some(job))
+                })
                 .collect(),
             Err(_) => return,
         };
         let mut warming = Vec::new();
-        for (gpu, sandbox, config) in slots {
+        for (gpu, done, job) in slots {
+            let Some((sandbox, config)) = job else {
+                continue;
+            };
             let names = names.clone();
             warming.push(tokio::task::spawn_blocking(move || {
+                let _done = done;
                 let Ok(mut guard) = sandbox.lock() else {
                     return;
                 };

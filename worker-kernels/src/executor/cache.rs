@@ -1,15 +1,14 @@
 //! What an executor keeps between tasks: compiled pipelines (keyed by
 //! kernel hash and entry point), idle buffers, timestamp queries.
 //!
-//! A new pipeline is compiled *and warmed*: Mesa's llvmpipe (and other
-//! drivers) compile a compute shader at its first dispatch, not when the
-//! pipeline is made, and for a kernel with barriers in a loop that takes
-//! seconds to tens of seconds. Left to the task's first dispatch it would
+//! A new pipeline is compiled *and warmed*: some drivers compile a compute
+//! shader at its first dispatch, not when the pipeline is made, and for a
+//! kernel with barriers in a loop that takes seconds (tens of seconds on
+//! Mesa's llvmpipe through GL). Left to the task's first dispatch it would
 //! be billed as GPU time and count against the task's deadline. So a new
-//! pipeline runs one workgroup on scratch buffers of the least sizes its
-//! bindings take (zeroed, so loops bounded by a uniform end at once), and
-//! the time to make and warm it is the task's compile time, kept apart.
-//! On drivers that compile eagerly the warm-up is one small dispatch.
+//! pipeline gets a warm-up dispatch on scratch buffers of the least sizes
+//! its bindings take, and the time to make and warm it is compile time,
+//! kept apart ([`WarmUp`] says how far the warm-up may go).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,6 +22,19 @@ use crate::intake::{self, BufferKind, Kernel, Limits};
 const MAX_PIPELINES: usize = 64;
 /// Bytes of idle buffers kept for reuse.
 const MAX_POOLED_BYTES: u64 = 512 << 20;
+
+/// How a new pipeline is warmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmUp {
+    /// A dispatch of no workgroups: no code of the kernel runs, which is
+    /// what a submitted kernel gets (run on zeroed scratch data it might
+    /// never end). It makes lavapipe compile; on llvmpipe through GL the
+    /// compile still happens at the task's first dispatch.
+    Empty,
+    /// One workgroup on zeroed scratch buffers: every driver compiles.
+    /// For the standard library's kernels, which end at once on zeros.
+    OneWorkgroup,
+}
 
 pub(super) struct Pipeline {
     pub(super) pipeline: wgpu::ComputePipeline,
@@ -118,6 +130,7 @@ impl Cache {
         kernel: (&str, [u8; 32], &str),
         limits: &Limits,
         device_limits: Option<&ComputeLimits>,
+        warm: WarmUp,
     ) -> Result<(Arc<Pipeline>, Duration), TaskError> {
         let (source, hash, entry_point) = kernel;
         let key = (hash, entry_point.to_owned());
@@ -145,7 +158,7 @@ impl Cache {
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(TaskError::Gpu(error_text(&err)));
         }
-        warm_up(device, queue, &pipeline, &kernel)?;
+        warm_up(device, queue, &pipeline, &kernel, warm)?;
         let compile = started.elapsed();
         self.compiled += 1;
         let p = Arc::new(Pipeline { pipeline, kernel });
@@ -160,14 +173,15 @@ impl Cache {
     }
 }
 
-/// Runs one workgroup of `pipeline` on zeroed scratch buffers of the least
-/// sizes `kernel`'s bindings take, and waits for it: what makes a driver
-/// that compiles at first dispatch compile now.
+/// Dispatches `pipeline` as `warm` says on zeroed scratch buffers of the
+/// least sizes `kernel`'s bindings take, and waits for it: what makes a
+/// driver that compiles at first dispatch compile now.
 fn warm_up(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     pipeline: &wgpu::ComputePipeline,
     kernel: &Kernel,
+    warm: WarmUp,
 ) -> Result<(), TaskError> {
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let buffers: Vec<(u32, wgpu::Buffer)> = kernel
@@ -207,7 +221,8 @@ fn warm_up(
         });
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(1, 1, 1);
+        let n = u32::from(warm == WarmUp::OneWorkgroup);
+        pass.dispatch_workgroups(n, n, n);
     }
     let submitted = queue.submit([encoder.finish()]);
     device

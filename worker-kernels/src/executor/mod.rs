@@ -21,8 +21,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use cache::Cache;
 use cache::Pipeline;
+pub use cache::{Cache, WarmUp};
 use transfer::{Bound, Readback};
 
 use serde::{Deserialize, Serialize};
@@ -389,7 +389,8 @@ impl Executor {
         })
     }
 
-    /// Compiles and warms `task`'s pipeline unless it is cached, and says
+    /// Compiles `task`'s pipeline unless it is cached (warmed by an empty
+    /// dispatch: none of its code runs before the task), and says
     /// how long that took: what [`Executor::run`] then does not pay.
     pub fn prepare(&mut self, task: &Task) -> Result<Duration, TaskError> {
         let kernel = (
@@ -397,24 +398,30 @@ impl Executor {
             task.kernel_hash(),
             task.entry_point.as_str(),
         );
-        self.compile(kernel)
+        self.compile(kernel, WarmUp::Empty)
     }
 
-    /// Compiles and warms the pipeline of `source`'s `entry_point`, as a
-    /// task of that kernel would: what a worker does with the standard
-    /// library's kernels when it starts.
+    /// Compiles the pipeline of `source`'s `entry_point` and runs one
+    /// workgroup of it on zeroed scratch buffers, so every driver has
+    /// compiled it: what a worker does with the standard library's kernels
+    /// when it starts. Only for kernels that end at once on zeros.
     pub fn warm(&mut self, source: &str, entry_point: &str) -> Result<Duration, TaskError> {
         let hash = *blake3::hash(source.as_bytes()).as_bytes();
-        self.compile((source, hash, entry_point))
+        self.compile((source, hash, entry_point), WarmUp::OneWorkgroup)
     }
 
-    fn compile(&mut self, kernel: (&str, [u8; 32], &str)) -> Result<Duration, TaskError> {
+    fn compile(
+        &mut self,
+        kernel: (&str, [u8; 32], &str),
+        warm: WarmUp,
+    ) -> Result<Duration, TaskError> {
         let compiled = self.cache.pipeline(
             &self.device,
             &self.queue,
             kernel,
             &self.limits,
             Some(&self.device_limits),
+            warm,
         );
         self.errors.check()?;
         compiled.map(|(_, took)| took)
@@ -514,7 +521,8 @@ pub fn run(
         task.kernel_hash(),
         task.entry_point.as_str(),
     );
-    let (pipeline, compile_time) = cache.pipeline(device, queue, kernel, limits, device_limits)?;
+    let (pipeline, compile_time) =
+        cache.pipeline(device, queue, kernel, limits, device_limits, WarmUp::Empty)?;
     check_bindings(&pipeline.kernel, task, limits, device_limits)?;
 
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);

@@ -143,8 +143,12 @@ fn is_crate_variable(name: &str) -> bool {
     PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
 }
 
-/// The `alliance` binary of this build, built first when missing.
+/// The `alliance` binary of this build, built first when missing. A
+/// benchmark (the release profile, which `cargo bench` does not build the
+/// binary for) has cargo bring it up to date once per run, so it never
+/// measures a stale binary.
 pub fn alliance_bin() -> PathBuf {
+    static FRESH: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/<test> → target/<profile>/alliance
     let dir = exe
@@ -153,12 +157,17 @@ pub fn alliance_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_default();
     let bin = dir.join(format!("alliance{}", std::env::consts::EXE_SUFFIX));
-    if !bin.exists() {
+    let release = dir.ends_with("release");
+    let mut stale = !bin.exists();
+    if release {
+        FRESH.call_once(|| stale = true);
+    }
+    if stale {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(workspace_root())
             .args(["build", "-p", "alliance-node", "--bin", "alliance"])
-            .args(dir.ends_with("release").then_some("--release"))
+            .args(release.then_some("--release"))
             .status();
         assert!(
             status.is_ok_and(|s| s.success()),

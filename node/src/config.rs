@@ -404,8 +404,8 @@ pub fn data_dir(explicit: Option<&Path>) -> Option<PathBuf> {
 pub fn reference() -> Result<String, String> {
     let value = toml::Value::try_from(Config::default()).map_err(|e| e.to_string())?;
     let docs = example_docs();
-    let mut rows: Vec<(String, String, String, String, String)> = Vec::new();
-    walk(&value, "", &mut rows);
+    let mut rows: Vec<Row> = Vec::new();
+    walk(&value, "", &docs, &mut rows);
     // Keys unset by default: documented commented out in the example.
     for ((section, key), (meaning, shown)) in &docs {
         if shown.is_some() && !rows.iter().any(|r| &r.0 == section && &r.1 == key) {
@@ -422,8 +422,8 @@ pub fn reference() -> Result<String, String> {
     let mut out = String::from(
         "# Configuration reference\n\nEvery key of `alliance.toml` (`alliance init` writes it with these defaults; any key may be left out). Made by `alliance node config-reference` from the config type and the comments in `node/alliance.example.toml`; a test fails when this file is stale.\n",
     );
-    let mut sections: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
-    sections.dedup();
+    // Rows of a section are together but for the unset keys added last.
+    let sections: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
     let mut seen = std::collections::BTreeSet::new();
     for section in sections {
         if !seen.insert(section.clone()) {
@@ -452,8 +452,9 @@ pub fn reference() -> Result<String, String> {
 
 type Row = (String, String, String, String, String);
 
-fn walk(value: &toml::Value, section: &str, rows: &mut Vec<Row>) {
-    let docs = example_docs();
+type Docs = std::collections::BTreeMap<(String, String), (String, Option<String>)>;
+
+fn walk(value: &toml::Value, section: &str, docs: &Docs, rows: &mut Vec<Row>) {
     let Some(table) = value.as_table() else {
         return;
     };
@@ -487,7 +488,7 @@ fn walk(value: &toml::Value, section: &str, rows: &mut Vec<Row>) {
             } else {
                 format!("{section}.{key}")
             };
-            walk(v, &name, rows);
+            walk(v, &name, docs, rows);
         }
     }
 }
@@ -514,7 +515,7 @@ fn type_of_text(example: &str) -> &'static str {
 
 /// `(section, key)` → (the comment above the key, and the line itself
 /// when it is commented out), from [`EXAMPLE`].
-fn example_docs() -> std::collections::BTreeMap<(String, String), (String, Option<String>)> {
+fn example_docs() -> Docs {
     let mut docs = std::collections::BTreeMap::new();
     let mut section = String::new();
     let mut comment: Vec<String> = Vec::new();

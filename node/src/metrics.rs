@@ -29,8 +29,6 @@
 //! | `alliance_api_requests_total` | counter | `method`, `route`, `status` | API requests answered |
 //! | `libp2p_*` | | | the swarm's traffic and protocol counters |
 
-use std::sync::Arc;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -243,22 +241,6 @@ impl Metrics {
     }
 }
 
-/// The registry and the counters in it, for the API to render.
-#[derive(Clone, Debug)]
-pub struct Exported {
-    pub registry: Arc<Registry>,
-    pub metrics: Metrics,
-}
-
-impl Exported {
-    /// The registry as Prometheus text.
-    pub fn text(&self) -> String {
-        let mut text = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,11 +256,8 @@ mod tests {
         m.run_time.observe(0.25);
         m.blob("in", "api", 10);
         m.credited_gpu_seconds.inc_by(1.5);
-        let text = Exported {
-            registry: Arc::new(registry),
-            metrics: m,
-        }
-        .text();
+        // As `GET /metrics` renders the registry.
+        let text = crate::net::metrics_text(&registry);
         for line in [
             "alliance_tasks_offered_total 1",
             "alliance_tasks_declined_total{reason=\"busy\"} 1",

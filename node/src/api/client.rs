@@ -141,15 +141,22 @@ impl Api {
         )
     }
 
-    /// The API's answer as JSON, or its error as a message with the hint.
-    fn answer(&self, mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Result<Value> {
-        let status = resp.status();
+    /// The answer's status and body text.
+    fn body(
+        mut resp: ureq::http::Response<ureq::Body>,
+    ) -> anyhow::Result<(ureq::http::StatusCode, String)> {
         let text = resp
             .body_mut()
             .with_config()
             .limit(256 << 20)
             .read_to_string()
             .map_err(|e| anyhow!("the node's answer was cut short: {e}"))?;
+        Ok((resp.status(), text))
+    }
+
+    /// The API's answer as JSON, or its error as a message with the hint.
+    fn answer(&self, resp: ureq::http::Response<ureq::Body>) -> anyhow::Result<Value> {
+        let (status, text) = Self::body(resp)?;
         let value: Value = serde_json::from_str(&text)
             .with_context(|| format!("the node answered {status} with non-JSON"))?;
         if !status.is_success() {
@@ -179,14 +186,7 @@ impl Api {
 
     /// `GET path` of a text answer (`/metrics`).
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
-        let mut resp = self.get_raw(path)?;
-        let status = resp.status();
-        let text = resp
-            .body_mut()
-            .with_config()
-            .limit(256 << 20)
-            .read_to_string()
-            .map_err(|e| anyhow!("the node's answer was cut short: {e}"))?;
+        let (status, text) = Self::body(self.get_raw(path)?)?;
         if !status.is_success() {
             bail!("the node answered {status}: {text}");
         }

@@ -266,6 +266,16 @@ impl Sandbox {
         }
     }
 
+    /// The next frame while the child compiles, within `budget`: past it,
+    /// a [`TaskError::CompileTimeout`].
+    fn receive_compiled(&mut self, budget: Duration) -> Result<Response, TaskError> {
+        self.receive(Instant::now() + budget, budget)
+            .map_err(|e| match e {
+                TaskError::Timeout(d) => TaskError::CompileTimeout(d),
+                other => other,
+            })
+    }
+
     /// Runs `task` in the child within `deadline`, passing checkpoints on.
     pub fn run(
         &mut self,
@@ -274,13 +284,7 @@ impl Sandbox {
         on_checkpoint: &mut dyn FnMut(Checkpoint) -> Result<(), TaskError>,
     ) -> Result<Outcome, TaskError> {
         self.send(&Request::Run(Box::new(task.clone())))?;
-        let compile = self.config.compile_timeout;
-        match self
-            .receive(Instant::now() + compile, compile)
-            .map_err(|e| match e {
-                TaskError::Timeout(d) => TaskError::CompileTimeout(d),
-                other => other,
-            })? {
+        match self.receive_compiled(self.config.compile_timeout)? {
             Response::Compiled(_) => {}
             Response::Done(result) => return result,
             other => {
@@ -316,12 +320,7 @@ impl Sandbox {
             .config
             .compile_timeout
             .saturating_mul(u32::try_from(names.len().max(1)).unwrap_or(u32::MAX));
-        match self
-            .receive(Instant::now() + budget, budget)
-            .map_err(|e| match e {
-                TaskError::Timeout(d) => TaskError::CompileTimeout(d),
-                other => other,
-            })? {
+        match self.receive_compiled(budget)? {
             Response::Warmed(w) => Ok(w),
             other => {
                 self.kill();

@@ -31,19 +31,31 @@ def alliance_bin() -> str:
 
 
 class Net:
-    def __init__(self, dir: Path, env: dict):
+    """One node of the demo alliance: its API, its admin token, users made
+    on it."""
+
+    def __init__(self, dir: Path, name: str = "submitter"):
         self.dir = dir
-        self.url = env["ALLIANCE_URL"]
-        self.admin_token = Path(env["ALLIANCE_TOKEN_FILE"]).read_text().strip()
-        self.data_dir = env["ALLIANCE_DATA_DIR"]
+        node = dir / name
+        self.data_dir = str(node)
+        self.url = (node / "api.url").read_text().strip()
+        self.admin_token = (node / "api.token").read_text().strip()
         self.admin = alliance.Client(self.url, self.admin_token)
         self._tokens = {}
 
-    def user(self, name: str) -> alliance.Client:
-        """A client as user `name`, made on first use."""
+    def node(self, name: str) -> "Net":
+        """Another node of the same alliance, e.g. "worker-north"."""
+        return Net(self.dir, name)
+
+    def token(self, name: str) -> str:
+        """User `name`'s token on this node, made on first use."""
         if name not in self._tokens:
             self._tokens[name] = self.admin._post("/v1/users", {"name": name})["token"]
-        return alliance.Client(self.url, self._tokens[name], timeout=120)
+        return self._tokens[name]
+
+    def user(self, name: str) -> alliance.Client:
+        """A client as user `name`, made on first use."""
+        return alliance.Client(self.url, self.token(name), timeout=120)
 
 
 @pytest.fixture(scope="session")
@@ -64,9 +76,8 @@ def net(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("the demo alliance did not start:\n" + (dir / "demo.log").read_text())
         time.sleep(0.5)
-    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
     try:
-        yield Net(dir / "demo", env)
+        yield Net(dir / "demo")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

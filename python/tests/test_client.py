@@ -249,13 +249,22 @@ def test_every_response_matches_its_schema(net, raw):
     s.check("POST", "/v1/jobs/{id}/cancel", user.post(f"/v1/jobs/{other.id}/cancel"))
     s.check("GET", "/v1/jobs/{id}", net.user("schema-other")._http.get(f"/v1/jobs/{job.id}"))  # 403
 
-    for route in ("/v1/status", "/v1/peers", "/v1/gpus", "/v1/credits", "/v1/reputation", "/v1/worker"):
+    for route in ("/v1/status", "/v1/peers", "/v1/gpus", "/v1/credits", "/v1/reputation", "/v1/worker",
+                  "/v1/capacity"):
         s.check("GET", route, admin.get(route))
     s.check("POST", "/v1/worker/pause", user.post("/v1/worker/pause"))  # 403
+    # A worker: its GPUs, their pause and resume, and no reputation (it submits nothing).
+    w = net.node("worker-east")
+    worker = httpx.Client(base_url=w.url, headers={"Authorization": f"Bearer {w.admin_token}"}, timeout=60)
+    s.check("GET", "/v1/worker", worker.get("/v1/worker"))
+    s.check("GET", "/v1/reputation", worker.get("/v1/reputation"))  # 403
+    s.check("POST", "/v1/worker/pause", worker.post("/v1/worker/pause", params={"gpu": 0}))
+    s.check("POST", "/v1/worker/resume", worker.post("/v1/worker/resume", params={"gpu": 0}))
+    s.check("POST", "/v1/worker/resume", worker.post("/v1/worker/resume", params={"gpu": 7}))  # 400
     s.check("POST", "/v1/revocations", admin.post("/v1/revocations", content="not armored"))  # 400
     s.check("GET", "/metrics", raw.get("/metrics"))
 
     # Every route the document lists was called at least once here.
     listed = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
-    untried = listed - s.checked - {("POST", "/v1/worker/resume")}
+    untried = listed - s.checked
     assert not untried, f"routes this test does not check: {sorted(untried)}"

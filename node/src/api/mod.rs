@@ -28,15 +28,20 @@
 //! | `POST /v1/revocations` | admin: apply and gossip a revocation list (body: the armored file) |
 //! | `GET /v1/users`, `POST /v1/users`, `DELETE /v1/users/NAME` | admin: the API's users |
 //! | `GET /v1/me` | who the token belongs to, with their usage and limits |
-//! | `GET /metrics` | traffic counters in the Prometheus text format |
+//! | `GET /v1/capacity` | the alliance's lent GPUs by state, every 15 s over the last day |
+//! | `GET /metrics` | the node's counters in the Prometheus text format |
+//! | `GET /` | the dashboard (a login form that takes a token) |
 //!
 //! The routes live by resource: [`jobs`] (a researcher's jobs and their
 //! results), [`blobs`] (uploads), [`node`] (this node, its peers, GPUs,
-//! credits, reputation, the worker), [`users`] (tokens and limits);
-//! [`client`] is what the CLI uses to call them.
+//! credits, reputation, the worker), [`users`] (tokens and limits),
+//! [`capacity`] (the GPU counts the dashboard charts); [`dashboard`] serves
+//! the pages that call them, and [`client`] is what the CLI uses.
 
 mod blobs;
+pub mod capacity;
 mod client;
+mod dashboard;
 mod jobs;
 mod node;
 pub mod tls;
@@ -83,6 +88,8 @@ pub struct ApiState {
     pub uploading: Arc<Mutex<HashSet<Hash>>>,
     /// The node's counters (API requests, blob bytes, jobs by state).
     pub metrics: crate::metrics::Metrics,
+    /// The alliance's lent GPUs over the last day.
+    pub capacity: capacity::Capacity,
 }
 
 impl axum::extract::FromRef<ApiState> for Client {
@@ -244,7 +251,6 @@ impl From<Stopped> for ApiError {
     }
 }
 
-type Answer = Result<Json<serde_json::Value>, ApiError>;
 /// A handler's answer whose body has a schema in the OpenAPI document.
 type Typed<T> = Result<Json<T>, ApiError>;
 
@@ -281,7 +287,7 @@ async fn not_found() -> ApiError {
         users::me, users::list, users::add, users::revoke,
         blobs::upload, blobs::progress, blobs::release,
         jobs::submit, jobs::list, jobs::detail, jobs::end, jobs::events, jobs::cancel, jobs::output,
-        node::worker_stats, node::reputation, node::status, node::peers, node::gpus, node::credits,
+        node::worker_stats, node::reputation, node::status, node::peers, node::gpus, node::credits, node::capacity,
         node::pause, node::resume, node::revocations, node::metrics,
     ),
     components(schemas(ErrorBody, ErrorDetail, UserLimits, users::UserView, users::NewUser, users::NewToken, users::Revoked, users::Me, UploadProgress, NewJob, JobEvent, jobs::JobPage)),
@@ -383,6 +389,7 @@ fn routes() -> Vec<Route> {
         r("/v1/peers", M::GET, get(node::peers)),
         r("/v1/gpus", M::GET, get(node::gpus)),
         r("/v1/credits", M::GET, get(node::credits)),
+        r("/v1/capacity", M::GET, get(node::capacity)),
         r("/v1/worker/pause", M::POST, post(node::pause)),
         r("/v1/worker/resume", M::POST, post(node::resume)),
         r("/v1/revocations", M::POST, post(node::revocations)),
@@ -410,6 +417,7 @@ pub fn router(state: ApiState) -> Router {
     guarded
         .merge(open)
         .route("/v1/openapi.json", get(openapi))
+        .merge(dashboard::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

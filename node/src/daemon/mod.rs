@@ -149,6 +149,8 @@ pub async fn run(
         metrics.clone(),
     ));
 
+    let capacity = api::capacity::Capacity::default();
+    tokio::spawn(capacity.clone().sample(client.clone()));
     let state = api::ApiState {
         client,
         jobs,
@@ -158,6 +160,7 @@ pub async fn run(
         blobs: blobs.clone(),
         uploading: Default::default(),
         metrics,
+        capacity,
     };
     serve_api(&cfg, data_dir, state).await?;
     info!("stopping");

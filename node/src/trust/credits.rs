@@ -32,7 +32,7 @@ fn max_gpu_time(c: &Credit) -> u64 {
 }
 
 /// One institution's account.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Balance {
     /// The institution's name where this node knows it, else its key.
     pub institution: String,

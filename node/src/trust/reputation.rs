@@ -48,7 +48,7 @@ pub enum Event {
 }
 
 /// A worker's or an institution's record.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Record {
     /// Results that agreed (decayed).
     pub agreed: f64,
@@ -58,7 +58,10 @@ pub struct Record {
     pub lapses: f64,
     /// Agreeing results since the last wrong one.
     pub streak: u32,
+    /// Seconds since the Unix epoch.
+    #[schema(value_type = Option<u64>)]
     pub last_wrong: Option<Timestamp>,
+    #[schema(value_type = Option<u64>)]
     pub updated_at: Option<Timestamp>,
 }
 
@@ -134,7 +137,7 @@ impl Record {
 }
 
 /// One worker's standing, as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerView {
     pub peer_id: String,
     pub institution: String,
@@ -146,7 +149,7 @@ pub struct WorkerView {
 }
 
 /// One institution's standing: the sum of its workers' deeds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstitutionView {
     pub institution: String,
     pub workers: u32,

@@ -170,7 +170,7 @@ struct Inner {
 }
 
 /// What the worker has done since it started.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
 pub struct Stats {
     pub gpus: usize,
     pub busy: usize,
@@ -194,14 +194,17 @@ pub struct Stats {
 }
 
 /// A lent GPU's state as the owner sees it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct GpuStateView {
     pub index: usize,
     pub name: String,
+    #[schema(value_type = crate::net::actor::GpuStateName)]
     pub state: GpuState,
     pub reason: String,
     pub paused: bool,
     pub tasks: usize,
+    /// The owner's terms for it.
+    pub policy: policy::PolicyView,
 }
 
 impl std::fmt::Debug for Worker {
@@ -281,6 +284,7 @@ impl Worker {
                         reason: x.state.1.clone(),
                         paused: x.gate.paused,
                         tasks: x.taken,
+                        policy: x.gate.policy.view(),
                     })
                     .collect()
             })

@@ -41,7 +41,7 @@ pub enum Inbound {
 pub type Reply<T> = Result<T, String>;
 
 /// The node's own status.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Status {
     pub peer_id: String,
     pub alliance: String,
@@ -67,14 +67,14 @@ pub struct Status {
 }
 
 /// A peer that was turned away, and why.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Rejection {
     pub peer_id: String,
     pub reason: String,
 }
 
 /// A verified, connected member.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PeerView {
     pub peer_id: String,
     pub institution: String,
@@ -86,7 +86,7 @@ pub struct PeerView {
 }
 
 /// A live advert.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AdvertView {
     pub peer_id: String,
     pub institution: String,
@@ -96,7 +96,104 @@ pub struct AdvertView {
     /// microseconds since the Unix epoch.
     pub received_at_us: u64,
     pub expires_at: String,
+    #[schema(value_type = Vec<Gpu>)]
     pub gpus: Vec<GpuInfo>,
+}
+
+/// How a protocol [`GpuInfo`] reads in the API's JSON (the protocol crate
+/// knows nothing of the API; this is its schema).
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct Gpu {
+    /// Index of the GPU on its node.
+    index: u16,
+    /// Adapter name.
+    name: String,
+    /// PCI vendor and device ids (0 when unknown).
+    vendor: u32,
+    device: u32,
+    backend: GpuBackend,
+    device_type: GpuDeviceType,
+    driver: String,
+    limits: GpuLimitsSchema,
+    /// The self-benchmark's figures, once it ran.
+    bench: Option<GpuBenchSchema>,
+    state: GpuStateName,
+    /// Why it takes no work now (empty when idle).
+    reason: String,
+    /// How many more tasks it accepts now.
+    free_slots: u16,
+    terms: GpuTerms,
+}
+
+/// The graphics API a GPU is driven through.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub(crate) enum GpuBackend {
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+    Other,
+}
+
+/// What kind of device an adapter is (`Cpu`: a software rasteriser).
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub(crate) enum GpuDeviceType {
+    DiscreteGpu,
+    IntegratedGpu,
+    VirtualGpu,
+    Cpu,
+    Other,
+}
+
+/// Whether a GPU takes work now.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(as = GpuState)]
+#[allow(dead_code)]
+pub enum GpuStateName {
+    Idle,
+    Busy,
+    Paused,
+}
+
+/// The device limits that decide whether a kernel fits.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(as = GpuLimits)]
+#[allow(dead_code)]
+pub(crate) struct GpuLimitsSchema {
+    max_buffer_size: u64,
+    max_storage_buffer_binding_size: u64,
+    max_storage_buffers_per_shader_stage: u32,
+    max_uniform_buffer_binding_size: u64,
+    max_compute_invocations_per_workgroup: u32,
+    max_compute_workgroup_size: [u32; 3],
+    max_compute_workgroups_per_dimension: u32,
+    max_compute_workgroup_storage_size: u32,
+}
+
+/// Self-benchmark figures.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(as = GpuBench)]
+#[allow(dead_code)]
+pub(crate) struct GpuBenchSchema {
+    /// Streaming copy bandwidth, MB/s.
+    copy_mb_per_s: u64,
+    /// Fused multiply-add throughput, MFLOP/s.
+    fma_mflops: u64,
+}
+
+/// The owner's terms for work on a GPU, as its advert tells schedulers.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct GpuTerms {
+    /// Largest GPU memory one task may use, bytes (0: the device's limits).
+    max_task_bytes: u64,
+    /// Longest a task may run, seconds (0: no cap).
+    max_task_secs: u64,
+    allow: Vec<String>,
+    deny: Vec<String>,
 }
 
 /// Requests to the actor.

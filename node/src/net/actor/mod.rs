@@ -39,7 +39,8 @@ mod revocations;
 
 use adverts::Advert;
 pub use client::{
-    AdvertView, Client, Command, Inbound, PeerView, Rejection, Reply, Status, Stopped,
+    AdvertView, Client, Command, Gpu, GpuStateName, Inbound, PeerView, Rejection, Reply, Status,
+    Stopped,
 };
 use requests::Answer;
 

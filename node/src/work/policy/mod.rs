@@ -141,6 +141,45 @@ pub struct GpuPolicy {
     pub max_tasks: u16,
 }
 
+/// One GPU's terms as its owner and the dashboard read them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct PolicyView {
+    /// Whether the GPU is lent at all.
+    pub shared: bool,
+    /// When it is lent (empty: always), read in `timezone`.
+    pub windows: Vec<String>,
+    pub timezone: String,
+    /// GPU memory one task may use, bytes (0: the device's limits).
+    pub max_task_bytes: u64,
+    /// GPU memory all alliance tasks may use together, bytes (0: no cap).
+    pub max_total_bytes: u64,
+    /// Longest a task may run, seconds (0: no cap).
+    pub max_task_secs: u64,
+    /// Tasks it takes at once.
+    pub max_tasks: u16,
+    /// Only these institutions' tasks run (empty: every member's).
+    pub allow: Vec<String>,
+    /// These institutions' tasks never run.
+    pub deny: Vec<String>,
+}
+
+impl GpuPolicy {
+    /// What the owner set, for people.
+    pub fn view(&self) -> PolicyView {
+        PolicyView {
+            shared: self.shared,
+            windows: self.schedule.windows().to_vec(),
+            timezone: self.schedule.timezone().to_owned(),
+            max_task_bytes: self.terms.max_task_bytes,
+            max_total_bytes: self.max_total_bytes,
+            max_task_secs: self.terms.max_task_secs,
+            max_tasks: self.max_tasks,
+            allow: self.terms.allow.clone(),
+            deny: self.terms.deny.clone(),
+        }
+    }
+}
+
 /// The policy of the GPU with index `index`, or what is wrong with it.
 pub fn for_gpu(
     policy: &Policy,

@@ -155,6 +155,16 @@ impl Schedule {
             })
     }
 
+    /// The windows as written (empty: always open).
+    pub fn windows(&self) -> &[String] {
+        &self.texts
+    }
+
+    /// The time zone the windows are read in.
+    pub fn timezone(&self) -> &str {
+        &self.tz_name
+    }
+
     /// The windows as written, with the time zone.
     pub fn describe(&self) -> String {
         format!("{} ({})", self.texts.join(", "), self.tz_name)

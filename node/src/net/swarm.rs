@@ -99,6 +99,10 @@ pub struct Options {
 pub struct Network {
     pub swarm: libp2p::Swarm<Behaviour>,
     pub metrics: Registry,
+    /// libp2p's own protocol metrics (connections, Kademlia, gossipsub,
+    /// identify, ping, relay, DCUtR), registered in `metrics`; the actor
+    /// records the swarm's events in it.
+    pub protocols: libp2p::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Network {
@@ -222,7 +226,12 @@ pub fn build_swarm_with(
         .map_err(|e| e.to_string())?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build();
-    Ok(Network { swarm, metrics })
+    let protocols = libp2p::metrics::Metrics::new(&mut metrics);
+    Ok(Network {
+        swarm,
+        metrics,
+        protocols,
+    })
 }
 
 impl Behaviour {

@@ -246,7 +246,19 @@ len = {}
         sub.contains("# UNIT alliance_task_run_seconds seconds"),
         "{sub}"
     );
-    assert!(sub.contains("libp2p_"), "no libp2p metrics beside:\n{sub}");
+    // libp2p's own, beside: traffic, connections, and the protocols'.
+    for name in [
+        "libp2p_bandwidth_bytes_total",
+        "libp2p_swarm_connections_established_total",
+        "libp2p_identify_received_total",
+        "libp2p_gossipsub_messages_total",
+        "libp2p_ping_rtt_seconds_count",
+    ] {
+        let got = sum(&sub, name);
+        assert!(got >= 1.0, "{name} = {got}:\n{sub}");
+    }
+    // The DHT's, though this node may not have queried it yet.
+    assert!(sub.contains("\nlibp2p_kad_query_result_"), "{sub}");
     let workers: Vec<String> = net.workers.iter().map(|(_, r)| r.metrics()).collect();
     for series in [
         "alliance_worker_offers_total{answer=\"accepted\"}",
@@ -267,6 +279,17 @@ fn sample(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The sum of every series of metric `name`, whatever its labels.
+fn sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[test]

@@ -96,6 +96,7 @@ pub struct Setup {
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
     metrics: Registry,
+    protocols: libp2p::metrics::Metrics,
     commands: mpsc::Receiver<Command>,
     setup: Setup,
     adverts_topic: gossipsub::IdentTopic,
@@ -152,7 +153,11 @@ impl std::fmt::Debug for EventLoop {
 
 /// Creates the actor and its client.
 pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
-    let Network { swarm, metrics } = network;
+    let Network {
+        swarm,
+        metrics,
+        protocols,
+    } = network;
     let streams = swarm.behaviour().streams.new_control();
     let (tx, rx) = mpsc::channel(64);
     let adverts_topic = crate::net::topic(&setup.charter.id, "adverts");
@@ -178,6 +183,7 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
         EventLoop {
             swarm,
             metrics,
+            protocols,
             commands: rx,
             setup,
             adverts_topic,
@@ -243,7 +249,25 @@ impl EventLoop {
         info!("network stopped");
     }
 
+    /// Counts the event in libp2p's protocol metrics.
+    fn record(&self, event: &SwarmEvent<BehaviourEvent>) {
+        use libp2p::metrics::Recorder;
+        self.protocols.record(event);
+        if let SwarmEvent::Behaviour(event) = event {
+            match event {
+                BehaviourEvent::Kad(e) => self.protocols.record(e),
+                BehaviourEvent::Gossipsub(e) => self.protocols.record(e),
+                BehaviourEvent::Identify(e) => self.protocols.record(e),
+                BehaviourEvent::Ping(e) => self.protocols.record(e),
+                BehaviourEvent::Relay(e) => self.protocols.record(e),
+                BehaviourEvent::Dcutr(e) => self.protocols.record(e),
+                _ => {}
+            }
+        }
+    }
+
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.record(&event);
         match event {
             SwarmEvent::Behaviour(event) => self.on_behaviour(event),
             SwarmEvent::NewListenAddr { address, .. } => info!(%address, "listening"),

@@ -42,6 +42,9 @@ pub async fn run(
     bootstrap: bool,
     reload: service::Reload,
 ) -> Result<()> {
+    // Before anything is touched: a second node on the same directory
+    // fails here, naming the first.
+    let _lock = crate::store::DirLock::take(data_dir)?;
     let identity = Arc::new(
         Identity::load(&cfg.resolve(data_dir, &cfg.key_file))
             .context("cannot use the node key (run `alliance init` first?)")?,

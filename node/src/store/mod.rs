@@ -11,6 +11,87 @@ use alliance_protocol::PublicKey;
 use libp2p::{Multiaddr, PeerId};
 use tracing::warn;
 
+/// The file in a data directory that the node running on it holds locked,
+/// with its process id inside.
+pub const LOCK_FILE: &str = "node.lock";
+
+/// A data directory this process runs a node on: an exclusive `flock` on
+/// [`LOCK_FILE`], let go when this is dropped or the process ends (however
+/// it ends, so a crashed node leaves nothing to clean up).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Another node runs on the data directory, or it cannot be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "the data directory {dir} is in use by another alliance node ({holder}): stop that node first, or give this one its own --data-dir"
+    )]
+    Held { dir: String, holder: String },
+    #[error("cannot lock the data directory {dir}: {source}")]
+    Io { dir: String, source: std::io::Error },
+}
+
+impl DirLock {
+    /// Locks `dir` for this process at once, or says who holds it.
+    pub fn take(dir: &Path) -> Result<Self, LockError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let io = |source| LockError::Io {
+            dir: dir.display().to_string(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(LOCK_FILE))
+            .map_err(io)?;
+        // SAFETY: flock(2) on a descriptor this function owns for the call;
+        // it touches no memory. (std's File::try_lock needs a newer Rust
+        // than this workspace's rust-version.)
+        #[allow(unsafe_code)]
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if locked != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io(err));
+            }
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            return Err(LockError::Held {
+                dir: dir.display().to_string(),
+                holder: holder(pid.trim()),
+            });
+        }
+        file.set_len(0).map_err(io)?;
+        file.rewind().map_err(io)?;
+        write!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// Who process `pid` is, as `ps` would say: its pid and command line.
+fn holder(pid: &str) -> String {
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return "its process id is not in the lock file".into();
+    }
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmd) if !cmd.is_empty() => {
+            let cmd: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            format!("pid {pid}: {}", cmd.join(" "))
+        }
+        _ => format!("pid {pid}"),
+    }
+}
+
 /// The node's sled database.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -38,8 +119,10 @@ impl Store {
             path: dir.display().to_string(),
             source,
         };
-        // The previous holder of the database (a node that is just
-        // stopping) may keep its lock for a moment after it lets go.
+        // The node holds the data directory's lock (`DirLock`), so another
+        // holder of the database can only be this process's previous node,
+        // just stopping, which may keep the lock for a moment after it
+        // lets go.
         let mut attempts = 0;
         let db = loop {
             match sled::open(dir) {
@@ -121,6 +204,25 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_data_directory_names_its_holder_and_frees_when_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DirLock::take(dir.path()).unwrap();
+        let err = DirLock::take(dir.path()).unwrap_err().to_string();
+        let pid = std::process::id().to_string();
+        assert!(
+            err.contains(&dir.path().display().to_string())
+                && err.contains(&format!("pid {pid}: ")),
+            "{err}"
+        );
+        drop(first);
+        let _again = DirLock::take(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(),
+            pid
+        );
+    }
 
     #[test]
     fn peers_and_revocations_survive_reopening() {

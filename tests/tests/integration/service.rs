@@ -156,4 +156,23 @@ fn systemd_hears_ready_watchdog_status_and_a_reload() {
         || run.log().contains("config not reloaded"),
     );
     assert!(run.get("/v1/status").is_some(), "the node went on");
+
+    // A second node on the same data directory (a unit started twice, a
+    // stray `alliance node run`) stops at once and names the first, which
+    // goes on untouched.
+    node.edit_config("shared = maybe", "shared = true");
+    let out = Command::new(alliance_tests::alliance_bin())
+        .args(["node", "run", "--data-dir"])
+        .arg(&node.path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("in use by another alliance node")
+            && err.contains(&node.path.display().to_string())
+            && err.contains(&format!("pid {}", run.pid())),
+        "{err}"
+    );
+    assert!(run.get("/v1/status").is_some(), "the first node went on");
 }

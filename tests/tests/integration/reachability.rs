@@ -140,3 +140,33 @@ fn members_that_listen_nowhere_reach_each_other_through_the_relay() {
         });
     }
 }
+
+#[test]
+fn a_member_asks_only_relays_for_a_relayed_address_and_says_once_it_has_none() {
+    let _scenario = alliance_tests::scenario(module_path!());
+    let a = TestAlliance::new("Relayless Alliance", &[("North", Roles::ALL)], 20);
+    // A bootstrap node's certificate, run as a plain member (as after a
+    // restart without --bootstrap): it serves no relay.
+    let boot = a.node("boot", 0, Roles::BOOTSTRAP).start(false);
+    let boot_addr = boot.address();
+    let hidden = a.node("hidden", 0, Roles::WORK);
+    hidden.edit_config("listen = [\"/ip4/127.0.0.1/tcp/0\"]", "listen = []");
+    hidden.set_bootstrap(std::slice::from_ref(&boot_addr));
+    let run = hidden.start(false);
+    wait_for(LIMIT, "the hidden member to be verified", || {
+        boot.members().contains(&hidden.peer())
+    });
+    // The node retries relays every 10 s: two rounds and more.
+    std::thread::sleep(Duration::from_secs(25));
+    let log = run.log();
+    assert!(
+        !log.contains("asking for a relayed address") && !log.contains("relayed address closed"),
+        "asked a node that serves no relay:\n{log}"
+    );
+    assert_eq!(
+        log.matches("no connected bootstrap node relays for it")
+            .count(),
+        1,
+        "{log}"
+    );
+}

@@ -116,6 +116,8 @@ pub struct EventLoop {
     reached_at: HashMap<PeerId, Multiaddr>,
     /// Relayed listeners, by the bootstrap node that relays them.
     relayed: HashMap<PeerId, ListenerId>,
+    /// Which peers relay, and which refused lately.
+    relays: reach::Relays,
     pending: HashMap<PeerId, Instant>,
     rejected: Vec<Rejection>,
     doomed: Vec<(PeerId, Instant, bool)>,
@@ -197,6 +199,7 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             connected: HashMap::new(),
             reached_at: HashMap::new(),
             relayed: HashMap::new(),
+            relays: reach::Relays::default(),
             pending: HashMap::new(),
             rejected: Vec::new(),
             doomed: Vec::new(),
@@ -289,12 +292,16 @@ impl EventLoop {
                 reason,
                 ..
             } => {
-                self.relayed.retain(|relay, l| {
-                    if *l == listener_id {
-                        info!(%relay, ?reason, "relayed address closed");
-                    }
-                    *l != listener_id
-                });
+                let closed = self
+                    .relayed
+                    .iter()
+                    .find(|(_, l)| **l == listener_id)
+                    .map(|(relay, _)| *relay);
+                if let Some(relay) = closed {
+                    self.relayed.remove(&relay);
+                    let wait = self.relays.refused(relay, Instant::now());
+                    info!(%relay, ?reason, retry_in_s = wait.as_secs(), "relayed address closed");
+                }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(?peer_id, %error, "dial failed");
@@ -323,6 +330,7 @@ impl EventLoop {
                 relay_peer_id,
                 ..
             }) => {
+                self.relays.reserved(relay_peer_id);
                 info!(relay = %relay_peer_id, "relayed address reserved");
             }
             BehaviourEvent::Relay(relay::Event::ReservationReqAccepted { src_peer_id, .. }) => {
@@ -348,7 +356,10 @@ impl EventLoop {
                 if self.members.contains_key(&peer_id) {
                     self.remember(peer_id, &info.listen_addrs);
                 }
+                self.relays.identified(peer_id, &info);
                 self.identified.insert(peer_id, info.listen_addrs);
+                // A relay may have come within reach.
+                self.reserve_relays();
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 result: kad::QueryResult::GetClosestPeers(Ok(ok)),

@@ -2,15 +2,70 @@
 //! AutoNAT's verdict, relayed addresses on bootstrap nodes while this node
 //! cannot be reached directly.
 
-use std::time::Instant;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use alliance_protocol::cert::Roles;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::{Multiaddr, PeerId, autonat};
+use libp2p::{Multiaddr, PeerId, autonat, identify, relay};
 use tracing::{debug, info, warn};
 
 use super::EventLoop;
+
+/// How long a relay that refused or dropped a reservation is left alone at
+/// first; each refusal in a row doubles it, up to [`MAX_RELAY_BACKOFF`].
+const RELAY_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_RELAY_BACKOFF: Duration = Duration::from_secs(30 * 60);
+
+/// What this node knows of the relays it could reserve an address on.
+#[derive(Debug, Default)]
+pub(super) struct Relays {
+    /// Peers whose identify lists the relay protocol: the only ones asked.
+    serving: HashSet<PeerId>,
+    /// Relays that refused or dropped a reservation: not asked again
+    /// before the instant, and the wait after the next refusal.
+    backoff: HashMap<PeerId, (Instant, Duration)>,
+    /// Whether the node said it has no relay at hand (said once, until one
+    /// takes it).
+    said_none: bool,
+}
+
+impl Relays {
+    /// What `peer`'s identify said it serves.
+    pub(super) fn identified(&mut self, peer: PeerId, info: &identify::Info) {
+        if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+            self.serving.insert(peer);
+        } else {
+            self.serving.remove(&peer);
+        }
+    }
+
+    fn may_ask(&self, peer: &PeerId, now: Instant) -> bool {
+        self.serving.contains(peer)
+            && self
+                .backoff
+                .get(peer)
+                .is_none_or(|(until, _)| now >= *until)
+    }
+
+    /// `relay` refused a reservation or closed one: wait before asking again.
+    pub(super) fn refused(&mut self, relay: PeerId, now: Instant) -> Duration {
+        let wait = self
+            .backoff
+            .get(&relay)
+            .map_or(RELAY_BACKOFF, |(_, next)| *next);
+        self.backoff
+            .insert(relay, (now + wait, (wait * 2).min(MAX_RELAY_BACKOFF)));
+        wait
+    }
+
+    /// `relay` holds a reservation for this node.
+    pub(super) fn reserved(&mut self, relay: PeerId) {
+        self.backoff.remove(&relay);
+        self.said_none = false;
+    }
+}
 
 pub(super) fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
@@ -75,11 +130,13 @@ impl EventLoop {
             }
             return;
         }
+        let now = Instant::now();
         let relays: Vec<(PeerId, Multiaddr)> = self
             .members
             .iter()
             .filter(|(p, (m, _))| {
                 m.roles.contains(Roles::BOOTSTRAP)
+                    && self.relays.may_ask(p, now)
                     && !self.relayed.contains_key(p)
                     && self
                         .connected
@@ -97,6 +154,12 @@ impl EventLoop {
                 Some((*p, addr))
             })
             .collect();
+        if relays.is_empty() && self.relayed.is_empty() && !self.relays.said_none {
+            self.relays.said_none = true;
+            warn!(
+                "this node cannot be reached directly, and no connected bootstrap node relays for it now: members can reach it only by dialling it (check [network] listen and the firewall)"
+            );
+        }
         for (relay, addr) in relays {
             let Ok(addr) = addr.with_p2p(relay) else {
                 continue;
@@ -123,5 +186,32 @@ impl EventLoop {
                     .dial(DialOpts::peer_id(peer).addresses(addrs).build());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_that_refuses_is_left_alone_longer_each_time_until_it_takes_one() {
+        let mut r = Relays::default();
+        let relay = PeerId::random();
+        let now = Instant::now();
+        assert!(!r.may_ask(&relay, now), "not known to relay yet");
+        r.serving.insert(relay);
+        assert!(r.may_ask(&relay, now));
+        assert_eq!(r.refused(relay, now), RELAY_BACKOFF);
+        assert!(!r.may_ask(&relay, now + RELAY_BACKOFF / 2));
+        assert!(r.may_ask(&relay, now + RELAY_BACKOFF));
+        assert_eq!(r.refused(relay, now), RELAY_BACKOFF * 2);
+        let mut wait = RELAY_BACKOFF;
+        for _ in 0..20 {
+            wait = r.refused(relay, now);
+        }
+        assert_eq!(wait, MAX_RELAY_BACKOFF);
+        r.reserved(relay);
+        assert!(r.may_ask(&relay, now));
+        assert_eq!(r.refused(relay, now), RELAY_BACKOFF);
     }
 }

@@ -223,3 +223,63 @@ fn an_alliance_forms_keeps_strangers_out_and_survives_its_bootstrap_node() {
         },
     );
 }
+
+#[test]
+fn a_member_offline_while_a_node_was_revoked_learns_it_on_return_and_drops_the_node() {
+    let _scenario = alliance_tests::scenario(module_path!());
+    let a = TestAlliance::new(
+        "Alliance of Returning Members",
+        &[("University North", Roles::ALL)],
+        20,
+    );
+    let boot = a.node("boot", 0, Roles::BOOTSTRAP).start(true);
+    let boot_addr = boot.address();
+    let away_dir = a.node("away", 0, Roles::WORK);
+    let victim_dir = a.node("victim", 0, Roles::WORK);
+    for d in [&away_dir, &victim_dir] {
+        d.set_bootstrap(std::slice::from_ref(&boot_addr));
+    }
+    let mut away = away_dir.start(false);
+    let victim = victim_dir.start(false);
+    wait_for(LIMIT, "the member to know the victim", || {
+        away.members().contains(&victim_dir.peer())
+    });
+
+    // The member goes away; meanwhile the victim is revoked, and the
+    // bootstrap node drops it. The victim keeps running.
+    away.kill_in_place();
+    let list = a.revoke(0, &victim_dir, "key leaked");
+    boot.post("/v1/revocations", &std::fs::read_to_string(&list).unwrap())
+        .unwrap();
+    wait_for(LIMIT, "the bootstrap node to drop the victim", || {
+        !boot.members().contains(&victim_dir.peer())
+    });
+
+    // Back, it redials the peers it remembers (the victim among them) and
+    // learns the list in the membership exchange, verified as it would be
+    // by gossip, and drops the victim.
+    let back = away_dir.start(false);
+    let revoker = a.institutions[0].1.public().to_string();
+    wait_for(LIMIT, "the returning member to hold the list", || {
+        back.get("/v1/status").is_some_and(|s| {
+            s["revocation_lists"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|e| e[0] == revoker.as_str() && e[1] == 1))
+        })
+    });
+    wait_for(LIMIT, "the returning member to drop the victim", || {
+        !back.members().contains(&victim_dir.peer())
+            && !back.advertisers().contains(&victim_dir.peer())
+    });
+    assert!(
+        back.log()
+            .contains("newer revocation list received from a member"),
+        "{}",
+        back.log()
+    );
+    assert!(
+        back.members()
+            .contains(&boot_addr.rsplit('/').next().unwrap().to_owned())
+    );
+    drop(victim);
+}

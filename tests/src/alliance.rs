@@ -202,9 +202,26 @@ impl NodeDir {
     /// Starts `alliance node run` on this directory with extra environment
     /// variables.
     pub fn start_with_env(&self, bootstrap: bool, env: &[(&str, &str)]) -> Running {
+        self.start_as(None, bootstrap, env)
+    }
+
+    /// Starts `alliance node run` on this directory inside network
+    /// namespace `ns` (see [`crate::netns`]).
+    pub fn start_in(&self, ns: &str, bootstrap: bool) -> Running {
+        self.start_as(Some(ns), bootstrap, &[])
+    }
+
+    fn start_as(&self, ns: Option<&str>, bootstrap: bool, env: &[(&str, &str)]) -> Running {
         let _ = std::fs::remove_file(self.path.join(alliance_node::api::ADDR_FILE));
         let log = std::fs::File::create(self.path.join("node.log")).expect("log");
-        let mut cmd = Command::new(crate::alliance_bin());
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(crate::alliance_bin());
+                c
+            }
+            None => Command::new(crate::alliance_bin()),
+        };
         cmd.args(["node", "run", "--data-dir"]).arg(&self.path);
         if bootstrap {
             cmd.arg("--bootstrap");
@@ -219,6 +236,7 @@ impl NodeDir {
         let running = Running {
             child,
             dir: self.path.clone(),
+            netns: ns.map(str::to_owned),
         };
         wait_for(
             Duration::from_secs(60),
@@ -234,6 +252,8 @@ impl NodeDir {
 pub struct Running {
     child: Child,
     pub dir: PathBuf,
+    /// The network namespace it runs in, whose loopback its API is on.
+    netns: Option<String>,
 }
 
 impl Running {
@@ -242,21 +262,38 @@ impl Running {
         self.child.id()
     }
 
+    /// `f` with the node's data directory, from where its API is reached
+    /// (inside its network namespace, if it runs in one).
+    fn reach<T: Send + 'static>(&self, f: impl FnOnce(PathBuf) -> T + Send + 'static) -> T {
+        let dir = self.dir.clone();
+        match &self.netns {
+            Some(ns) => crate::netns::within(ns, move || f(dir)),
+            None => f(dir),
+        }
+    }
+
     /// GET `path` from the node's API; `None` while it does not answer.
     pub fn get(&self, path: &str) -> Option<Value> {
-        alliance_node::api::request(&self.dir, "GET", path, "").ok()
+        let path = path.to_owned();
+        self.reach(move |dir| alliance_node::api::request(&dir, "GET", &path, "").ok())
     }
 
     /// The node's `GET /metrics`, as Prometheus text.
     pub fn metrics(&self) -> String {
-        alliance_node::api::Api::local(&self.dir)
-            .and_then(|api| api.get_text("/metrics"))
-            .expect("metrics")
+        self.reach(|dir| {
+            alliance_node::api::Api::local(&dir)
+                .and_then(|api| api.get_text("/metrics"))
+                .map_err(|e| e.to_string())
+        })
+        .expect("metrics")
     }
 
     /// POST to the node's API.
     pub fn post(&self, path: &str, body: &str) -> Result<Value, String> {
-        alliance_node::api::request(&self.dir, "POST", path, body).map_err(|e| format!("{e:#}"))
+        let (path, body) = (path.to_owned(), body.to_owned());
+        self.reach(move |dir| {
+            alliance_node::api::request(&dir, "POST", &path, &body).map_err(|e| format!("{e:#}"))
+        })
     }
 
     /// The bootstrap multiaddress of this node.

@@ -52,6 +52,7 @@ pub fn dependency_names(package: &str) -> Result<Vec<String>, String> {
 
 pub mod alliance;
 pub mod jobs;
+pub mod netns;
 
 /// The scenario whose tests run now, and how many of them.
 static RUNNING: Mutex<(Option<&'static str>, usize)> = Mutex::new((None, 0));

@@ -9,6 +9,7 @@ mod hostile;
 mod jobs;
 mod layering;
 mod limits;
+mod nat;
 mod network;
 mod owner;
 mod reachability;

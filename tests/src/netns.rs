@@ -1,0 +1,194 @@
+//! Network namespaces a test builds for itself and removes when done: two
+//! labs, each behind a NAT of its own (nftables masquerade), on a "wide
+//! area" network where the alliance's bootstrap node sits. Every address
+//! is 10.99.x.y inside those namespaces; the machine's own network is
+//! never touched.
+//!
+//! ```text
+//!   lab-a 10.99.1.2 ── 10.99.1.1 nat-a 10.99.0.2 ─┐
+//!                                                 br0 10.99.0.1 (wan: the bootstrap node)
+//!   lab-b 10.99.2.2 ── 10.99.2.1 nat-b 10.99.0.3 ─┘
+//! ```
+//!
+//! Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `ip` and `nft`; where
+//! they are missing, [`Topology::two_labs_behind_nat`] says so, and the
+//! test skips with that message.
+
+use std::process::Command;
+
+/// The namespaces of one test, deleted on drop.
+#[derive(Debug)]
+pub struct Topology {
+    prefix: String,
+    names: Vec<String>,
+}
+
+/// The bootstrap node's address on the wide-area network.
+pub const WAN_HOST: &str = "10.99.0.1";
+
+fn run(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Topology {
+    /// The name of namespace `name` (`wan`, `nat-a`, `lab-a`, …).
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    fn ip(&self, ns: &str, args: &str) -> Result<(), String> {
+        let ns = self.ns(ns);
+        let mut all = vec!["ip", "-n", ns.as_str()];
+        all.extend(args.split_whitespace());
+        run(&all)
+    }
+
+    fn exec(&self, ns: &str, args: &[&str]) -> Result<(), String> {
+        let ns = self.ns(ns);
+        let mut all = vec!["ip", "netns", "exec", ns.as_str()];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// Two labs behind NATs that keep ports where they can (Linux's
+    /// masquerade), which hole punching gets through; or says why it
+    /// cannot be built here.
+    pub fn two_labs_behind_nat() -> Result<Self, String> {
+        // SAFETY: geteuid(2) reads the caller's effective uid; no memory.
+        #[allow(unsafe_code)]
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("network namespaces need root".into());
+        }
+        for tool in ["ip", "nft"] {
+            if Command::new(tool).arg("-V").output().is_err() {
+                return Err(format!(
+                    "`{tool}` is missing (Debian packages iproute2, nftables)"
+                ));
+            }
+        }
+        let prefix = format!("al{}", std::process::id());
+        let mut t = Self {
+            prefix,
+            names: Vec::new(),
+        };
+        // Whether the kernel lets this process make namespaces at all.
+        let probe = t.ns("wan");
+        run(&["ip", "netns", "add", &probe])?;
+        t.names.push(probe);
+        // From here on a failure is a bug in the set-up, not a machine
+        // that cannot run the test.
+        t.build()
+            .unwrap_or_else(|e| panic!("building the NAT namespaces: {e}"));
+        Ok(t)
+    }
+
+    fn build(&mut self) -> Result<(), String> {
+        let t = self;
+        for name in ["nat-a", "nat-b", "lab-a", "lab-b"] {
+            let ns = t.ns(name);
+            run(&["ip", "netns", "add", &ns])?;
+            t.names.push(ns);
+        }
+        for name in ["wan", "nat-a", "nat-b", "lab-a", "lab-b"] {
+            t.ip(name, "link set lo up")?;
+        }
+        t.ip("wan", "link add br0 type bridge")?;
+        t.ip("wan", &format!("addr add {WAN_HOST}/24 dev br0"))?;
+        t.ip("wan", "link set br0 up")?;
+        for (x, n) in [("a", 1), ("b", 2)] {
+            let (nat, lab) = (format!("nat-{x}"), format!("lab-{x}"));
+            let (wan_ns, nat_ns, lab_ns) = (t.ns("wan"), t.ns(&nat), t.ns(&lab));
+            run(&[
+                "ip",
+                "link",
+                "add",
+                "up0",
+                "netns",
+                &nat_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("to-{x}"),
+                "netns",
+                &wan_ns,
+            ])?;
+            t.ip("wan", &format!("link set to-{x} master br0 up"))?;
+            run(&[
+                "ip", "link", "add", "lan0", "netns", &nat_ns, "type", "veth", "peer", "name",
+                "eth0", "netns", &lab_ns,
+            ])?;
+            t.ip(&nat, &format!("addr add 10.99.0.{}/24 dev up0", n + 1))?;
+            t.ip(&nat, &format!("addr add 10.99.{n}.1/24 dev lan0"))?;
+            t.ip(&nat, "link set up0 up")?;
+            t.ip(&nat, "link set lan0 up")?;
+            t.ip(&lab, &format!("addr add 10.99.{n}.2/24 dev eth0"))?;
+            t.ip(&lab, "link set eth0 up")?;
+            t.ip(&lab, &format!("route add default via 10.99.{n}.1"))?;
+            t.exec(&nat, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+            // What leaves for the wide area takes the NAT's address; nothing
+            // from outside reaches the lab unless the lab spoke first, and
+            // what knocks unasked is dropped without an answer (as home and
+            // campus routers do: a reset would spoil a hole punch).
+            t.exec(
+                &nat,
+                &[
+                    "nft",
+                    "add table ip nat; \
+                     add chain ip nat post { type nat hook postrouting priority 100; }; \
+                     add rule ip nat post oifname up0 masquerade; \
+                     add table ip filter; \
+                     add chain ip filter lab_in { type filter hook forward priority 0; policy drop; }; \
+                     add rule ip filter lab_in ct state established,related accept; \
+                     add rule ip filter lab_in iifname lan0 accept; \
+                     add chain ip filter to_nat { type filter hook input priority 0; policy accept; }; \
+                     add rule ip filter to_nat iifname up0 ct state new drop",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in self.names.iter().rev() {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
+    }
+}
+
+/// Runs `f` on a thread inside network namespace `ns`: sockets it opens
+/// are that namespace's (a node's API on its own loopback).
+pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns(2) moves only this thread, which ends with `f`,
+        // into the namespace behind a descriptor it holds open.
+        #[allow(unsafe_code)]
+        let moved = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            moved,
+            0,
+            "setns {path}: {}",
+            std::io::Error::last_os_error()
+        );
+        f()
+    })
+    .join()
+    .expect("a thread in the namespace")
+}

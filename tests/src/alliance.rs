@@ -194,6 +194,15 @@ impl NodeDir {
         std::fs::write(&path, text.replacen(from, to, 1)).expect("config");
     }
 
+    /// Listens on `addrs` (multiaddresses) instead of loopback TCP.
+    pub fn listen_on(&self, addrs: &[&str]) {
+        let list: Vec<String> = addrs.iter().map(|a| format!("{a:?}")).collect();
+        self.edit_config(
+            "listen = [\"/ip4/127.0.0.1/tcp/0\"]",
+            &format!("listen = [{}]", list.join(", ")),
+        );
+    }
+
     /// Starts `alliance node run` on this directory.
     pub fn start(&self, bootstrap: bool) -> Running {
         self.start_with_env(bootstrap, &[])

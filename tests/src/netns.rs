@@ -16,6 +16,10 @@
 
 use std::process::Command;
 
+use alliance_protocol::cert::Roles;
+
+use crate::alliance::{NodeDir, Running, TestAlliance};
+
 /// The namespaces of one test, deleted on drop.
 #[derive(Debug)]
 pub struct Topology {
@@ -168,6 +172,70 @@ impl Drop for Topology {
             let _ = run(&["ip", "netns", "del", ns]);
         }
     }
+}
+
+/// An alliance of two institutions, one lab each, behind the NATs of a
+/// [`Topology`], with its bootstrap and relay node up on the wide area.
+#[derive(Debug)]
+pub struct Labs {
+    /// Stopped before the namespaces go.
+    pub boot: Running,
+    pub boot_addr: String,
+    pub alliance: TestAlliance,
+    pub net: Topology,
+}
+
+impl Labs {
+    /// University North (every role) in lab A, University South (work) in
+    /// lab B; or why the namespaces cannot be built here.
+    pub fn start(name: &str) -> Result<Self, String> {
+        let net = Topology::two_labs_behind_nat()?;
+        let alliance = TestAlliance::new(
+            name,
+            &[
+                ("University North", Roles::ALL),
+                ("University South", Roles::WORK),
+            ],
+            20,
+        );
+        let dir = alliance.node("boot", 0, Roles::BOOTSTRAP);
+        dir.listen_on(&[
+            &format!("/ip4/{WAN_HOST}/tcp/0"),
+            &format!("/ip4/{WAN_HOST}/udp/0/quic-v1"),
+        ]);
+        let boot = dir.start_in(&net.ns("wan"), true);
+        let boot_addr = boot.address();
+        Ok(Self {
+            boot,
+            boot_addr,
+            alliance,
+            net,
+        })
+    }
+
+    /// A node of lab `lab` (0: A, North; 1: B, South) that listens on its
+    /// lab's network and dials the bootstrap node.
+    pub fn node(&self, lab: usize, roles: Roles) -> NodeDir {
+        let dir = self.alliance.node(["lab-a", "lab-b"][lab], lab, roles);
+        dir.listen_on(&["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]);
+        dir.set_bootstrap(std::slice::from_ref(&self.boot_addr));
+        dir
+    }
+
+    /// Starts `dir`, made by [`Self::node`] for lab `lab`, in that lab.
+    pub fn run(&self, lab: usize, dir: &NodeDir) -> Running {
+        dir.start_in(&self.net.ns(["lab-a", "lab-b"][lab]), false)
+    }
+}
+
+/// Whether `r` holds a direct (not relayed) connection to `peer`.
+pub fn direct(r: &Running, peer: &str) -> bool {
+    r.get("/v1/peers").is_some_and(|p| {
+        p.as_array().is_some_and(|p| {
+            p.iter()
+                .any(|e| e["peer_id"] == peer && e["direct"] == true)
+        })
+    })
 }
 
 /// Runs `f` on a thread inside network namespace `ns`: sockets it opens

@@ -9,59 +9,28 @@
 use std::time::{Duration, Instant};
 
 use alliance_protocol::cert::Roles;
-use alliance_tests::alliance::{NodeDir, TestAlliance, wait_for};
-use alliance_tests::netns::{Topology, WAN_HOST};
+use alliance_tests::alliance::wait_for;
+use alliance_tests::netns::{Labs, direct};
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn listen_on(node: &NodeDir, addrs: &[&str]) {
-    let list: Vec<String> = addrs.iter().map(|a| format!("{a:?}")).collect();
-    node.edit_config(
-        "listen = [\"/ip4/127.0.0.1/tcp/0\"]",
-        &format!("listen = [{}]", list.join(", ")),
-    );
-}
 
 #[test]
 fn labs_behind_nats_punch_through_and_run_a_job_across() {
     let _scenario = alliance_tests::scenario(module_path!());
-    let net = match Topology::two_labs_behind_nat() {
-        Ok(t) => t,
+    let labs = match Labs::start("Alliance Behind NATs") {
+        Ok(l) => l,
         Err(why) => {
             eprintln!("skipped: cannot build the NAT namespaces here: {why}");
             return;
         }
     };
-    let a = TestAlliance::new(
-        "Alliance Behind NATs",
-        &[
-            ("University North", Roles::ALL),
-            ("University South", Roles::WORK),
-        ],
-        20,
-    );
-    let boot_dir = a.node("boot", 0, Roles::BOOTSTRAP);
-    listen_on(
-        &boot_dir,
-        &[
-            &format!("/ip4/{WAN_HOST}/tcp/0"),
-            &format!("/ip4/{WAN_HOST}/udp/0/quic-v1"),
-        ],
-    );
-    let boot = boot_dir.start_in(&net.ns("wan"), true);
-    let boot_addr = boot.address();
-    let boot_peer = boot_addr.rsplit('/').next().unwrap().to_owned();
-
+    let boot_peer = labs.boot_addr.rsplit('/').next().unwrap().to_owned();
     // Lab A submits, lab B lends its GPU: the job has to cross.
-    let sub_dir = a.node("lab-a", 0, Roles::SUBMIT);
-    let worker_dir = a.node("lab-b", 1, Roles::WORK);
-    for d in [&sub_dir, &worker_dir] {
-        listen_on(d, &["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]);
-        d.set_bootstrap(std::slice::from_ref(&boot_addr));
-    }
+    let sub_dir = labs.node(0, Roles::SUBMIT);
+    let worker_dir = labs.node(1, Roles::WORK);
     let started = Instant::now();
-    let sub = sub_dir.start_in(&net.ns("lab-a"), false);
-    let worker = worker_dir.start_in(&net.ns("lab-b"), false);
+    let sub = labs.run(0, &sub_dir);
+    let worker = labs.run(1, &worker_dir);
 
     for (name, r) in [("lab A", &sub), ("lab B", &worker)] {
         wait_for(LIMIT, &format!("{name} to find itself private"), || {
@@ -76,14 +45,6 @@ fn labs_behind_nats_punch_through_and_run_a_job_across() {
     wait_for(LIMIT, "the labs to verify each other", || {
         sub.members().contains(&worker_dir.peer()) && worker.members().contains(&sub_dir.peer())
     });
-    let direct = |r: &alliance_tests::alliance::Running, peer: &str| {
-        r.get("/v1/peers").is_some_and(|p| {
-            p.as_array()
-                .unwrap()
-                .iter()
-                .any(|e| e["peer_id"] == peer && e["direct"] == true)
-        })
-    };
     let deadline = Instant::now() + LIMIT;
     while !direct(&sub, &worker_dir.peer()) {
         if Instant::now() > deadline {

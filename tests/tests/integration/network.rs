@@ -8,9 +8,18 @@ use std::time::Duration;
 
 use alliance_protocol::Timestamp;
 use alliance_protocol::cert::Roles;
-use alliance_tests::alliance::{TestAlliance, wait_for};
+use alliance_tests::alliance::{Running, TestAlliance, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(90);
+
+/// Whether `node` holds revocation list `sequence` signed by `signer`.
+fn holds_list(node: &Running, signer: &str, sequence: u64) -> bool {
+    node.get("/v1/status").is_some_and(|s| {
+        s["revocation_lists"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|e| e[0] == signer && e[1] == sequence))
+    })
+}
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
@@ -141,11 +150,7 @@ fn an_alliance_forms_keeps_strangers_out_and_survives_its_bootstrap_node() {
     let late = late_dir.start(false);
     let revoker = a.institutions[0].1.public().to_string();
     wait_for(LIMIT, "the late member to hold the revocation list", || {
-        late.get("/v1/status").is_some_and(|s| {
-            s["revocation_lists"]
-                .as_array()
-                .is_some_and(|l| l.iter().any(|e| e[0] == revoker.as_str() && e[1] == 1))
-        })
+        holds_list(&late, &revoker, 1)
     });
     assert!(
         late.log()
@@ -261,11 +266,7 @@ fn a_member_offline_while_a_node_was_revoked_learns_it_on_return_and_drops_the_n
     let back = away_dir.start(false);
     let revoker = a.institutions[0].1.public().to_string();
     wait_for(LIMIT, "the returning member to hold the list", || {
-        back.get("/v1/status").is_some_and(|s| {
-            s["revocation_lists"]
-                .as_array()
-                .is_some_and(|l| l.iter().any(|e| e[0] == revoker.as_str() && e[1] == 1))
-        })
+        holds_list(&back, &revoker, 1)
     });
     wait_for(LIMIT, "the returning member to drop the victim", || {
         !back.members().contains(&victim_dir.peer())

@@ -59,6 +59,19 @@ impl Topology {
         run(&all)
     }
 
+    /// Cuts lab `lab` (0: A, 1: B) off the wide area: its NAT's uplink
+    /// goes down, as when a campus link fails.
+    pub fn cut(&self, lab: usize) {
+        self.ip(["nat-a", "nat-b"][lab], "link set up0 down")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Puts lab `lab`'s uplink back.
+    pub fn heal(&self, lab: usize) {
+        self.ip(["nat-a", "nat-b"][lab], "link set up0 up")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     fn exec(&self, ns: &str, args: &[&str]) -> Result<(), String> {
         let ns = self.ns(ns);
         let mut all = vec!["ip", "netns", "exec", ns.as_str()];
@@ -82,7 +95,10 @@ impl Topology {
                 ));
             }
         }
-        let prefix = format!("al{}", std::process::id());
+        // Tests run side by side: each topology its own names.
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("al{}-{n}", std::process::id());
         let mut t = Self {
             prefix,
             names: Vec::new(),
@@ -220,6 +236,20 @@ impl Labs {
         dir.listen_on(&["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]);
         dir.set_bootstrap(std::slice::from_ref(&self.boot_addr));
         dir
+    }
+
+    /// Runs `alliance ARGS --data-dir DIR` in lab `lab` (where the node
+    /// on `dir` serves its API).
+    pub fn cli(&self, lab: usize, dir: &NodeDir, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec"])
+            .arg(self.net.ns(["lab-a", "lab-b"][lab]))
+            .arg(crate::alliance_bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(&dir.path)
+            .output()
+            .expect("run alliance in the lab")
     }
 
     /// Starts `dir`, made by [`Self::node`] for lab `lab`, in that lab.

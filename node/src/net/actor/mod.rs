@@ -92,6 +92,12 @@ pub struct Setup {
     pub inbound: Option<mpsc::Sender<Inbound>>,
 }
 
+/// Longest wait between redials of a node that lost every connection. A
+/// link that failed for a minute is back within this of healing (the
+/// partition test measures it); a dial of the bootstrap and remembered
+/// peers this often costs nothing worth saving.
+const MAX_REDIAL_BACKOFF: Duration = Duration::from_secs(15);
+
 /// The actor: owns the swarm and all membership and advert state.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -445,6 +451,7 @@ impl EventLoop {
         if now.duration_since(self.last_discovery) >= Duration::from_secs(10) {
             self.last_discovery = now;
             self.reserve_relays();
+            self.dial_advertisers();
             if !self.members.is_empty() {
                 self.swarm
                     .behaviour_mut()
@@ -454,7 +461,7 @@ impl EventLoop {
         }
         if self.connected.is_empty() && now.duration_since(self.last_redial) >= self.redial_backoff
         {
-            self.redial_backoff = (self.redial_backoff * 2).min(Duration::from_secs(60));
+            self.redial_backoff = (self.redial_backoff * 2).min(MAX_REDIAL_BACKOFF);
             self.redial();
         } else if !self.connected.is_empty() {
             self.redial_backoff = Duration::from_secs(1);

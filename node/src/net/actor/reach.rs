@@ -118,26 +118,14 @@ impl EventLoop {
         private || !listens
     }
 
-    /// Reserves a relayed address on each connected bootstrap node when
-    /// this node needs one, and gives them up when it no longer does.
-    pub(super) fn reserve_relays(&mut self) {
-        if self.swarm.behaviour().relay.is_enabled() {
-            return;
-        }
-        if !self.needs_relay() {
-            for (_, listener) in self.relayed.drain() {
-                self.swarm.remove_listener(listener);
-            }
-            return;
-        }
-        let now = Instant::now();
-        let relays: Vec<(PeerId, Multiaddr)> = self
-            .members
+    /// The connected bootstrap nodes that serve the relay protocol, each
+    /// with the direct address this node reaches it at.
+    fn relays_at_hand(&self) -> Vec<(PeerId, Multiaddr)> {
+        self.members
             .iter()
             .filter(|(p, (m, _))| {
                 m.roles.contains(Roles::BOOTSTRAP)
-                    && self.relays.may_ask(p, now)
-                    && !self.relayed.contains_key(p)
+                    && self.relays.serving.contains(p)
                     && self
                         .connected
                         .get(p)
@@ -153,6 +141,67 @@ impl EventLoop {
                 })?;
                 Some((*p, addr))
             })
+            .collect()
+    }
+
+    /// Dials the members whose adverts arrive by gossip but that this node
+    /// holds no connection to (after a partition, the direct connection
+    /// DCUtR made is gone, and their own addresses sit behind a NAT): the
+    /// addresses it knows, and a circuit through each relay at hand, which
+    /// DCUtR then turns direct again.
+    pub(super) fn dial_advertisers(&mut self) {
+        let me = *self.swarm.local_peer_id();
+        let missing: Vec<PeerId> = self
+            .adverts
+            .keys()
+            .filter(|p| **p != me && !self.connected.contains_key(p))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let relays = self.relays_at_hand();
+        for peer in missing {
+            let circuits: Vec<Multiaddr> = relays
+                .iter()
+                .filter(|(relay, _)| *relay != peer)
+                .filter_map(|(relay, addr)| {
+                    Some(
+                        addr.clone()
+                            .with_p2p(*relay)
+                            .ok()?
+                            .with(Protocol::P2pCircuit)
+                            .with(Protocol::P2p(peer)),
+                    )
+                })
+                .collect();
+            let opts = DialOpts::peer_id(peer)
+                .addresses(circuits)
+                .extend_addresses_through_behaviour()
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, "dial an advertiser: {e}");
+            }
+        }
+    }
+
+    /// Reserves a relayed address on each connected bootstrap node when
+    /// this node needs one, and gives them up when it no longer does.
+    pub(super) fn reserve_relays(&mut self) {
+        if self.swarm.behaviour().relay.is_enabled() {
+            return;
+        }
+        if !self.needs_relay() {
+            for (_, listener) in self.relayed.drain() {
+                self.swarm.remove_listener(listener);
+            }
+            return;
+        }
+        let now = Instant::now();
+        let relays: Vec<(PeerId, Multiaddr)> = self
+            .relays_at_hand()
+            .into_iter()
+            .filter(|(p, _)| self.relays.may_ask(p, now) && !self.relayed.contains_key(p))
             .collect();
         if relays.is_empty() && self.relayed.is_empty() && !self.relays.said_none {
             self.relays.said_none = true;

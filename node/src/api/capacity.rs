@@ -9,7 +9,7 @@ use std::time::Duration;
 use alliance_protocol::advert::GpuState;
 use serde::Serialize;
 
-use crate::net::actor::{AdvertView, Client};
+use crate::net::actor::{AdvertView, Client, now_us};
 
 /// How often the table is counted.
 pub const INTERVAL: Duration = Duration::from_secs(15);
@@ -114,13 +114,6 @@ impl Capacity {
             self.push(Sample::of(&adverts, now_us()));
         }
     }
-}
-
-/// Microseconds since the Unix epoch.
-pub fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

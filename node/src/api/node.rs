@@ -102,7 +102,7 @@ pub(super) async fn metrics(State(s): State<ApiState>) -> Result<Response, ApiEr
 /// The alliance's lent GPUs by state over the last day, ending now.
 #[utoipa::path(get, path = "/v1/capacity", tag = "node", responses((status = 200, body = super::capacity::History), (status = 401, body = super::ErrorBody)))]
 pub(super) async fn capacity(State(s): State<ApiState>) -> Typed<super::capacity::History> {
-    let now = super::capacity::Sample::of(&s.client.gpus().await?, super::capacity::now_us());
+    let now = super::capacity::Sample::of(&s.client.gpus().await?, crate::net::actor::now_us());
     Ok(Json(s.capacity.history(now)))
 }
 

@@ -17,15 +17,18 @@ use alliance_tests::netns::{Labs, direct};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// The labs, or none (and why, said) where this machine cannot build them.
+fn labs(name: &str) -> Option<Labs> {
+    Labs::start(name)
+        .map_err(|why| eprintln!("skipped: cannot build the NAT namespaces here: {why}"))
+        .ok()
+}
+
 #[test]
 fn labs_behind_nats_punch_through_and_run_a_job_across() {
     let _scenario = alliance_tests::scenario(module_path!());
-    let labs = match Labs::start("Alliance Behind NATs") {
-        Ok(l) => l,
-        Err(why) => {
-            eprintln!("skipped: cannot build the NAT namespaces here: {why}");
-            return;
-        }
+    let Some(labs) = labs("Alliance Behind NATs") else {
+        return;
     };
     let boot_peer = labs.boot_addr.rsplit('/').next().unwrap().to_owned();
     // Lab A submits, lab B lends its GPU: the job has to cross.
@@ -103,12 +106,8 @@ fn labs_behind_nats_punch_through_and_run_a_job_across() {
 #[test]
 fn a_partition_between_the_labs_heals_and_loses_no_result() {
     let _scenario = alliance_tests::scenario(module_path!());
-    let labs = match Labs::start("Alliance Cut in Two") {
-        Ok(l) => l,
-        Err(why) => {
-            eprintln!("skipped: cannot build the NAT namespaces here: {why}");
-            return;
-        }
+    let Some(labs) = labs("Alliance Cut in Two") else {
+        return;
     };
     let sub_dir = labs.node(0, Roles::SUBMIT);
     let worker_dir = labs.node(1, Roles::WORK);

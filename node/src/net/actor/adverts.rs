@@ -23,7 +23,9 @@ pub(super) struct Advert {
     pub(super) received_at_us: u64,
 }
 
-pub(super) fn now_us() -> u64 {
+/// Microseconds since the Unix epoch: when adverts were received, and when
+/// the API's capacity samples were counted.
+pub fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))

@@ -38,6 +38,7 @@ mod requests;
 mod revocations;
 
 use adverts::Advert;
+pub use adverts::now_us;
 pub use client::{
     AdvertView, Client, Command, Gpu, GpuStateName, Inbound, PeerView, Rejection, Reply, Status,
     Stopped,
@@ -124,6 +125,8 @@ pub struct EventLoop {
     relayed: HashMap<PeerId, ListenerId>,
     /// Which peers relay, and which refused lately.
     relays: reach::Relays,
+    /// Where the next round of dialling unconnected advertisers starts.
+    advertiser_turn: usize,
     pending: HashMap<PeerId, Instant>,
     rejected: Vec<Rejection>,
     doomed: Vec<(PeerId, Instant, bool)>,
@@ -206,6 +209,7 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             reached_at: HashMap::new(),
             relayed: HashMap::new(),
             relays: reach::Relays::default(),
+            advertiser_turn: 0,
             pending: HashMap::new(),
             rejected: Vec::new(),
             doomed: Vec::new(),
@@ -362,10 +366,11 @@ impl EventLoop {
                 if self.members.contains_key(&peer_id) {
                     self.remember(peer_id, &info.listen_addrs);
                 }
-                self.relays.identified(peer_id, &info);
+                let new_relay = self.relays.identified(peer_id, &info);
                 self.identified.insert(peer_id, info.listen_addrs);
-                // A relay may have come within reach.
-                self.reserve_relays();
+                if new_relay {
+                    self.reserve_relays();
+                }
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 result: kad::QueryResult::GetClosestPeers(Ok(ok)),

@@ -18,6 +18,11 @@ use super::EventLoop;
 const RELAY_BACKOFF: Duration = Duration::from_secs(30);
 const MAX_RELAY_BACKOFF: Duration = Duration::from_secs(30 * 60);
 
+/// Members [`EventLoop::dial_advertisers`] dials at most in one round: in a
+/// large alliance a node holds connections to a part of the members only,
+/// and their adverts must not make it dial every one of them each round.
+const ADVERTISERS_A_ROUND: usize = 4;
+
 /// What this node knows of the relays it could reserve an address on.
 #[derive(Debug, Default)]
 pub(super) struct Relays {
@@ -32,12 +37,14 @@ pub(super) struct Relays {
 }
 
 impl Relays {
-    /// What `peer`'s identify said it serves.
-    pub(super) fn identified(&mut self, peer: PeerId, info: &identify::Info) {
+    /// What `peer`'s identify said it serves; true when it is a relay this
+    /// node did not know of.
+    pub(super) fn identified(&mut self, peer: PeerId, info: &identify::Info) -> bool {
         if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
-            self.serving.insert(peer);
+            self.serving.insert(peer)
         } else {
             self.serving.remove(&peer);
+            false
         }
     }
 
@@ -151,7 +158,7 @@ impl EventLoop {
     /// DCUtR then turns direct again.
     pub(super) fn dial_advertisers(&mut self) {
         let me = *self.swarm.local_peer_id();
-        let missing: Vec<PeerId> = self
+        let mut missing: Vec<PeerId> = self
             .adverts
             .keys()
             .filter(|p| **p != me && !self.connected.contains_key(p))
@@ -160,8 +167,19 @@ impl EventLoop {
         if missing.is_empty() {
             return;
         }
+        // A few a round, in turn.
+        missing.sort_unstable();
+        let start = self.advertiser_turn % missing.len();
+        self.advertiser_turn = self.advertiser_turn.wrapping_add(ADVERTISERS_A_ROUND);
+        let turn: Vec<PeerId> = missing
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(ADVERTISERS_A_ROUND.min(missing.len()))
+            .copied()
+            .collect();
         let relays = self.relays_at_hand();
-        for peer in missing {
+        for peer in turn {
             let circuits: Vec<Multiaddr> = relays
                 .iter()
                 .filter(|(relay, _)| *relay != peer)

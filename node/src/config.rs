@@ -127,6 +127,38 @@ pub struct NetworkConfig {
     pub psk_file: Option<PathBuf>,
     /// Connection limits.
     pub limits: ConnectionLimits,
+    /// What a bootstrap node relays for members that cannot be reached
+    /// directly.
+    pub relay: RelayLimits,
+}
+
+/// The relay a bootstrap node runs: how many members it relays for and how
+/// much one relayed connection may carry. A lab behind a NAT that defeats
+/// hole punching moves its blobs through here, so a circuit must hold a
+/// large blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayLimits {
+    /// Members holding a relayed address on this node at once.
+    pub max_reservations: u32,
+    /// Relayed connections at once, in all.
+    pub max_circuits: u32,
+    /// Bytes one relayed connection may carry, both ways together, before
+    /// the relay closes it (the peers then reconnect).
+    pub max_circuit_bytes: u64,
+    /// How long one relayed connection may last, in seconds.
+    pub max_circuit_secs: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_reservations: 128,
+            max_circuits: 64,
+            max_circuit_bytes: 4 << 30,
+            max_circuit_secs: 3600,
+        }
+    }
 }
 
 /// Connection limits of the swarm.
@@ -220,6 +252,7 @@ impl Default for NetworkConfig {
             mdns: true,
             psk_file: None,
             limits: ConnectionLimits::default(),
+            relay: RelayLimits::default(),
         }
     }
 }
@@ -341,6 +374,17 @@ impl Config {
                 message: format!(
                     "worker.idle.poll_ms = {} is too often; read the signals at most every 50 ms",
                     w.idle.poll_ms
+                ),
+            });
+        }
+        let r = &config.network.relay;
+        if r.max_circuit_secs == 0 || r.max_circuit_secs > u64::from(u32::MAX) {
+            return Err(ConfigError::Parse {
+                path: path.to_owned(),
+                message: format!(
+                    "network.relay.max_circuit_secs = {} must be between 1 and {}",
+                    r.max_circuit_secs,
+                    u32::MAX
                 ),
             });
         }

@@ -27,6 +27,7 @@
 //! | `alliance_owner_preemptions_total` | counter | | tasks stopped because the owner took the GPU back |
 //! | `alliance_blob_bytes_total` | counter | `direction`, `via` | blob bytes `in`/`out`, over the `network` or the `api` |
 //! | `alliance_api_requests_total` | counter | `method`, `route`, `status` | API requests answered |
+//! | `alliance_peers_turned_away_total` | counter | `blocked` | peers turned away (failed membership, a bad, unfinished or stalled frame); `true` when also blocked |
 //! | `libp2p_*` | | | the swarm's traffic and protocol counters |
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -70,6 +71,11 @@ pub struct Kind {
 pub struct Flow {
     pub direction: &'static str,
     pub via: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Blocked {
+    pub blocked: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

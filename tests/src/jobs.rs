@@ -254,3 +254,34 @@ pub fn time_job(sub: &NodeDir, node: &Running, path: &Path) -> f64 {
         }
     }
 }
+
+/// A kernel that reads a few elements of a large input: what crosses the
+/// network is the input, not the work.
+pub const SAMPLE: &str = "@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    y[id.x] = x[id.x * (arrayLength(&x) / 64u)];
+}
+";
+
+/// Writes the `sample` job and its input of `n` floats in `dir`; the job
+/// file's path and the output the kernel must give.
+pub fn sample_job(dir: &Path, n: usize) -> (PathBuf, Vec<f32>) {
+    #[allow(clippy::cast_precision_loss)]
+    let x: Vec<f32> = (0..n).map(|i| (i % 10_007) as f32).collect();
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let npy = alliance_node::submit::npy::write(
+        alliance_protocol::task::ElemType::F32,
+        &[n as u64],
+        &bytes,
+    );
+    write(dir, "x.npy", npy);
+    write(dir, "sample.wgsl", SAMPLE);
+    let job = "name = \"sample\"\nkernel = \"sample.wgsl\"\ndispatch = [1, 1, 1]\ntimeout_secs = 600\n\
+               [[inputs]]\nbinding = 0\nfile = \"x.npy\"\n\
+               [[outputs]]\nbinding = 1\ntype = \"f32\"\nlen = 64\n";
+    let path = write(dir, "sample.toml", job);
+    let want = (0..64).map(|i| x[i * (n / 64)]).collect();
+    (path, want)
+}

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `ip` and `nft`; where
-//! they are missing, [`Topology::two_labs_behind_nat`] says so, and the
+//! they are missing, [`Topology::two_labs_behind`] says so, and the
 //! test skips with that message.
 
 use std::process::Command;
@@ -19,6 +19,19 @@ use std::process::Command;
 use alliance_protocol::cert::Roles;
 
 use crate::alliance::{NodeDir, Running, TestAlliance};
+
+/// How the labs' NATs map ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// Linux's masquerade: a lab's connections keep their source port
+    /// where they can, so a peer that learned it through the relay can
+    /// punch a hole to it.
+    Cone,
+    /// Masquerade with `fully-random`: every connection leaves from a new
+    /// random port, so the address a peer learned is never the one a new
+    /// connection uses, and hole punching fails (a symmetric NAT).
+    Symmetric,
+}
 
 /// The namespaces of one test, deleted on drop.
 #[derive(Debug)]
@@ -72,6 +85,30 @@ impl Topology {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Cuts the wide area between the two labs, leaving each its way to
+    /// the bootstrap node: the bridge drops what passes between their
+    /// NATs' ports, as when the link between two campuses fails but both
+    /// still reach the alliance's servers.
+    pub fn split(&self) {
+        self.exec(
+            "wan",
+            &[
+                "nft",
+                "add table bridge split; \
+                 add chain bridge split between { type filter hook forward priority 0; }; \
+                 add rule bridge split between iifname to-a oifname to-b drop; \
+                 add rule bridge split between iifname to-b oifname to-a drop",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// Undoes [`Self::split`].
+    pub fn join(&self) {
+        self.exec("wan", &["nft", "delete table bridge split"])
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     fn exec(&self, ns: &str, args: &[&str]) -> Result<(), String> {
         let ns = self.ns(ns);
         let mut all = vec!["ip", "netns", "exec", ns.as_str()];
@@ -79,10 +116,9 @@ impl Topology {
         run(&all)
     }
 
-    /// Two labs behind NATs that keep ports where they can (Linux's
-    /// masquerade), which hole punching gets through; or says why it
-    /// cannot be built here.
-    pub fn two_labs_behind_nat() -> Result<Self, String> {
+    /// Two labs behind NATs of kind `nat`; or says why they cannot be
+    /// built here.
+    pub fn two_labs_behind(nat: Nat) -> Result<Self, String> {
         // SAFETY: geteuid(2) reads the caller's effective uid; no memory.
         #[allow(unsafe_code)]
         if unsafe { libc::geteuid() } != 0 {
@@ -109,13 +145,17 @@ impl Topology {
         t.names.push(probe);
         // From here on a failure is a bug in the set-up, not a machine
         // that cannot run the test.
-        t.build()
+        t.build(nat)
             .unwrap_or_else(|e| panic!("building the NAT namespaces: {e}"));
         Ok(t)
     }
 
-    fn build(&mut self) -> Result<(), String> {
+    fn build(&mut self, nat: Nat) -> Result<(), String> {
         let t = self;
+        let masquerade = match nat {
+            Nat::Cone => "masquerade",
+            Nat::Symmetric => "masquerade fully-random",
+        };
         for name in ["nat-a", "nat-b", "lab-a", "lab-b"] {
             let ns = t.ns(name);
             run(&["ip", "netns", "add", &ns])?;
@@ -162,21 +202,18 @@ impl Topology {
             // from outside reaches the lab unless the lab spoke first, and
             // what knocks unasked is dropped without an answer (as home and
             // campus routers do: a reset would spoil a hole punch).
-            t.exec(
-                &nat,
-                &[
-                    "nft",
-                    "add table ip nat; \
-                     add chain ip nat post { type nat hook postrouting priority 100; }; \
-                     add rule ip nat post oifname up0 masquerade; \
-                     add table ip filter; \
-                     add chain ip filter lab_in { type filter hook forward priority 0; policy drop; }; \
-                     add rule ip filter lab_in ct state established,related accept; \
-                     add rule ip filter lab_in iifname lan0 accept; \
-                     add chain ip filter to_nat { type filter hook input priority 0; policy accept; }; \
-                     add rule ip filter to_nat iifname up0 ct state new drop",
-                ],
-            )?;
+            let rules = format!(
+                "add table ip nat; \
+                 add chain ip nat post {{ type nat hook postrouting priority 100; }}; \
+                 add rule ip nat post oifname up0 {masquerade}; \
+                 add table ip filter; \
+                 add chain ip filter lab_in {{ type filter hook forward priority 0; policy drop; }}; \
+                 add rule ip filter lab_in ct state established,related accept; \
+                 add rule ip filter lab_in iifname lan0 accept; \
+                 add chain ip filter to_nat {{ type filter hook input priority 0; policy accept; }}; \
+                 add rule ip filter to_nat iifname up0 ct state new drop"
+            );
+            t.exec(&nat, &["nft", &rules])?;
         }
         Ok(())
     }
@@ -203,9 +240,10 @@ pub struct Labs {
 
 impl Labs {
     /// University North (every role) in lab A, University South (work) in
-    /// lab B; or why the namespaces cannot be built here.
-    pub fn start(name: &str) -> Result<Self, String> {
-        let net = Topology::two_labs_behind_nat()?;
+    /// lab B, behind NATs of kind `nat`; or why the namespaces cannot be
+    /// built here.
+    pub fn start(name: &str, nat: Nat) -> Result<Self, String> {
+        let net = Topology::two_labs_behind(nat)?;
         let alliance = TestAlliance::new(
             name,
             &[

@@ -363,8 +363,13 @@ pub(super) fn node_run(a: NodeRunArgs) -> Result<()> {
     let (filter, handle) = reload::Layer::new(filter);
     let logs = tracing_subscriber::registry().with(filter);
     let _ = match a.log_format.unwrap_or(cfg.log.format) {
+        // Colours only on a terminal: a log file or the journal gets text.
         config::LogFormat::Text => logs
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
         config::LogFormat::Json => logs
             .with(

@@ -370,6 +370,7 @@ fn swarm(
             max_per_peer: l.max_per_peer,
             max_memory_fraction: f64::from(l.max_memory_percent) / 100.0,
         },
+        relay: cfg.network.relay,
     };
     let mut network = net::build_swarm_with(identity, &charter.id, &options, registry)
         .map_err(|e| anyhow!("cannot start the network: {e}"))?;

@@ -25,14 +25,14 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::metrics::Metrics;
 use crate::net::BLOB_PROTOCOL;
 use crate::net::actor::Client;
-use crate::net::codec::{read_frame, write_frame};
+use crate::net::codec::{FRAME_GRACE, read_frame, write_frame};
 use crate::store::blobs::{AHEAD, Blobs, CHUNK, Chunk, Sink, open_direct, read_chunks};
 
 /// Streams a node serves at once; more wait.
 const MAX_SERVING: usize = 16;
 
-/// How long a request may take to arrive, and how long either side waits
-/// for the other to move a chunk, before giving up on the stream.
+/// How long either side waits for the other to move a chunk before giving
+/// up on the stream (a request must come within the codec's grace).
 const STALL: Duration = Duration::from_secs(30);
 
 /// Streams a fetch opens before it gives up (it resumes where the last
@@ -84,8 +84,8 @@ async fn serve_one(
     peer: PeerId,
     mut stream: libp2p::Stream,
 ) -> io::Result<()> {
-    let request = tokio::time::timeout(STALL, read_frame::<BlobRequest, _>(&mut stream)).await;
-    let req = match request {
+    let request = tokio::time::timeout(FRAME_GRACE, read_frame::<BlobRequest, _>(&mut stream));
+    let req = match request.await {
         Ok(Ok(req)) => req,
         Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
             let _ = client
@@ -93,8 +93,16 @@ async fn serve_one(
                 .await;
             return Err(e);
         }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            let _ = client.unfinished(peer, "blob request", e.to_string()).await;
+            return Err(e);
+        }
         Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        Err(_) => {
+            let why = format!("no whole request came within {FRAME_GRACE:?}");
+            let _ = client.unfinished(peer, "blob request", why).await;
+            return Err(io::ErrorKind::TimedOut.into());
+        }
     };
     if !matches!(client.member(peer).await, Ok(Some(_))) {
         let why = "blobs are served to verified members of this alliance only";

@@ -93,6 +93,8 @@ pub struct Options {
     /// key speaks TCP only.
     pub psk: Option<PreSharedKey>,
     pub limits: Limits,
+    /// What a bootstrap node's relay allows.
+    pub relay: crate::config::RelayLimits,
 }
 
 /// A built swarm and the registry of its traffic counters.
@@ -257,6 +259,8 @@ impl Behaviour {
         }
 
         let gossipsub = gossip(key)?;
+        // One memory budget for the request frames of every peer.
+        let budget = codec::Budget::default();
 
         // Probes go only to verified members (added by the actor), and
         // campus networks are private address space: a member on the same
@@ -272,11 +276,14 @@ impl Behaviour {
             },
         );
         let relay = options.bootstrap.then(|| {
+            let r = options.relay;
             relay::Behaviour::new(
                 peer,
                 relay::Config {
-                    max_circuit_duration: Duration::from_secs(600),
-                    max_circuit_bytes: 8 * 1024 * 1024,
+                    max_reservations: r.max_reservations as usize,
+                    max_circuits: r.max_circuits as usize,
+                    max_circuit_duration: Duration::from_secs(r.max_circuit_secs),
+                    max_circuit_bytes: r.max_circuit_bytes,
                     ..relay::Config::default()
                 },
             )
@@ -308,25 +315,36 @@ impl Behaviour {
                 identify::Config::new("/alliance/1".into(), key.public())
                     .with_push_listen_addr_updates(true),
             ),
-            ping: ping::Behaviour::default(),
-            membership: request_response::Behaviour::new(
+            // Dead connections are closed when a ping goes unanswered
+            // (see the actor), so a partition is noticed within 25 s.
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(Duration::from_secs(10))
+                    .with_timeout(Duration::from_secs(15)),
+            ),
+            membership: request_response::Behaviour::with_codec(
+                codec::Codec::new(budget.clone()),
                 [(MEMBERSHIP_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
             ),
-            credit_sync: request_response::Behaviour::new(
+            credit_sync: request_response::Behaviour::with_codec(
+                codec::Codec::new(budget.clone()),
                 [(CREDITS_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
             ),
-            tasks: request_response::Behaviour::new(
+            tasks: request_response::Behaviour::with_codec(
+                codec::Codec::new(budget.clone()),
                 [(TASK_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
             ),
             // A submitter fetches large outputs before it acknowledges.
-            results: request_response::Behaviour::new(
+            results: request_response::Behaviour::with_codec(
+                codec::Codec::new(budget.clone()),
                 [(RESULT_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(600)),
             ),
-            progress: request_response::Behaviour::new(
+            progress: request_response::Behaviour::with_codec(
+                codec::Codec::new(budget.clone()),
                 [(PROGRESS_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
             ),

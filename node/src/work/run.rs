@@ -280,10 +280,22 @@ impl Worker {
                     Arc::clone(map.entry(*hash).or_default())
                 };
                 let _held = lock.lock().await;
+                let started = std::time::Instant::now();
                 let got = blobs::fetch(&s.client, &s.blobs, peer, *hash, *len).await;
                 match got {
                     Ok(0) => self.count(|s| s.blobs_cached += 1),
                     Ok(n) => {
+                        let secs = started.elapsed().as_secs_f64();
+                        #[allow(clippy::cast_precision_loss)]
+                        let mib_s = n as f64 / f64::from(1u32 << 20) / secs.max(1e-6);
+                        tracing::info!(
+                            %peer,
+                            blob = %hash.short(),
+                            bytes = n,
+                            secs = format!("{secs:.2}"),
+                            mib_s = format!("{mib_s:.1}"),
+                            "input fetched"
+                        );
                         s.metrics.blob("in", "network", n);
                         self.count(|s| {
                             s.blobs_fetched += 1;

@@ -5,6 +5,7 @@
 mod credits;
 mod demo;
 mod failures;
+mod frames;
 mod hostile;
 mod jobs;
 mod layering;

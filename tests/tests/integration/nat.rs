@@ -6,20 +6,23 @@
 //! bootstrap node, reaches the other lab through it, DCUtR punches a
 //! direct connection, and a job submitted in one lab runs in the other.
 //! Then one lab's link fails for 60 s mid-job: the labs find each other
-//! again, and the job ends with every result the kernel's.
+//! again, and the job ends with every result the kernel's. Behind NATs
+//! that give every connection a new port (symmetric), hole punching
+//! cannot work: the labs stay relayed, and a job with a 12 MiB input
+//! still crosses through the bootstrap node's relay.
 
 use std::time::{Duration, Instant};
 
 use alliance_kernels::library::{self, monte_carlo_pi};
 use alliance_protocol::cert::Roles;
 use alliance_tests::alliance::wait_for;
-use alliance_tests::netns::{Labs, direct};
+use alliance_tests::netns::{Labs, Nat, direct};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// The labs, or none (and why, said) where this machine cannot build them.
-fn labs(name: &str) -> Option<Labs> {
-    Labs::start(name)
+fn labs(name: &str, nat: Nat) -> Option<Labs> {
+    Labs::start(name, nat)
         .map_err(|why| eprintln!("skipped: cannot build the NAT namespaces here: {why}"))
         .ok()
 }
@@ -27,7 +30,7 @@ fn labs(name: &str) -> Option<Labs> {
 #[test]
 fn labs_behind_nats_punch_through_and_run_a_job_across() {
     let _scenario = alliance_tests::scenario(module_path!());
-    let Some(labs) = labs("Alliance Behind NATs") else {
+    let Some(labs) = labs("Alliance Behind NATs", Nat::Cone) else {
         return;
     };
     let boot_peer = labs.boot_addr.rsplit('/').next().unwrap().to_owned();
@@ -106,7 +109,7 @@ fn labs_behind_nats_punch_through_and_run_a_job_across() {
 #[test]
 fn a_partition_between_the_labs_heals_and_loses_no_result() {
     let _scenario = alliance_tests::scenario(module_path!());
-    let Some(labs) = labs("Alliance Cut in Two") else {
+    let Some(labs) = labs("Alliance Cut in Two", Nat::Cone) else {
         return;
     };
     let sub_dir = labs.node(0, Roles::SUBMIT);
@@ -187,6 +190,166 @@ fn a_partition_between_the_labs_heals_and_loses_no_result() {
     let got = alliance_tests::jobs::read_npy(&out.join("out2.npy"));
     let want: Vec<u32> = (0..tasks)
         .flat_map(|t| monte_carlo_pi::cpu(5, 64, 256, t))
+        .map(|c| c * steps)
+        .collect();
+    assert_eq!(library::to_u32(&got.data), want);
+}
+
+#[test]
+fn behind_symmetric_nats_a_job_runs_through_the_relay() {
+    let _scenario = alliance_tests::scenario(module_path!());
+    let Some(labs) = labs("Alliance Behind Symmetric NATs", Nat::Symmetric) else {
+        return;
+    };
+    let sub_dir = labs.node(0, Roles::SUBMIT);
+    let worker_dir = labs.node(1, Roles::WORK);
+    let sub = labs.run(0, &sub_dir);
+    let worker = labs.run(1, &worker_dir);
+    wait_for(LIMIT, "the labs to verify each other", || {
+        sub.members().contains(&worker_dir.peer()) && worker.members().contains(&sub_dir.peer())
+    });
+    wait_for(LIMIT, "lab A to see lab B's GPU", || {
+        sub.advertisers().contains(&worker_dir.peer())
+    });
+    // 12 MiB: more than a circuit carried before its limit was raised.
+    let n = 3 << 20;
+    let files = labs.alliance.dir.path().join("sample-job");
+    std::fs::create_dir_all(&files).unwrap();
+    let (job, want) = alliance_tests::jobs::sample_job(&files, n);
+    let o = labs.cli(0, &sub_dir, &["submit", job.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", alliance_tests::jobs::text(&o));
+    let id = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let detail = alliance_tests::jobs::wait_end(&sub, &id);
+    assert_eq!(detail["summary"]["state"], "done", "{detail}");
+    assert!(
+        !direct(&sub, &worker_dir.peer()),
+        "a direct connection through symmetric NATs"
+    );
+    assert!(
+        !sub.log()
+            .contains("relayed connection upgraded to a direct one")
+            && !worker
+                .log()
+                .contains("relayed connection upgraded to a direct one"),
+        "hole punching got through symmetric NATs"
+    );
+    let fetched = worker
+        .log()
+        .lines()
+        .find(|l| l.contains("input fetched"))
+        .map(str::to_owned);
+    println!("through the relay: {fetched:?}");
+    assert!(fetched.is_some(), "lab B fetched no input");
+    let out = labs.alliance.dir.path().join("sample-results");
+    let o = labs.cli(
+        0,
+        &sub_dir,
+        &[
+            "job",
+            "results",
+            &id,
+            "--out",
+            out.to_str().unwrap(),
+            "--concat",
+        ],
+    );
+    assert!(o.status.success(), "{}", alliance_tests::jobs::text(&o));
+    let got = alliance_tests::jobs::read_npy(&out.join("out1.npy"));
+    let got: Vec<f32> = got
+        .data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_partition_between_institutions_goes_through_the_relay() {
+    let _scenario = alliance_tests::scenario(module_path!());
+    let Some(labs) = labs("Alliance Split Between Campuses", Nat::Cone) else {
+        return;
+    };
+    let sub_dir = labs.node(0, Roles::SUBMIT);
+    let worker_dir = labs.node(1, Roles::WORK);
+    let sub = labs.run(0, &sub_dir);
+    let worker = labs.run(1, &worker_dir);
+    let peer = worker_dir.peer();
+    wait_for(LIMIT, "a direct connection between the labs", || {
+        direct(&sub, &peer) && sub.advertisers().contains(&peer)
+    });
+    let (tasks, steps) = (2, 3000);
+    let job = serde_json::json!({
+        "job": alliance_tests::jobs::pi_job(9, tasks, 64, 256, steps),
+        "files": {}
+    });
+    let id = sub.post("/v1/jobs", &job.to_string()).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for(LIMIT, "lab B to run a task", || {
+        sub.get(&format!("/v1/jobs/{id}")).is_some_and(|d| {
+            alliance_tests::jobs::replicas(&d)
+                .iter()
+                .any(|r| r["state"] == "running")
+        })
+    });
+
+    // The link between the campuses fails; both still reach the bootstrap
+    // node. The dead direct connection is closed when its pings go
+    // unanswered, and the labs reach each other through the relay.
+    labs.net.split();
+    let split = Instant::now();
+    let relayed = || {
+        sub.get("/v1/peers").is_some_and(|p| {
+            p.as_array().is_some_and(|p| {
+                p.iter()
+                    .any(|e| e["peer_id"] == peer.as_str() && e["direct"] == false)
+            })
+        }) && worker.members().contains(&sub_dir.peer())
+    };
+    while !relayed() {
+        assert!(
+            split.elapsed() < Duration::from_secs(90),
+            "the labs did not reach each other through the relay: lab A's log:\n{}",
+            sub.log()
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    println!(
+        "through the relay {:.1} s after the campuses were split",
+        split.elapsed().as_secs_f64()
+    );
+    assert!(sub.advertisers().contains(&peer), "lab B's advert was lost");
+    std::thread::sleep(Duration::from_secs(60).saturating_sub(split.elapsed()));
+    labs.net.join();
+
+    let detail = alliance_tests::jobs::wait_end(&sub, &id);
+    assert_eq!(detail["summary"]["state"], "done", "{detail}");
+    let out = labs.alliance.dir.path().join("split-results");
+    let o = labs.cli(
+        0,
+        &sub_dir,
+        &[
+            "job",
+            "results",
+            &id,
+            "--out",
+            out.to_str().unwrap(),
+            "--concat",
+        ],
+    );
+    assert!(o.status.success(), "{}", alliance_tests::jobs::text(&o));
+    let got = alliance_tests::jobs::read_npy(&out.join("out2.npy"));
+    let want: Vec<u32> = (0..tasks)
+        .flat_map(|t| monte_carlo_pi::cpu(9, 64, 256, t))
         .map(|c| c * steps)
         .collect();
     assert_eq!(library::to_u32(&got.data), want);

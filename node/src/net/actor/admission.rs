@@ -15,6 +15,7 @@ use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId, request_response};
 use tracing::{debug, info, warn};
 
+use crate::metrics::Blocked;
 use crate::net::codec::Inbound as CodecInbound;
 
 use super::{EventLoop, MEMBERSHIP_DEADLINE};
@@ -25,6 +26,13 @@ use super::{
 
 /// Rejections remembered for the status page.
 pub(super) const MAX_REJECTED: usize = 256;
+
+/// How long a relayed connection stays once a direct one to the same peer
+/// is up.
+pub(super) const RELAYED_GRACE: Duration = Duration::from_secs(3);
+
+/// Unfinished request frames that get a peer blocked.
+pub(super) const MAX_STRIKES: u32 = 3;
 
 /// How long a rejected peer stays connected, so our answer reaches it.
 pub(super) const REJECT_GRACE: Duration = Duration::from_millis(300);
@@ -71,6 +79,13 @@ impl EventLoop {
     /// out members that join all at once).
     pub(super) fn turn_away(&mut self, peer: PeerId, reason: String, block: bool) {
         warn!(%peer, %reason, blocked = block, "peer rejected");
+        let label = if block { "true" } else { "false" };
+        self.turned_away
+            .get_or_create(&Blocked { blocked: label })
+            .inc();
+        if block {
+            self.strikes.remove(&peer);
+        }
         let b = self.swarm.behaviour_mut();
         if block {
             b.gossipsub.blacklist_peer(&peer);
@@ -89,6 +104,53 @@ impl EventLoop {
             peer_id: peer.to_string(),
             reason,
         });
+    }
+
+    /// Closes the relayed connections of peers whose direct connection came
+    /// up long enough ago and is still there.
+    pub(super) fn retire_relayed(&mut self, now: Instant) {
+        let (due, later): (Vec<_>, Vec<_>) =
+            self.retiring.drain(..).partition(|(_, at)| *at <= now);
+        self.retiring = later;
+        for (peer, _) in due {
+            let Some(conns) = self.connected.get(&peer) else {
+                continue;
+            };
+            if !conns.values().any(|relayed| !relayed) {
+                continue;
+            }
+            let relayed: Vec<ConnectionId> = conns
+                .iter()
+                .filter(|(_, relayed)| **relayed)
+                .map(|(c, _)| *c)
+                .collect();
+            for c in relayed {
+                debug!(%peer, "relayed connection closed: a direct one is up");
+                self.swarm.close_connection(c);
+            }
+        }
+    }
+
+    /// Whether `peer` was turned away and is about to be disconnected.
+    pub(super) fn leaving(&self, peer: &PeerId) -> bool {
+        self.doomed.iter().any(|(p, ..)| p == peer)
+    }
+
+    /// A request frame from `peer` that stopped short or stalled: it is
+    /// disconnected, and blocked at the [`MAX_STRIKES`]th, since a broken
+    /// connection looks the same once but not every time.
+    pub(super) fn unfinished(&mut self, peer: PeerId, what: &str, why: &str) {
+        // Its other streams end the same way as it goes: one strike.
+        if self.leaving(&peer) {
+            return;
+        }
+        if self.strikes.len() >= MAX_REJECTED && !self.strikes.contains_key(&peer) {
+            self.strikes.clear();
+        }
+        let strikes = self.strikes.entry(peer).or_insert(0);
+        *strikes += 1;
+        let block = *strikes >= MAX_STRIKES;
+        self.turn_away(peer, format!("left a {what} unfinished: {why}"), block);
     }
 
     /// Checks a peer's hello: same alliance, valid chain, and the chain is
@@ -196,6 +258,9 @@ impl EventLoop {
                     CodecInbound::Message(hello) => hello,
                     CodecInbound::Refused(why) => {
                         return self.reject(peer, format!("sent a bad membership request: {why}"));
+                    }
+                    CodecInbound::Unfinished(why) => {
+                        return self.unfinished(peer, "membership request", &why);
                     }
                 };
                 let verdict = self.check_hello(peer, &request);
@@ -306,6 +371,18 @@ impl EventLoop {
             && !relayed
         {
             self.reached_at.insert(peer_id, address.clone());
+        }
+        // A direct connection makes a relayed one to the same peer a
+        // detour: streams pick a connection at random, and a blob through
+        // the relay crawls and counts against its limits. Closed a moment
+        // later, so that hole punching finishes on it first.
+        let has_relayed = self
+            .connected
+            .get(&peer_id)
+            .is_some_and(|c| c.values().any(|r| *r));
+        if !relayed && has_relayed {
+            self.retiring
+                .push((peer_id, Instant::now() + RELAYED_GRACE));
         }
         if established == 1 && !self.members.contains_key(&peer_id) {
             self.pending

@@ -227,6 +227,9 @@ pub enum Command {
     /// A member misbehaved (a bad result, a blob that fails its hash):
     /// disconnect and block it, with the reason.
     Punish(PeerId, String),
+    /// A peer left a request frame unfinished (what, how far it got):
+    /// disconnect it, and block it when it keeps doing so.
+    Unfinished(PeerId, &'static str, String),
 }
 
 /// The handle the rest of the node uses.
@@ -355,6 +358,20 @@ impl Client {
     pub async fn punish(&self, peer: PeerId, reason: String) -> Result<(), Stopped> {
         self.commands
             .send(Command::Punish(peer, reason))
+            .await
+            .map_err(|_| Stopped)
+    }
+
+    /// `peer` left a `what` frame unfinished (`why`): see
+    /// [`Command::Unfinished`].
+    pub async fn unfinished(
+        &self,
+        peer: PeerId,
+        what: &'static str,
+        why: String,
+    ) -> Result<(), Stopped> {
+        self.commands
+            .send(Command::Unfinished(peer, what, why))
             .await
             .map_err(|_| Stopped)
     }

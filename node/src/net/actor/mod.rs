@@ -63,6 +63,10 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use libp2p::core::transport::ListenerId;
 use libp2p::metrics::Registry;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::metrics::Blocked;
 use libp2p::request_response::OutboundRequestId;
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, mdns, relay};
@@ -129,7 +133,15 @@ pub struct EventLoop {
     advertiser_turn: usize,
     pending: HashMap<PeerId, Instant>,
     rejected: Vec<Rejection>,
+    /// Unfinished request frames per peer since it was last blocked: the
+    /// third gets it blocked.
+    strikes: HashMap<PeerId, u32>,
+    /// Peers turned away, by whether they were blocked.
+    turned_away: Family<Blocked, Counter>,
     doomed: Vec<(PeerId, Instant, bool)>,
+    /// Peers whose relayed connections close at the instant given, now
+    /// that a direct one is up.
+    retiring: Vec<(PeerId, Instant)>,
     identified: HashMap<PeerId, Vec<Multiaddr>>,
     adverts: HashMap<PeerId, Advert>,
     /// The signed revocation lists in force, to hand to members that lack them.
@@ -166,9 +178,15 @@ impl std::fmt::Debug for EventLoop {
 pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
     let Network {
         swarm,
-        metrics,
+        mut metrics,
         protocols,
     } = network;
+    let turned_away = Family::<Blocked, Counter>::default();
+    metrics.register(
+        "alliance_peers_turned_away",
+        "Peers turned away (failed membership, a bad, unfinished or stalled frame); blocked or only disconnected",
+        turned_away.clone(),
+    );
     let streams = swarm.behaviour().streams.new_control();
     let (tx, rx) = mpsc::channel(64);
     let adverts_topic = crate::net::topic(&setup.charter.id, "adverts");
@@ -212,7 +230,10 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             advertiser_turn: 0,
             pending: HashMap::new(),
             rejected: Vec::new(),
+            strikes: HashMap::new(),
+            turned_away,
             doomed: Vec::new(),
+            retiring: Vec::new(),
             identified: HashMap::new(),
             adverts: HashMap::new(),
             verified_chains: HashMap::new(),
@@ -346,6 +367,20 @@ impl EventLoop {
             BehaviourEvent::Relay(relay::Event::ReservationReqAccepted { src_peer_id, .. }) => {
                 debug!(peer = %src_peer_id, "relaying for a member");
             }
+            // A connection that stops answering pings is dead even where
+            // its transport does not notice (a link that drops packets
+            // leaves TCP waiting for many minutes): closing it lets the
+            // node redial, or reach the peer through a relay.
+            // libp2p reports the second failure in a row: the ping timed
+            // out, or a new ping stream could not even be negotiated.
+            BehaviourEvent::Ping(libp2p::ping::Event {
+                peer,
+                connection,
+                result: Err(failure),
+            }) if !matches!(failure, libp2p::ping::Failure::Unsupported) => {
+                info!(%peer, %failure, "a connection stopped answering pings; closing it");
+                self.swarm.close_connection(connection);
+            }
             BehaviourEvent::Dcutr(dcutr::Event {
                 remote_peer_id,
                 result,
@@ -415,6 +450,7 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        self.retire_relayed(now);
         let (due, later): (Vec<_>, Vec<_>) =
             self.doomed.drain(..).partition(|(_, at, _)| *at <= now);
         self.doomed = later;
@@ -599,6 +635,7 @@ impl EventLoop {
                 let _ = tx.send(member);
             }
             Command::Punish(peer, reason) => self.reject(peer, reason),
+            Command::Unfinished(peer, what, why) => self.unfinished(peer, what, &why),
             Command::Revoke(list, tx) => {
                 let result = self.apply_revocations(&list);
                 if result.is_ok() {

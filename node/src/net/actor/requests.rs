@@ -35,9 +35,18 @@ impl EventLoop {
         what: &str,
         request: CodecInbound<T>,
     ) -> Option<(Member, T)> {
+        // Requests still in flight from a peer that was just turned away
+        // add nothing to its record.
+        if self.leaving(&peer) {
+            return None;
+        }
         match request {
             CodecInbound::Refused(why) => {
                 self.reject(peer, format!("sent a bad {what}: {why}"));
+                None
+            }
+            CodecInbound::Unfinished(why) => {
+                self.unfinished(peer, what, &why);
                 None
             }
             CodecInbound::Message(m) => match self.members.get(&peer) {

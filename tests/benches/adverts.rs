@@ -21,6 +21,12 @@
 //! size and accepting them unread. Its delays are what libp2p's gossip
 //! costs on this machine; the `vs bare` columns say what the node adds.
 //!
+//! With `ADVERT_BENCH=cost` it draws the cost curve instead: for 50, 200
+//! and 500 nodes (`ADVERT_BENCH_NODES`), the time until every member's
+//! table holds every advert, then over the traffic window at steady state
+//! the CPU seconds per node per minute, the bytes per node per second and
+//! the memory per node (this process's resident growth over the nodes).
+//!
 //! Run: `cargo bench -p alliance-tests --bench adverts`
 //! (`ADVERT_BENCH_NODES=10,50` picks the sizes, `ADVERT_BENCH_ROUNDS` the
 //! number of publishes per size, `ADVERT_BENCH_COST_SECS` the length of the
@@ -354,8 +360,123 @@ async fn traffic(nodes: &[InProcess]) -> (u64, u64) {
     total
 }
 
+/// This process's resident memory, in bytes.
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Until every node's table holds `n` adverts; a full node is not read
+/// again (reading every table takes CPU from the nodes being measured).
+async fn converge_all(nodes: &[InProcess], limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut full = vec![false; nodes.len()];
+    while full.iter().any(|f| !f) {
+        if start.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for (i, n) in nodes.iter().enumerate() {
+            if !full[i] {
+                full[i] = n.client.gpus().await.unwrap().len() >= nodes.len();
+            }
+        }
+    }
+    Some(start.elapsed())
+}
+
+/// The cost curve: per size, convergence and the steady-state cost per node.
+async fn cost_curve(sizes: &[usize], window: Duration) {
+    println!(
+        "cost per node at steady state over {} s (in-process nodes on loopback TCP; each joins through the first node and one joined before it)",
+        window.as_secs()
+    );
+    println!(
+        "{:>6} {:>11} {:>15} {:>14} {:>14} {:>12} {:>10}",
+        "nodes",
+        "converged",
+        "CPU s/node/min",
+        "sent B/node/s",
+        "recv B/node/s",
+        "MiB/node",
+        "CPU vs 1st"
+    );
+    let mut first: Option<f64> = None;
+    for &n in sizes {
+        let ttl = alliance_protocol::cert::CharterDefaults::default().advert_ttl_secs;
+        let a = TestAlliance::new(
+            "Cost",
+            &[("North", Roles::ALL), ("South", Roles::WORK)],
+            ttl,
+        );
+        let before = rss();
+        let mut nodes = vec![a.spawn(0, vec![]).await];
+        let started = Instant::now();
+        for i in 1..n {
+            // The first node and one joined earlier: no single node takes
+            // every join (its connection limits would turn the rest away).
+            let boot = vec![nodes[0].address.clone(), nodes[i / 2].address.clone()];
+            nodes.push(a.spawn(i % 2, boot).await);
+        }
+        if converge_all(&nodes, Duration::from_secs(900))
+            .await
+            .is_none()
+        {
+            println!("{n:>6} did not converge within 900 s");
+            return;
+        }
+        let converged = started.elapsed();
+        // Past the joining: AutoNAT probes and the first DHT walks.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let memory = rss().saturating_sub(before) as f64 / n as f64 / f64::from(1u32 << 20);
+        let (t0, c0) = (traffic(&nodes).await, cpu_time());
+        tokio::time::sleep(window).await;
+        let (t1, c1) = (traffic(&nodes).await, cpu_time());
+        let secs = window.as_secs_f64();
+        let cpu = match (c0, c1) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64() / n as f64 / (secs / 60.0),
+            _ => f64::NAN,
+        };
+        let sent = (t1.0 - t0.0) as f64 / n as f64 / secs;
+        let recv = (t1.1 - t0.1) as f64 / n as f64 / secs;
+        let base = *first.get_or_insert(cpu);
+        println!(
+            "{n:>6} {:>10.1}s {cpu:>15.3} {sent:>14.0} {recv:>14.0} {memory:>12.2} {:>9.2}x",
+            converged.as_secs_f64(),
+            cpu / base
+        );
+        drop(nodes);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    println!("converged: from the first node's start until every table holds every advert");
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if std::env::var("ADVERT_BENCH").is_ok_and(|v| v == "cost") {
+        let sizes: Vec<usize> = std::env::var("ADVERT_BENCH_NODES")
+            .ok()
+            .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![50, 200, 500]);
+        let window = Duration::from_secs(
+            std::env::var("ADVERT_BENCH_COST_SECS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(60),
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(cost_curve(&sizes, window));
         return;
     }
     let sizes: Vec<usize> = std::env::var("ADVERT_BENCH_NODES")

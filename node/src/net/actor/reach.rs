@@ -23,6 +23,11 @@ const MAX_RELAY_BACKOFF: Duration = Duration::from_secs(30 * 60);
 /// and their adverts must not make it dial every one of them each round.
 const ADVERTISERS_A_ROUND: usize = 4;
 
+/// [`EventLoop::dial_advertisers`] dials only while the node is connected
+/// to fewer peers than this: it is there to find the far side of a
+/// partition, not to connect every member to every other.
+const DIAL_ADVERTISERS_BELOW: usize = 8;
+
 /// What this node knows of the relays it could reserve an address on.
 #[derive(Debug, Default)]
 pub(super) struct Relays {
@@ -157,6 +162,11 @@ impl EventLoop {
     /// addresses it knows, and a circuit through each relay at hand, which
     /// DCUtR then turns direct again.
     pub(super) fn dial_advertisers(&mut self) {
+        // Enough members at hand carry the gossip; dialling every
+        // advertiser would end in connections to the whole alliance.
+        if self.connected.len() >= DIAL_ADVERTISERS_BELOW {
+            return;
+        }
         let me = *self.swarm.local_peer_id();
         let mut missing: Vec<PeerId> = self
             .adverts

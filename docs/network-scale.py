@@ -1,0 +1,43 @@
+"""Draws docs/network-scale.svg: CPU per node against alliance size, from
+the two measured parts of a node's cost (see docs/network-scale.md): a
+fixed background and a share per advert refreshed every 30 s.
+
+    python3 docs/network-scale.py
+"""
+FIXED = 0.80      # CPU s per node per minute at rest, without adverts (50 nodes)
+PER_ADVERT = 1.46e-3  # CPU s per node for each advert it takes in
+REFRESH = 30.0    # s between republications of an unchanged advert
+MEASURED = [(50, 0.949)]
+
+def cost(n):
+    return FIXED + n / REFRESH * PER_ADVERT * 60
+
+W, H, L, R, T, B = 640, 360, 70, 20, 30, 50
+xs = [50, 100, 200, 500, 1000, 2000, 5000]
+ymax = cost(5000) * 1.1
+def px(x): return L + (W - L - R) * x / 5000
+def py(y): return H - B - (H - T - B) * y / ymax
+out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+       f'<rect width="{W}" height="{H}" fill="white"/>',
+       f'<text x="{W/2}" y="18" text-anchor="middle" font-size="14">CPU seconds per node per minute against alliance size</text>']
+step = 2
+for i in range(0, int(ymax) + 1, step):
+    out.append(f'<line x1="{L}" x2="{W-R}" y1="{py(i)}" y2="{py(i)}" stroke="#ddd"/>')
+    out.append(f'<text x="{L-8}" y="{py(i)+4}" text-anchor="end">{i}</text>')
+for x in [0, 1000, 2000, 3000, 4000, 5000]:
+    out.append(f'<text x="{px(x)}" y="{H-B+18}" text-anchor="middle">{x}</text>')
+out.append(f'<text x="{(L+W-R)/2}" y="{H-12}" text-anchor="middle">nodes</text>')
+out.append(f'<line x1="{L}" x2="{L}" y1="{T}" y2="{H-B}" stroke="black"/><line x1="{L}" x2="{W-R}" y1="{H-B}" y2="{H-B}" stroke="black"/>')
+pts = " ".join(f"{px(x)},{py(cost(x))}" for x in range(50, 5001, 50))
+out.append(f'<polyline points="{pts}" fill="none" stroke="#1f77b4" stroke-width="2" stroke-dasharray="6 4"/>')
+lim = 1.5 * MEASURED[0][1]
+out.append(f'<line x1="{L}" x2="{W-R}" y1="{py(lim)}" y2="{py(lim)}" stroke="#d62728"/>')
+out.append(f'<text x="{W-R-4}" y="{py(lim)-4}" text-anchor="end" fill="#d62728">1.5 × the 50-node cost</text>')
+for x, y in MEASURED:
+    out.append(f'<circle cx="{px(x)}" cy="{py(y)}" r="5" fill="#1f77b4"/>')
+    out.append(f'<text x="{px(x)+8}" y="{py(y)-8}">measured, {x} nodes</text>')
+out.append(f'<text x="{px(3000)}" y="{py(cost(3000))-10}" fill="#1f77b4">model: fixed + adverts every 30 s</text>')
+out.append("</svg>")
+open("docs/network-scale.svg", "w").write("\n".join(out) + "\n")
+for x in xs:
+    print(x, round(cost(x), 2))

@@ -15,16 +15,74 @@ use std::time::{Duration, Instant};
 
 use alliance_kernels::library::{self, monte_carlo_pi};
 use alliance_protocol::cert::Roles;
-use alliance_tests::alliance::wait_for;
+use alliance_tests::alliance::{NodeDir, Running, wait_for};
 use alliance_tests::netns::{Labs, Nat, direct};
+use std::path::PathBuf;
 
 const LIMIT: Duration = Duration::from_secs(60);
+/// The tasks and steps of [`start_long_job`]'s job.
+const LONG_TASKS: u32 = 2;
+const LONG_STEPS: u32 = 3000;
 
 /// The labs, or none (and why, said) where this machine cannot build them.
 fn labs(name: &str, nat: Nat) -> Option<Labs> {
     Labs::start(name, nat)
         .map_err(|why| eprintln!("skipped: cannot build the NAT namespaces here: {why}"))
         .ok()
+}
+
+/// A 2-task π job of 3000 steps from lab A, each task running for seconds
+/// on lab B's software GPU; its id once lab B runs one of them.
+fn start_long_job(sub: &Running, seed: u32) -> String {
+    let job = serde_json::json!({
+        "job": alliance_tests::jobs::pi_job(seed, LONG_TASKS, 64, 256, LONG_STEPS),
+        "files": {}
+    });
+    let id = sub.post("/v1/jobs", &job.to_string()).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for(LIMIT, "lab B to run a task", || {
+        sub.get(&format!("/v1/jobs/{id}")).is_some_and(|d| {
+            alliance_tests::jobs::replicas(&d)
+                .iter()
+                .any(|r| r["state"] == "running")
+        })
+    });
+    id
+}
+
+/// Waits for job `id` to end `done` and returns its outputs, fetched
+/// from lab A with `alliance job results --concat` into `name`.
+fn done_results(labs: &Labs, sub_dir: &NodeDir, sub: &Running, id: &str, name: &str) -> PathBuf {
+    let detail = alliance_tests::jobs::wait_end(sub, id);
+    assert_eq!(detail["summary"]["state"], "done", "{detail}");
+    let out = labs.alliance.dir.path().join(name);
+    let o = labs.cli(
+        0,
+        sub_dir,
+        &[
+            "job",
+            "results",
+            id,
+            "--out",
+            out.to_str().unwrap(),
+            "--concat",
+        ],
+    );
+    assert!(o.status.success(), "{}", alliance_tests::jobs::text(&o));
+    out
+}
+
+/// The long job's results are the kernel's: nothing lab B computed or
+/// lab A acknowledged was lost.
+fn assert_long_job_results(out: &std::path::Path, seed: u32) {
+    let got = alliance_tests::jobs::read_npy(&out.join("out2.npy"));
+    let want: Vec<u32> = (0..LONG_TASKS)
+        .flat_map(|t| monte_carlo_pi::cpu(seed, 64, 256, t))
+        .map(|c| c * LONG_STEPS)
+        .collect();
+    assert_eq!(library::to_u32(&got.data), want);
 }
 
 #[test]
@@ -120,23 +178,7 @@ fn a_partition_between_the_labs_heals_and_loses_no_result() {
         sub.advertisers().contains(&worker_dir.peer())
     });
 
-    // Tasks that run for seconds on lab B's software GPU.
-    let (tasks, steps) = (2, 3000);
-    let job = serde_json::json!({
-        "job": alliance_tests::jobs::pi_job(5, tasks, 64, 256, steps),
-        "files": {}
-    });
-    let id = sub.post("/v1/jobs", &job.to_string()).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    wait_for(LIMIT, "lab B to run a task", || {
-        sub.get(&format!("/v1/jobs/{id}")).is_some_and(|d| {
-            alliance_tests::jobs::replicas(&d)
-                .iter()
-                .any(|r| r["state"] == "running")
-        })
-    });
+    let id = start_long_job(&sub, 5);
 
     // Lab A's campus link fails for 60 s.
     labs.net.cut(0);
@@ -170,29 +212,9 @@ fn a_partition_between_the_labs_heals_and_loses_no_result() {
     );
 
     // The job ends with every task verified, and its results are the
-    // kernel's: nothing lab B computed or lab A acknowledged was lost.
-    let detail = alliance_tests::jobs::wait_end(&sub, &id);
-    assert_eq!(detail["summary"]["state"], "done", "{detail}");
-    let out = labs.alliance.dir.path().join("partition-results");
-    let o = labs.cli(
-        0,
-        &sub_dir,
-        &[
-            "job",
-            "results",
-            &id,
-            "--out",
-            out.to_str().unwrap(),
-            "--concat",
-        ],
-    );
-    assert!(o.status.success(), "{}", alliance_tests::jobs::text(&o));
-    let got = alliance_tests::jobs::read_npy(&out.join("out2.npy"));
-    let want: Vec<u32> = (0..tasks)
-        .flat_map(|t| monte_carlo_pi::cpu(5, 64, 256, t))
-        .map(|c| c * steps)
-        .collect();
-    assert_eq!(library::to_u32(&got.data), want);
+    // kernel's.
+    let out = done_results(&labs, &sub_dir, &sub, &id, "partition-results");
+    assert_long_job_results(&out, 5);
 }
 
 #[test]
@@ -222,8 +244,7 @@ fn behind_symmetric_nats_a_job_runs_through_the_relay() {
         .as_str()
         .unwrap()
         .to_owned();
-    let detail = alliance_tests::jobs::wait_end(&sub, &id);
-    assert_eq!(detail["summary"]["state"], "done", "{detail}");
+    let out = done_results(&labs, &sub_dir, &sub, &id, "sample-results");
     assert!(
         !direct(&sub, &worker_dir.peer()),
         "a direct connection through symmetric NATs"
@@ -243,20 +264,6 @@ fn behind_symmetric_nats_a_job_runs_through_the_relay() {
         .map(str::to_owned);
     println!("through the relay: {fetched:?}");
     assert!(fetched.is_some(), "lab B fetched no input");
-    let out = labs.alliance.dir.path().join("sample-results");
-    let o = labs.cli(
-        0,
-        &sub_dir,
-        &[
-            "job",
-            "results",
-            &id,
-            "--out",
-            out.to_str().unwrap(),
-            "--concat",
-        ],
-    );
-    assert!(o.status.success(), "{}", alliance_tests::jobs::text(&o));
     let got = alliance_tests::jobs::read_npy(&out.join("out1.npy"));
     let got: Vec<f32> = got
         .data
@@ -280,22 +287,7 @@ fn a_partition_between_institutions_goes_through_the_relay() {
     wait_for(LIMIT, "a direct connection between the labs", || {
         direct(&sub, &peer) && sub.advertisers().contains(&peer)
     });
-    let (tasks, steps) = (2, 3000);
-    let job = serde_json::json!({
-        "job": alliance_tests::jobs::pi_job(9, tasks, 64, 256, steps),
-        "files": {}
-    });
-    let id = sub.post("/v1/jobs", &job.to_string()).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    wait_for(LIMIT, "lab B to run a task", || {
-        sub.get(&format!("/v1/jobs/{id}")).is_some_and(|d| {
-            alliance_tests::jobs::replicas(&d)
-                .iter()
-                .any(|r| r["state"] == "running")
-        })
-    });
+    let id = start_long_job(&sub, 9);
 
     // The link between the campuses fails; both still reach the bootstrap
     // node. The dead direct connection is closed when its pings go
@@ -330,27 +322,6 @@ fn a_partition_between_institutions_goes_through_the_relay() {
     assert!(sub.advertisers().contains(&peer), "lab B's advert was lost");
     std::thread::sleep(Duration::from_secs(60).saturating_sub(split.elapsed()));
     labs.net.join();
-
-    let detail = alliance_tests::jobs::wait_end(&sub, &id);
-    assert_eq!(detail["summary"]["state"], "done", "{detail}");
-    let out = labs.alliance.dir.path().join("split-results");
-    let o = labs.cli(
-        0,
-        &sub_dir,
-        &[
-            "job",
-            "results",
-            &id,
-            "--out",
-            out.to_str().unwrap(),
-            "--concat",
-        ],
-    );
-    assert!(o.status.success(), "{}", alliance_tests::jobs::text(&o));
-    let got = alliance_tests::jobs::read_npy(&out.join("out2.npy"));
-    let want: Vec<u32> = (0..tasks)
-        .flat_map(|t| monte_carlo_pi::cpu(9, 64, 256, t))
-        .map(|c| c * steps)
-        .collect();
-    assert_eq!(library::to_u32(&got.data), want);
+    let out = done_results(&labs, &sub_dir, &sub, &id, "split-results");
+    assert_long_job_results(&out, 9);
 }

@@ -231,7 +231,10 @@ impl From<Failed> for io::Error {
 
 /// How long a frame of `len` bytes may take to arrive.
 pub fn frame_deadline(len: usize) -> Duration {
-    FRAME_GRACE + Duration::from_secs(len as u64 / MIN_RATE)
+    // In milliseconds, so that a frame shorter than a second's worth at
+    // MIN_RATE still gets more than the idle grace: the two timers never
+    // race for the same instant.
+    FRAME_GRACE + Duration::from_millis((len as u64).saturating_mul(1000) / MIN_RATE + 1)
 }
 
 /// Reads one frame of `M`; a bad frame is an `InvalidData` error, a short

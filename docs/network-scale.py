@@ -1,16 +1,25 @@
 """Draws docs/network-scale.svg: CPU per node against alliance size, from
-the two measured parts of a node's cost (see docs/network-scale.md): a
-fixed background and a share per advert refreshed every 30 s.
+the two parts of a node's cost (see docs/network-scale.md): a background
+in proportion to its connections, which stay bounded, and a share per
+advert refresh taken in, at a rate that stays flat until the advert
+lifetime reaches its hour.
 
     python3 docs/network-scale.py
 """
-FIXED = 0.80      # CPU s per node per minute at rest, without adverts (50 nodes)
-PER_ADVERT = 1.46e-3  # CPU s per node for each advert it takes in
-REFRESH = 30.0    # s between republications of an unchanged advert
-MEASURED = [(50, 0.949)]
+DEGREE = 11.8         # connections a node held at steady state (at most 16)
+PER_ADVERT = 1.46e-3  # CPU s per node for each advert it takes in (an upper bound)
+# CPU s per node per minute per connection: what the 50-node measurement
+# leaves once the adverts have their (upper-bound) share.
+PER_CONNECTION = (0.299 - 50 / 30 * PER_ADVERT * 60) / DEGREE
+BASE_TTL = 120.0      # the charter's advert lifetime, s
+MAX_TTL = 3600.0      # the longest an advert may live, s
+FULL_RATE = 50        # advertisers below which the lifetime is the charter's
+MEASURED = [(50, 0.299)]
 
 def cost(n):
-    return FIXED + n / REFRESH * PER_ADVERT * 60
+    ttl = min(BASE_TTL * max(1, -(-n // FULL_RATE)), MAX_TTL)
+    refreshes = n / (ttl / 4)
+    return PER_CONNECTION * DEGREE + refreshes * PER_ADVERT * 60
 
 W, H, L, R, T, B = 640, 360, 70, 20, 30, 50
 xs = [50, 100, 200, 500, 1000, 2000, 5000]
@@ -20,10 +29,11 @@ def py(y): return H - B - (H - T - B) * y / ymax
 out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
        f'<rect width="{W}" height="{H}" fill="white"/>',
        f'<text x="{W/2}" y="18" text-anchor="middle" font-size="14">CPU seconds per node per minute against alliance size</text>']
-step = 2
-for i in range(0, int(ymax) + 1, step):
+step = 0.25
+for k in range(0, int(ymax / step) + 1):
+    i = k * step
     out.append(f'<line x1="{L}" x2="{W-R}" y1="{py(i)}" y2="{py(i)}" stroke="#ddd"/>')
-    out.append(f'<text x="{L-8}" y="{py(i)+4}" text-anchor="end">{i}</text>')
+    out.append(f'<text x="{L-8}" y="{py(i)+4}" text-anchor="end">{i:g}</text>')
 for x in [0, 1000, 2000, 3000, 4000, 5000]:
     out.append(f'<text x="{px(x)}" y="{H-B+18}" text-anchor="middle">{x}</text>')
 out.append(f'<text x="{(L+W-R)/2}" y="{H-12}" text-anchor="middle">nodes</text>')
@@ -36,7 +46,7 @@ out.append(f'<text x="{W-R-4}" y="{py(lim)-4}" text-anchor="end" fill="#d62728">
 for x, y in MEASURED:
     out.append(f'<circle cx="{px(x)}" cy="{py(y)}" r="5" fill="#1f77b4"/>')
     out.append(f'<text x="{px(x)+8}" y="{py(y)-8}">measured, {x} nodes</text>')
-out.append(f'<text x="{px(3000)}" y="{py(cost(3000))-10}" fill="#1f77b4">model: fixed + adverts every 30 s</text>')
+out.append(f'<text x="{px(3000)}" y="{py(cost(3000))-10}" fill="#1f77b4">model: bounded degree + flat refresh rate (lifetime capped at 1 h past 1,500)</text>')
 out.append("</svg>")
 open("docs/network-scale.svg", "w").write("\n".join(out) + "\n")
 for x in xs:

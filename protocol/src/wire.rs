@@ -442,6 +442,37 @@ impl Message for AdvertGossip {
     const MAX_SIZE: usize = 32 * 1024;
 }
 
+/// Asks a member for the GPU adverts it holds, a page at a time, skipping
+/// the first `skip` (in the order of their publishers' peer ids). A node
+/// that joins fetches the table from the first member it meets instead of
+/// waiting for every advert's next refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertsRequest {
+    pub skip: u32,
+}
+
+impl Message for AdvertsRequest {
+    const NAME: &'static str = "adverts request";
+    const MAX_SIZE: usize = 1024;
+}
+
+/// A page of adverts as their publishers signed them, each with its chain,
+/// checked by the receiver as gossiped ones are; `more` when another page
+/// follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvertsPage {
+    pub adverts: Vec<AdvertGossip>,
+    pub more: bool,
+}
+
+/// Adverts one page carries at most.
+pub const MAX_PAGE_ADVERTS: usize = 32;
+
+impl Message for AdvertsPage {
+    const NAME: &'static str = "adverts page";
+    const MAX_SIZE: usize = MAX_PAGE_ADVERTS * <AdvertGossip as Message>::MAX_SIZE + 1024;
+}
+
 /// A revocation list passed on by gossip.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevocationGossip {

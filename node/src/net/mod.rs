@@ -47,6 +47,9 @@ pub const RESULT_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/resul
 /// Progress of running tasks, worker to submitter (renews the lease).
 pub const PROGRESS_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/progress/1");
 
+/// The advert table, paged from a member to a node that joins.
+pub const ADVERTS_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/adverts/1");
+
 /// Credits a node missed, paged from a member that holds them.
 pub const CREDITS_PROTOCOL: StreamProtocol = StreamProtocol::new("/alliance/credits/1");
 

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use alliance_protocol::Hash;
 use alliance_protocol::wire::{
-    Ack, Acks, CreditsPage, CreditsRequest, Hello, OfferAnswers, OfferRequest, Progress, Reports,
+    Ack, Acks, AdvertsPage, AdvertsRequest, CreditsPage, CreditsRequest, Hello, OfferAnswers,
+    OfferRequest, Progress, Reports,
 };
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, OptionalTransport};
@@ -23,8 +24,8 @@ use libp2p::{
 
 use super::codec;
 use super::{
-    CREDITS_PROTOCOL, MEMBERSHIP_PROTOCOL, PROGRESS_PROTOCOL, RESULT_PROTOCOL, TASK_PROTOCOL,
-    kad_protocol,
+    ADVERTS_PROTOCOL, CREDITS_PROTOCOL, MEMBERSHIP_PROTOCOL, PROGRESS_PROTOCOL, RESULT_PROTOCOL,
+    TASK_PROTOCOL, kad_protocol,
 };
 
 /// The network behaviour of an alliance node.
@@ -37,6 +38,7 @@ pub struct Behaviour {
     pub ping: ping::Behaviour,
     pub membership: request_response::Behaviour<codec::Codec<Hello, Hello>>,
     pub credit_sync: request_response::Behaviour<codec::Codec<CreditsRequest, CreditsPage>>,
+    pub advert_sync: request_response::Behaviour<codec::Codec<AdvertsRequest, AdvertsPage>>,
     pub tasks: request_response::Behaviour<codec::Codec<OfferRequest, OfferAnswers>>,
     pub results: request_response::Behaviour<codec::Codec<Reports, Acks>>,
     pub progress: request_response::Behaviour<codec::Codec<Progress, Ack>>,
@@ -170,7 +172,7 @@ pub fn gossip(key: &libp2p::identity::Keypair) -> Result<gossipsub::Behaviour, S
     let config = gossipsub::ConfigBuilder::default()
         .validation_mode(gossipsub::ValidationMode::Strict)
         .validate_messages()
-        .heartbeat_interval(Duration::from_millis(500))
+        .heartbeat_interval(Duration::from_secs(1))
         .max_transmit_size(300 * 1024)
         .build()
         .map_err(|e| format!("gossipsub config: {e}"))?;
@@ -250,6 +252,10 @@ impl Behaviour {
         // Only peers whose membership was verified enter the routing table.
         kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
         kad_config.set_query_timeout(Duration::from_secs(30));
+        // A bootstrap walk dials many members, each connection to be
+        // trimmed again a moment later; a node walks every 10 s anyway
+        // while it holds few connections.
+        kad_config.set_periodic_bootstrap_interval(Some(Duration::from_secs(30 * 60)));
         let mut kad =
             kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config);
         // Bootstrap nodes answer queries from the start; members switch to
@@ -330,6 +336,11 @@ impl Behaviour {
             credit_sync: request_response::Behaviour::with_codec(
                 codec::Codec::new(budget.clone()),
                 [(CREDITS_PROTOCOL, request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+            ),
+            advert_sync: request_response::Behaviour::with_codec(
+                codec::Codec::new(budget.clone()),
+                [(ADVERTS_PROTOCOL, request_response::ProtocolSupport::Full)],
                 request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
             ),
             tasks: request_response::Behaviour::with_codec(

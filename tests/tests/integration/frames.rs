@@ -20,8 +20,8 @@
 use std::time::{Duration, Instant};
 
 use alliance_node::net::{
-    self, BLOB_PROTOCOL, CREDITS_PROTOCOL, MEMBERSHIP_PROTOCOL, PROGRESS_PROTOCOL, RESULT_PROTOCOL,
-    TASK_PROTOCOL,
+    self, ADVERTS_PROTOCOL, BLOB_PROTOCOL, CREDITS_PROTOCOL, MEMBERSHIP_PROTOCOL,
+    PROGRESS_PROTOCOL, RESULT_PROTOCOL, TASK_PROTOCOL,
 };
 use alliance_protocol::cert::Roles;
 use alliance_protocol::wire::{self, Hello, Message};
@@ -293,6 +293,7 @@ async fn hostile_frames_on_every_protocol_are_refused_and_the_peer_dropped() {
         RESULT_PROTOCOL,
         PROGRESS_PROTOCOL,
         CREDITS_PROTOCOL,
+        ADVERTS_PROTOCOL,
         BLOB_PROTOCOL,
     ];
     for p in &ours {

@@ -1,5 +1,6 @@
 //! Fifty nodes in one process, on loopback TCP, converge on a full advert
-//! table: every node holds every node's advert.
+//! table: every node holds every node's advert; and once the joining is
+//! over they hold connections to a part of the alliance, not to all of it.
 
 use std::time::{Duration, Instant};
 
@@ -39,4 +40,29 @@ async fn fifty_nodes_converge_on_a_full_advert_table() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     eprintln!("{N} nodes converged in {:?}", start.elapsed());
+
+    // Joining through one node and walking the DHT connects a node to
+    // many; past a new connection's grace each closes what it does not
+    // need, down to a bounded degree (16 at most, 12 after a trim).
+    let limit = Duration::from_secs(180);
+    loop {
+        let mut peers = Vec::new();
+        for n in &nodes {
+            peers.push(n.client.status().await.expect("status").connected_peers);
+        }
+        let mean = peers.iter().sum::<usize>() as f64 / N as f64;
+        if mean <= 16.0 {
+            eprintln!("{mean:.1} peers a node on average: {peers:?}");
+            break;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "after {limit:?} the nodes hold {mean:.1} connections on average (each at most 16 wanted): {peers:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    // And the tables stay full.
+    for n in &nodes {
+        assert_eq!(n.client.gpus().await.expect("gpus").len(), N);
+    }
 }

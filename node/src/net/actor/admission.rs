@@ -215,6 +215,7 @@ impl EventLoop {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
         self.publish_due = true;
+        self.sync_adverts_from(peer);
         // The credits gossiped while this node was away: from the first
         // member it meets.
         if !self.credits_synced && self.credit_sync.is_none() {
@@ -363,6 +364,9 @@ impl EventLoop {
         established: u32,
     ) {
         let relayed = endpoint.is_relayed();
+        if established == 1 {
+            self.degree.connected(peer_id, Instant::now());
+        }
         self.connected
             .entry(peer_id)
             .or_default()
@@ -383,6 +387,13 @@ impl EventLoop {
         if !relayed && has_relayed {
             self.retiring
                 .push((peer_id, Instant::now() + RELAYED_GRACE));
+        }
+        // Back from having no connection at all: what was published
+        // meanwhile comes from this member, and this node's own advert,
+        // which the others may have let expire, goes out again.
+        if established == 1 && !self.adverts_synced && self.members.contains_key(&peer_id) {
+            self.sync_adverts_from(peer_id);
+            self.publish_due = true;
         }
         if established == 1 && !self.members.contains_key(&peer_id) {
             self.pending
@@ -408,6 +419,12 @@ impl EventLoop {
         }
         if remaining == 0 {
             self.connected.remove(&peer_id);
+            self.degree.disconnected(&peer_id);
+            // Cut off from everyone: the adverts published meanwhile are
+            // fetched again from the first member met.
+            if self.connected.is_empty() {
+                self.adverts_synced = false;
+            }
             self.pending.remove(&peer_id);
             self.swarm.behaviour_mut().autonat.remove_server(&peer_id);
             if let Some(listener) = self.relayed.remove(&peer_id) {

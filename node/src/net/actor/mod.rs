@@ -33,6 +33,7 @@ mod admission;
 mod adverts;
 mod client;
 mod credits;
+mod degree;
 mod reach;
 mod requests;
 mod revocations;
@@ -103,6 +104,10 @@ pub struct Setup {
 /// peers this often costs nothing worth saving.
 const MAX_REDIAL_BACKOFF: Duration = Duration::from_secs(15);
 
+/// How long after start a new subscriber makes this node publish its
+/// advert at once.
+const JOIN_PUBLISH_WINDOW: Duration = Duration::from_secs(60);
+
 /// The actor: owns the swarm and all membership and advert state.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -118,6 +123,15 @@ pub struct EventLoop {
     /// does; and whether it has since starting.
     credit_sync: Option<PeerId>,
     credits_synced: bool,
+    /// The member this node fetches the advert table from, while it does;
+    /// how many adverts it has had so far; and whether it has since it
+    /// started or last lost every connection.
+    advert_sync: Option<PeerId>,
+    advert_skip: usize,
+    adverts_synced: bool,
+    /// When the event loop started: for a minute after, a new subscriber
+    /// to the adverts makes this node publish its own at once.
+    started: Instant,
     revocations_topic: gossipsub::IdentTopic,
     institutions: HashMap<alliance_protocol::PublicKey, Institution>,
     members: HashMap<PeerId, (Member, Chain)>,
@@ -131,6 +145,9 @@ pub struct EventLoop {
     relays: reach::Relays,
     /// Where the next round of dialling unconnected advertisers starts.
     advertiser_turn: usize,
+    /// Which connections to keep once there are too many, and where to
+    /// dial the peers this node is not connected to.
+    degree: degree::Degree,
     pending: HashMap<PeerId, Instant>,
     rejected: Vec<Rejection>,
     /// Unfinished request frames per peer since it was last blocked: the
@@ -220,6 +237,10 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             credits,
             credit_sync: None,
             credits_synced: false,
+            advert_sync: None,
+            advert_skip: 0,
+            adverts_synced: false,
+            started: Instant::now(),
             revocations_topic,
             institutions: HashMap::new(),
             members: HashMap::new(),
@@ -235,6 +256,7 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             doomed: Vec::new(),
             retiring: Vec::new(),
             identified: HashMap::new(),
+            degree: degree::Degree::default(),
             adverts: HashMap::new(),
             verified_chains: HashMap::new(),
             signed_lists,
@@ -394,6 +416,7 @@ impl EventLoop {
             },
             BehaviourEvent::Membership(e) => self.on_membership(e),
             BehaviourEvent::CreditSync(e) => self.on_credit_sync(e),
+            BehaviourEvent::AdvertSync(e) => self.on_advert_sync(e),
             BehaviourEvent::Tasks(e) => self.on_offers(e),
             BehaviourEvent::Results(e) => self.on_reports(e),
             BehaviourEvent::Progress(e) => self.on_progress(e),
@@ -441,7 +464,15 @@ impl EventLoop {
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
-            gossipsub::Event::Subscribed { topic, .. } if topic == self.adverts_topic.hash() => {
+            // While this node joins, so that its advert reaches the members
+            // it meets at once. Not later: every member takes in every
+            // publish, so a republish for each new connection anywhere
+            // would cost the whole alliance in proportion to its churn; a
+            // member that joins fetches the table instead.
+            gossipsub::Event::Subscribed { topic, .. }
+                if topic == self.adverts_topic.hash()
+                    && self.started.elapsed() < JOIN_PUBLISH_WINDOW =>
+            {
                 self.publish_due = true;
             }
             _ => {}
@@ -482,8 +513,7 @@ impl EventLoop {
         }
         self.adverts.retain(|_, a| a.advert.expires_at > wall);
 
-        let ttl = u64::from(self.setup.charter.charter.defaults.advert_ttl_secs.max(4));
-        let republish = Duration::from_secs(ttl / 4);
+        let republish = Duration::from_secs(self.advert_lifetime() / 4);
         if (self.publish_due && now.duration_since(self.last_publish) >= Duration::from_secs(1))
             || now.duration_since(self.last_publish) >= republish
         {
@@ -493,12 +523,15 @@ impl EventLoop {
             self.last_discovery = now;
             self.reserve_relays();
             self.dial_advertisers();
-            if !self.members.is_empty() {
+            // A walk while the node holds few connections, to find more;
+            // past that Kademlia's own bootstrap walks every 30 minutes.
+            if !self.members.is_empty() && self.connected.len() < reach::DIAL_ADVERTISERS_BELOW {
                 self.swarm
                     .behaviour_mut()
                     .kad
                     .get_closest_peers(PeerId::random());
             }
+            self.trim_connections(now);
         }
         if self.connected.is_empty() && now.duration_since(self.last_redial) >= self.redial_backoff
         {
@@ -574,27 +607,33 @@ impl EventLoop {
                 let _ = tx.send(());
             }
             Command::Offer(peer, req, tx) => {
+                self.degree.used(peer, Instant::now());
+                let addrs = self.addresses_for(&peer);
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .tasks
-                    .send_request(&peer, (*req).into());
+                    .send_request_with_addresses(&peer, (*req).into(), addrs);
                 self.offers_out.insert(id, tx);
             }
             Command::Report(peer, reports, tx) => {
+                self.degree.used(peer, Instant::now());
+                let addrs = self.addresses_for(&peer);
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .results
-                    .send_request(&peer, (*reports).into());
+                    .send_request_with_addresses(&peer, (*reports).into(), addrs);
                 self.reports_out.insert(id, tx);
             }
             Command::Progress(peer, p, tx) => {
+                self.degree.used(peer, Instant::now());
+                let addrs = self.addresses_for(&peer);
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .progress
-                    .send_request(&peer, (*p).into());
+                    .send_request_with_addresses(&peer, (*p).into(), addrs);
                 self.progress_out.insert(id, tx);
             }
             Command::PublishCredits(credits) => {

@@ -26,7 +26,7 @@ const ADVERTISERS_A_ROUND: usize = 4;
 /// [`EventLoop::dial_advertisers`] dials only while the node is connected
 /// to fewer peers than this: it is there to find the far side of a
 /// partition, not to connect every member to every other.
-const DIAL_ADVERTISERS_BELOW: usize = 8;
+pub(super) const DIAL_ADVERTISERS_BELOW: usize = 8;
 
 /// What this node knows of the relays it could reserve an address on.
 #[derive(Debug, Default)]
@@ -188,29 +188,31 @@ impl EventLoop {
             .take(ADVERTISERS_A_ROUND.min(missing.len()))
             .copied()
             .collect();
-        let relays = self.relays_at_hand();
         for peer in turn {
-            let circuits: Vec<Multiaddr> = relays
-                .iter()
-                .filter(|(relay, _)| *relay != peer)
-                .filter_map(|(relay, addr)| {
-                    Some(
-                        addr.clone()
-                            .with_p2p(*relay)
-                            .ok()?
-                            .with(Protocol::P2pCircuit)
-                            .with(Protocol::P2p(peer)),
-                    )
-                })
-                .collect();
             let opts = DialOpts::peer_id(peer)
-                .addresses(circuits)
+                .addresses(self.addresses_for(&peer))
                 .extend_addresses_through_behaviour()
                 .build();
             if let Err(e) = self.swarm.dial(opts) {
                 debug!(%peer, "dial an advertiser: {e}");
             }
         }
+    }
+
+    /// Addresses of `peer` through each relay at hand (other than itself).
+    pub(super) fn circuits_to(&self, peer: PeerId) -> Vec<Multiaddr> {
+        self.relays_at_hand()
+            .into_iter()
+            .filter(|(relay, _)| *relay != peer)
+            .filter_map(|(relay, addr)| {
+                Some(
+                    addr.with_p2p(relay)
+                        .ok()?
+                        .with(Protocol::P2pCircuit)
+                        .with(Protocol::P2p(peer)),
+                )
+            })
+            .collect()
     }
 
     /// Reserves a relayed address on each connected bootstrap node when
@@ -254,10 +256,20 @@ impl EventLoop {
 }
 
 impl EventLoop {
-    /// Dials peers that Kademlia or mDNS found and that are not connected.
+    /// Keeps the addresses of peers that Kademlia or mDNS found, and dials
+    /// a few of those not connected while this node holds few connections
+    /// (dialling every one a walk turns up would connect each member to
+    /// the whole alliance).
     pub(super) fn dial_found(&mut self, found: impl Iterator<Item = (PeerId, Vec<Multiaddr>)>) {
+        let me = *self.swarm.local_peer_id();
+        let mut dials = DIAL_ADVERTISERS_BELOW.saturating_sub(self.connected.len());
         for (peer, addrs) in found {
-            if peer != *self.swarm.local_peer_id() && !self.connected.contains_key(&peer) {
+            if peer == me || self.connected.contains_key(&peer) {
+                continue;
+            }
+            self.degree.found(peer, &addrs);
+            if dials > 0 {
+                dials -= 1;
                 let _ = self
                     .swarm
                     .dial(DialOpts::peer_id(peer).addresses(addrs).build());

@@ -88,6 +88,7 @@ impl EventLoop {
                 let Some((member, request)) = self.gate(peer, what, request) else {
                     return;
                 };
+                self.degree.used(peer, std::time::Instant::now());
                 // A place in the queue first: the refusal is built only
                 // when there is none.
                 match self.setup.inbound.as_ref().map(mpsc::Sender::try_reserve) {

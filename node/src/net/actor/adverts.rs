@@ -246,7 +246,6 @@ impl EventLoop {
                 message: M::Response { response, .. },
                 ..
             } => {
-                let before = self.adverts.len();
                 let got = response.adverts.len();
                 for g in response.adverts {
                     self.take_advert(g, None);
@@ -264,10 +263,6 @@ impl EventLoop {
                     self.adverts_synced = true;
                     self.advert_sync = None;
                     debug!(%peer, adverts = self.adverts.len(), "advert table fetched");
-                }
-                let added = self.adverts.len().saturating_sub(before);
-                if added > 0 {
-                    debug!(%peer, added, "adverts fetched");
                 }
             }
             Event::OutboundFailure { peer, error, .. } => {

@@ -214,7 +214,11 @@ impl EventLoop {
         if self.members.len() == 1 {
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
         }
-        self.publish_due = true;
+        // The new member fetches the table, this advert with it; only an
+        // advert that reached no one yet goes out again.
+        if !self.advert_out {
+            self.publish_due = true;
+        }
         self.sync_adverts_from(peer);
         // The credits gossiped while this node was away: from the first
         // member it meets.

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 use crate::net::codec::Inbound as CodecInbound;
 
 use super::EventLoop;
+use super::client::AdvertView;
 
 /// Verified advert chains remembered.
 pub(super) const MAX_CACHED_CHAINS: usize = 4096;
@@ -46,6 +47,19 @@ pub fn now_us() -> u64 {
 }
 
 impl EventLoop {
+    /// How the API shows `peer`'s advert `a`.
+    pub(super) fn advert_view(&self, peer: PeerId, a: &Advert) -> AdvertView {
+        AdvertView {
+            peer_id: peer.to_string(),
+            institution: a.member.institution_name.clone(),
+            local: peer == *self.swarm.local_peer_id(),
+            sequence: a.advert.sequence,
+            received_at_us: a.received_at_us,
+            expires_at: a.advert.expires_at.to_string(),
+            gpus: a.advert.gpus.clone(),
+        }
+    }
+
     /// A gossiped advert: it must come from the publisher its chain names.
     pub(super) fn on_advert(
         &mut self,
@@ -190,12 +204,13 @@ impl EventLoop {
         };
         match gossip.encode() {
             Ok(bytes) => {
-                if let Err(e) = self
+                let sent = self
                     .swarm
                     .behaviour_mut()
                     .gossipsub
-                    .publish(self.adverts_topic.clone(), bytes)
-                {
+                    .publish(self.adverts_topic.clone(), bytes);
+                self.advert_out = sent.is_ok();
+                if let Err(e) = sent {
                     debug!("advert not published yet: {e}");
                 }
             }

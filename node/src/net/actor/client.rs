@@ -203,6 +203,8 @@ pub enum Command {
     Metrics(oneshot::Sender<String>),
     Peers(oneshot::Sender<Vec<PeerView>>),
     Gpus(oneshot::Sender<Vec<AdvertView>>),
+    /// One member's advert, where this node holds one.
+    Advert(PeerId, oneshot::Sender<Option<AdvertView>>),
     SetPaused(bool, oneshot::Sender<()>),
     /// The lent GPUs' advert entries changed (state, reason, free slots).
     SetGpus(Vec<GpuInfo>, oneshot::Sender<()>),
@@ -275,6 +277,12 @@ impl Client {
 
     pub async fn gpus(&self) -> Result<Vec<AdvertView>, Stopped> {
         self.ask(Command::Gpus).await
+    }
+
+    /// `peer`'s advert as this node holds it: one entry of
+    /// [`Self::gpus`], without building the whole table.
+    pub async fn advert(&self, peer: PeerId) -> Result<Option<AdvertView>, Stopped> {
+        self.ask(|tx| Command::Advert(peer, tx)).await
     }
 
     pub async fn set_paused(&self, paused: bool) -> Result<(), Stopped> {

@@ -104,10 +104,6 @@ pub struct Setup {
 /// peers this often costs nothing worth saving.
 const MAX_REDIAL_BACKOFF: Duration = Duration::from_secs(15);
 
-/// How long after start a new subscriber makes this node publish its
-/// advert at once.
-const JOIN_PUBLISH_WINDOW: Duration = Duration::from_secs(60);
-
 /// The actor: owns the swarm and all membership and advert state.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -129,9 +125,11 @@ pub struct EventLoop {
     advert_sync: Option<PeerId>,
     advert_skip: usize,
     adverts_synced: bool,
-    /// When the event loop started: for a minute after, a new subscriber
-    /// to the adverts makes this node publish its own at once.
-    started: Instant,
+    /// Whether this node's latest advert went out to at least one peer:
+    /// until it has, a new subscriber to the adverts makes the node
+    /// publish it again. Once one member holds it, gossip carries it to
+    /// the rest.
+    advert_out: bool,
     revocations_topic: gossipsub::IdentTopic,
     institutions: HashMap<alliance_protocol::PublicKey, Institution>,
     members: HashMap<PeerId, (Member, Chain)>,
@@ -240,7 +238,7 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             advert_sync: None,
             advert_skip: 0,
             adverts_synced: false,
-            started: Instant::now(),
+            advert_out: false,
             revocations_topic,
             institutions: HashMap::new(),
             members: HashMap::new(),
@@ -464,14 +462,14 @@ impl EventLoop {
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
-            // While this node joins, so that its advert reaches the members
-            // it meets at once. Not later: every member takes in every
-            // publish, so a republish for each new connection anywhere
-            // would cost the whole alliance in proportion to its churn; a
-            // member that joins fetches the table instead.
+            // An advert that reached no one yet (the node has just started,
+            // or has been cut off) goes out to the first subscriber. Not
+            // otherwise: every member takes in every publish, so a
+            // republish for each new connection would cost the whole
+            // alliance in proportion to its churn; a member that joins
+            // fetches the table instead.
             gossipsub::Event::Subscribed { topic, .. }
-                if topic == self.adverts_topic.hash()
-                    && self.started.elapsed() < JOIN_PUBLISH_WINDOW =>
+                if topic == self.adverts_topic.hash() && !self.advert_out =>
             {
                 self.publish_due = true;
             }
@@ -575,22 +573,16 @@ impl EventLoop {
                 let _ = tx.send(peers);
             }
             Command::Gpus(tx) => {
-                let me = *self.swarm.local_peer_id();
                 let mut list: Vec<AdvertView> = self
                     .adverts
                     .iter()
-                    .map(|(p, a)| AdvertView {
-                        peer_id: p.to_string(),
-                        institution: a.member.institution_name.clone(),
-                        local: *p == me,
-                        sequence: a.advert.sequence,
-                        received_at_us: a.received_at_us,
-                        expires_at: a.advert.expires_at.to_string(),
-                        gpus: a.advert.gpus.clone(),
-                    })
+                    .map(|(p, a)| self.advert_view(*p, a))
                     .collect();
                 list.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
                 let _ = tx.send(list);
+            }
+            Command::Advert(peer, tx) => {
+                let _ = tx.send(self.adverts.get(&peer).map(|a| self.advert_view(peer, a)));
             }
             Command::SetPaused(paused, tx) => {
                 if self.setup.paused != paused {

@@ -159,11 +159,14 @@ async fn settle(nodes: &[InProcess]) {
 /// Delays (seconds) from publish to acceptance at every other node, for the
 /// advert `publisher` publishes when its owner pauses or resumes it.
 async fn propagation(nodes: &[InProcess], publisher: usize) -> Vec<f64> {
-    let me = nodes[publisher].peer.to_string();
     let paused = nodes[publisher].client.status().await.unwrap().paused;
     nodes[publisher].client.set_paused(!paused).await.unwrap();
-    let own = nodes[publisher].client.gpus().await.unwrap();
-    let own = own.iter().find(|a| a.peer_id == me).unwrap();
+    let own = nodes[publisher]
+        .client
+        .advert(nodes[publisher].peer)
+        .await
+        .unwrap()
+        .unwrap();
     let (seq, published) = (own.sequence, own.received_at_us);
     let start = Instant::now();
     let mut delays = vec![None; nodes.len()];
@@ -171,7 +174,8 @@ async fn propagation(nodes: &[InProcess], publisher: usize) -> Vec<f64> {
     while delays.iter().any(Option::is_none) {
         // The delays come from the nodes' own timestamps; reading every
         // node's table while the advert spreads would only take CPU from
-        // the nodes being measured.
+        // the nodes being measured (and each read asks for the one advert,
+        // not the whole table).
         tokio::time::sleep(Duration::from_millis(200)).await;
         if start.elapsed() > Duration::from_secs(60) {
             let missing = delays.iter().filter(|d| d.is_none()).count();
@@ -185,8 +189,8 @@ async fn propagation(nodes: &[InProcess], publisher: usize) -> Vec<f64> {
             if delays[i].is_some() {
                 continue;
             }
-            let table = n.client.gpus().await.unwrap();
-            if let Some(a) = table.iter().find(|a| a.peer_id == me && a.sequence >= seq) {
+            let held = n.client.advert(nodes[publisher].peer).await.unwrap();
+            if let Some(a) = held.filter(|a| a.sequence >= seq) {
                 delays[i] = Some(a.received_at_us.saturating_sub(published) as f64 / 1e6);
             }
         }
@@ -197,6 +201,53 @@ async fn propagation(nodes: &[InProcess], publisher: usize) -> Vec<f64> {
         .filter(|(i, _)| *i != publisher)
         .map(|(_, d)| d.unwrap_or(f64::INFINITY))
         .collect()
+}
+
+/// Mean number of hops between two nodes of the graph `edges` over `n`
+/// nodes (breadth first from each; pairs with no path left out).
+fn mean_hops(n: usize, edges: &[(usize, usize)]) -> f64 {
+    let mut next = vec![Vec::new(); n];
+    for &(a, b) in edges {
+        next[a].push(b);
+        next[b].push(a);
+    }
+    let (mut total, mut pairs) = (0usize, 0usize);
+    for from in 0..n {
+        let mut hops = vec![usize::MAX; n];
+        hops[from] = 0;
+        let mut queue = std::collections::VecDeque::from([from]);
+        while let Some(at) = queue.pop_front() {
+            for &to in &next[at] {
+                if hops[to] == usize::MAX {
+                    hops[to] = hops[at] + 1;
+                    total += hops[to];
+                    pairs += 1;
+                    queue.push_back(to);
+                }
+            }
+        }
+    }
+    total as f64 / pairs.max(1) as f64
+}
+
+/// The members' connection graph, as index pairs.
+async fn member_edges(nodes: &[InProcess]) -> Vec<(usize, usize)> {
+    let index: std::collections::HashMap<String, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.peer.to_string(), i))
+        .collect();
+    let mut edges = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for p in n.client.peers().await.unwrap() {
+            if let Some(&j) = index.get(&p.peer_id)
+                && i < j
+            {
+                edges.push((i, j));
+            }
+        }
+    }
+    edges
 }
 
 /// What the test drives a bare gossip swarm with.
@@ -212,12 +263,20 @@ enum Bare {
 /// each connected to about `degree` others (every new one dials half that
 /// many of those before it, picked at random: the members' measured
 /// average), `rounds` publishes of `size` bytes. Returns the delays from
-/// publish to delivery at every other swarm.
-async fn bare_gossip(n: usize, rounds: usize, size: usize, degree: usize) -> Vec<f64> {
+/// publish to delivery at every other swarm, the CPU time one publish
+/// cost all swarms (measured as the members' is) and the mean hops
+/// between two swarms.
+async fn bare_gossip(
+    n: usize,
+    rounds: usize,
+    size: usize,
+    degree: usize,
+) -> (Vec<f64>, Option<f64>, f64) {
     let topic = gossipsub::IdentTopic::new("bare");
     let (delivered_tx, mut delivered) = mpsc::unbounded_channel::<(u64, Instant)>();
     let mut swarms = Vec::new();
     let mut addrs: Vec<Multiaddr> = Vec::new();
+    let mut edges = Vec::new();
     let mut pick: u64 = 0x9e37_79b9_7f4a_7c15;
     for _ in 0..n {
         let mut swarm = libp2p::SwarmBuilder::with_new_identity()
@@ -237,7 +296,7 @@ async fn bare_gossip(n: usize, rounds: usize, size: usize, degree: usize) -> Vec
                 break address;
             }
         };
-        let mut earlier: Vec<&Multiaddr> = addrs.iter().collect();
+        let mut earlier: Vec<(usize, &Multiaddr)> = addrs.iter().enumerate().collect();
         let dials = degree.div_ceil(2).max(1).min(earlier.len());
         for k in 0..dials {
             // xorshift: a fixed sequence, the same each run.
@@ -246,7 +305,8 @@ async fn bare_gossip(n: usize, rounds: usize, size: usize, degree: usize) -> Vec
             pick ^= pick << 17;
             let i = k + (pick as usize) % (earlier.len() - k);
             earlier.swap(k, i);
-            swarm.dial(earlier[k].clone()).unwrap();
+            edges.push((earlier[k].0, addrs.len()));
+            swarm.dial(earlier[k].1.clone()).unwrap();
         }
         addrs.push(addr);
         let (tx, mut commands) = mpsc::unbounded_channel::<Bare>();
@@ -304,6 +364,7 @@ async fn bare_gossip(n: usize, rounds: usize, size: usize, degree: usize) -> Vec
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut delays = Vec::new();
+    let (cpu_before, started) = (cpu_time(), Instant::now());
     for round in 0..rounds {
         let mut data = vec![0; size.max(8)];
         data[..8].copy_from_slice(&(round as u64).to_le_bytes());
@@ -329,7 +390,21 @@ async fn bare_gossip(n: usize, rounds: usize, size: usize, degree: usize) -> Vec
         // every 200 ms).
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    delays
+    (
+        delays,
+        per_publish(cpu_before, started, rounds).await,
+        mean_hops(n, &edges),
+    )
+}
+
+/// CPU time one of `rounds` publishes since `started` cost beyond what the
+/// process uses at rest: the time since then is waited again, idle, and
+/// taken off.
+async fn per_publish(cpu_before: Option<Duration>, started: Instant, rounds: usize) -> Option<f64> {
+    let (cpu_rounds, took) = (cpu_time(), started.elapsed());
+    tokio::time::sleep(took).await;
+    let (a, b, c) = (cpu_before?, cpu_rounds?, cpu_time()?);
+    Some(((b - a).as_secs_f64() - (c - b).as_secs_f64()) / rounds as f64)
 }
 
 /// The size of the gossip message a member of `a` with one GPU publishes.
@@ -413,15 +488,17 @@ async fn cost_curve(sizes: &[usize], window: Duration) {
         window.as_secs()
     );
     println!(
-        "{:>6} {:>11} {:>15} {:>14} {:>14} {:>12} {:>10} {:>10}",
+        "{:>6} {:>9} {:>11} {:>15} {:>14} {:>14} {:>12} {:>10} {:>10} {:>6}",
         "nodes",
+        "joined",
         "converged",
         "CPU s/node/min",
         "sent B/node/s",
         "recv B/node/s",
         "MiB/node",
         "CPU vs 1st",
-        "peers/node"
+        "peers/node",
+        "cores"
     );
     let mut first: Option<f64> = None;
     for &n in sizes {
@@ -440,6 +517,7 @@ async fn cost_curve(sizes: &[usize], window: Duration) {
             let boot = vec![nodes[0].address.clone(), nodes[i / 2].address.clone()];
             nodes.push(a.spawn(i % 2, boot).await);
         }
+        let joined = started.elapsed();
         if converge_all(&nodes, Duration::from_secs(900))
             .await
             .is_none()
@@ -459,15 +537,19 @@ async fn cost_curve(sizes: &[usize], window: Duration) {
         // The time that passed, not the window asked for: a loaded
         // machine answers the status calls late.
         let secs = w0.elapsed().as_secs_f64();
-        let cpu = match (c0, c1) {
-            (Some(a), Some(b)) => (b - a).as_secs_f64() / n as f64 / (secs / 60.0),
+        // Cores busy over the window: near this machine's count, the
+        // figure per node is a floor (the nodes wanted more than there was).
+        let cores = match (c0, c1) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64() / secs,
             _ => f64::NAN,
         };
+        let cpu = cores * 60.0 / n as f64;
         let sent = (t1.0 - t0.0) as f64 / n as f64 / secs;
         let recv = (t1.1 - t0.1) as f64 / n as f64 / secs;
         let base = *first.get_or_insert(cpu);
         println!(
-            "{n:>6} {:>10.1}s {cpu:>15.3} {sent:>14.0} {recv:>14.0} {memory:>12.2} {:>9.2}x {:>10.1}",
+            "{n:>6} {:>8.1}s {:>10.1}s {cpu:>15.3} {sent:>14.0} {recv:>14.0} {memory:>12.2} {:>9.2}x {:>10.1} {cores:>6.2}",
+            joined.as_secs_f64(),
             converged.as_secs_f64(),
             cpu / base,
             t1.2 as f64 / n as f64
@@ -475,7 +557,9 @@ async fn cost_curve(sizes: &[usize], window: Duration) {
         drop(nodes);
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    println!("converged: from the first node's start until every table holds every advert");
+    println!(
+        "joined: from the first node's start until the last one is listening; converged: until every table holds every advert; cores: CPU busy over the window"
+    );
 }
 
 fn main() {
@@ -553,6 +637,7 @@ fn main() {
             // connections it does not need beyond its limit.
             tokio::time::sleep(Duration::from_secs(75)).await;
             let degree = traffic(&nodes).await.2.div_ceil(n);
+            let hops = mean_hops(n, &member_edges(&nodes).await);
             let rr = round_trip(&a).await;
             let (cpu_before, started) = (cpu_time(), Instant::now());
             let mut all = Vec::new();
@@ -560,16 +645,9 @@ fn main() {
                 let publisher = 1 + round % (n - 1);
                 all.extend(propagation(&nodes, publisher).await);
             }
-            let (cpu_rounds, took) = (cpu_time(), started.elapsed());
             // As long again at rest, to tell the CPU the publishes took from
             // what the nodes use anyway.
-            tokio::time::sleep(took).await;
-            let per_publish = match (cpu_before, cpu_rounds, cpu_time()) {
-                (Some(a), Some(b), Some(c)) => {
-                    Some(((b - a).as_secs_f64() - (c - b).as_secs_f64()) / rounds as f64)
-                }
-                _ => None,
-            };
+            let per_publish = per_publish(cpu_before, started, rounds).await;
             all.sort_by(f64::total_cmp);
             let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
             println!(
@@ -594,9 +672,16 @@ fn main() {
             // The baseline runs alone: the members stop first.
             drop(nodes);
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let mut bare = bare_gossip(n, rounds, advert_size(&a), degree).await;
+            let (mut bare, bare_cpu, bare_hops) =
+                bare_gossip(n, rounds, advert_size(&a), degree).await;
             bare.sort_by(f64::total_cmp);
-            baselines.push((n, degree, rr, p50, p99, percentile(&bare, 0.5), percentile(&bare, 0.99)));
+            baselines.push((
+                n,
+                (degree, hops, bare_hops),
+                rr,
+                (p50, p99, per_publish),
+                (percentile(&bare, 0.5), percentile(&bare, 0.99), bare_cpu),
+            ));
         }
         println!("targets at 50 nodes: p50/RR <= 3, p99/RR <= 10");
         println!(
@@ -608,16 +693,23 @@ fn main() {
             "baseline: bare gossipsub swarms (the node's gossip settings and transport, as many peers each as the members held)"
         );
         println!(
-            "{:>6} {:>7} {:>10} {:>10} {:>9} {:>9} {:>12} {:>12}",
-            "nodes", "peers", "p50", "p99", "p50/RR", "p99/RR", "p50 vs bare", "p99 vs bare"
+            "{:>6} {:>7} {:>12} {:>10} {:>10} {:>9} {:>9} {:>10} {:>12} {:>12} {:>12}",
+            "nodes", "peers", "hops (node)", "p50", "p99", "p50/RR", "p99/RR", "CPU/publ.", "p50 vs bare", "p99 vs bare", "CPU vs bare"
         );
-        for (n, degree, rr, p50, p99, b50, b99) in &baselines {
+        let ms = |c: Option<f64>| c.map_or("-".into(), |c| format!("{:.1}ms", c * 1e3));
+        for (n, (degree, hops, bare_hops), rr, (p50, p99, cpu), (b50, b99, bare_cpu)) in &baselines {
+            let cpu_ratio = match (cpu, bare_cpu) {
+                (Some(c), Some(b)) if *b > 0.0 => format!("{:.2}x", c / b),
+                _ => "-".into(),
+            };
             println!(
-                "{n:>6} {degree:>7} {:>8.2}ms {:>8.2}ms {:>9.1} {:>9.1} {:>11.2}x {:>11.2}x",
+                "{n:>6} {degree:>7} {:>12} {:>8.2}ms {:>8.2}ms {:>9.1} {:>9.1} {:>10} {:>11.2}x {:>11.2}x {cpu_ratio:>12}",
+                format!("{bare_hops:.2} ({hops:.2})"),
                 b50 * 1e3,
                 b99 * 1e3,
                 b50 / rr,
                 b99 / rr,
+                ms(*bare_cpu),
                 p50 / b50,
                 p99 / b99,
             );

@@ -167,6 +167,7 @@ impl EventLoop {
         self.sequence += 1;
         let now = Timestamp::now();
         let ttl = self.advert_lifetime();
+        self.advert_ttl = ttl;
         // The worker keeps each GPU's state; a node paused as a whole
         // shows every GPU paused.
         let gpus = self

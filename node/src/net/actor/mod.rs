@@ -130,6 +130,11 @@ pub struct EventLoop {
     /// publish it again. Once one member holds it, gossip carries it to
     /// the rest.
     advert_out: bool,
+    /// The lifetime of the advert this node published last, seconds: it
+    /// is refreshed every quarter of that. Worked out again from the
+    /// table as it is now, a lifetime set while the table was small would
+    /// run out before the refresh once the table had grown.
+    advert_ttl: u64,
     revocations_topic: gossipsub::IdentTopic,
     institutions: HashMap<alliance_protocol::PublicKey, Institution>,
     members: HashMap<PeerId, (Member, Chain)>,
@@ -209,6 +214,7 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
     let (credit_table, credit_issuers) = setup.store.credits();
     let credits = Credits::new(credit_table, credit_issuers);
     let revocations_topic = crate::net::topic(&setup.charter.id, "revocations");
+    let advert_ttl = u64::from(setup.charter.charter.defaults.advert_ttl_secs);
     let now = Instant::now();
     let sequence = Timestamp::now().as_secs().saturating_mul(1_000_000);
     let (in_force, deferred): (Vec<_>, Vec<_>) = setup
@@ -239,6 +245,7 @@ pub fn new(network: Network, setup: Setup) -> (Client, EventLoop) {
             advert_skip: 0,
             adverts_synced: false,
             advert_out: false,
+            advert_ttl,
             revocations_topic,
             institutions: HashMap::new(),
             members: HashMap::new(),
@@ -511,7 +518,7 @@ impl EventLoop {
         }
         self.adverts.retain(|_, a| a.advert.expires_at > wall);
 
-        let republish = Duration::from_secs(self.advert_lifetime() / 4);
+        let republish = Duration::from_secs(self.advert_ttl / 4);
         if (self.publish_due && now.duration_since(self.last_publish) >= Duration::from_secs(1))
             || now.duration_since(self.last_publish) >= republish
         {

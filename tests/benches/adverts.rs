@@ -257,12 +257,101 @@ enum Bare {
     /// Answer with the number of peers subscribed to the topic, and of
     /// peers connected.
     Subscribed(oneshot::Sender<(usize, usize)>),
+    Dial(Multiaddr),
+}
+
+/// A behaviour a bare swarm can gossip with: gossipsub alone, or the
+/// node's whole behaviour (every protocol, no actor behind it).
+trait Gossiping: libp2p::swarm::NetworkBehaviour + Send {
+    fn gossip(&mut self) -> &mut gossipsub::Behaviour;
+    fn message(event: Self::ToSwarm) -> Option<gossipsub::Event>;
+}
+
+impl Gossiping for gossipsub::Behaviour {
+    fn gossip(&mut self) -> &mut gossipsub::Behaviour {
+        self
+    }
+    fn message(event: gossipsub::Event) -> Option<gossipsub::Event> {
+        Some(event)
+    }
+}
+
+impl Gossiping for net::Behaviour {
+    fn gossip(&mut self) -> &mut gossipsub::Behaviour {
+        &mut self.gossipsub
+    }
+    fn message(event: BehaviourEvent) -> Option<gossipsub::Event> {
+        match event {
+            BehaviourEvent::Gossipsub(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Runs `swarm` on its own task, subscribed to `topic`, every message
+/// accepted unread and its arrival sent to `delivered`; returns its
+/// commands and its address.
+async fn start_bare<B: Gossiping + 'static>(
+    mut swarm: libp2p::Swarm<B>,
+    topic: &gossipsub::IdentTopic,
+    delivered: mpsc::UnboundedSender<(u64, Instant)>,
+) -> (mpsc::UnboundedSender<Bare>, Multiaddr)
+where
+    B::ToSwarm: Send,
+{
+    swarm.behaviour_mut().gossip().subscribe(topic).unwrap();
+    swarm
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .unwrap();
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+            break address;
+        }
+    };
+    let (tx, mut commands) = mpsc::unbounded_channel::<Bare>();
+    let topic = topic.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Bare::Publish(data, done)) => {
+                        swarm.behaviour_mut().gossip().publish(topic.clone(), data).unwrap();
+                        let _ = done.send(Instant::now());
+                    }
+                    Some(Bare::Subscribed(answer)) => {
+                        let count = swarm.behaviour_mut().gossip().all_peers().filter(|(_, t)| !t.is_empty()).count();
+                        let _ = answer.send((count, swarm.connected_peers().count()));
+                    }
+                    Some(Bare::Dial(addr)) => swarm.dial(addr).unwrap(),
+                    None => return,
+                },
+                event = swarm.select_next_some() => {
+                    if let SwarmEvent::Behaviour(event) = event
+                        && let Some(gossipsub::Event::Message { propagation_source, message_id, message }) = B::message(event)
+                    {
+                        let at = Instant::now();
+                        let round = u64::from_le_bytes(message.data[..8].try_into().unwrap());
+                        let _ = delivered.send((round, at));
+                        swarm.behaviour_mut().gossip().report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            gossipsub::MessageAcceptance::Accept,
+                        );
+                    }
+                }
+            }
+        }
+    });
+    (tx, addr)
 }
 
 /// The baseline: `n` swarms with only the node's gossipsub behaviour,
 /// each connected to about `degree` others (every new one dials half that
 /// many of those before it, picked at random: the members' measured
-/// average), `rounds` publishes of `size` bytes. Returns the delays from
+/// average), `rounds` publishes of `size` bytes; with `full`, swarms of
+/// the node's whole behaviour for that alliance instead (every protocol,
+/// no actor: what the protocol stack adds to gossip by itself). Returns
+/// the delays from
 /// publish to delivery at every other swarm, the CPU time one publish
 /// cost all swarms (measured as the members' is) and the mean hops
 /// between two swarms.
@@ -271,6 +360,7 @@ async fn bare_gossip(
     rounds: usize,
     size: usize,
     degree: usize,
+    full: Option<&TestAlliance>,
 ) -> (Vec<f64>, Option<f64>, f64) {
     let topic = gossipsub::IdentTopic::new("bare");
     let (delivered_tx, mut delivered) = mpsc::unbounded_channel::<(u64, Instant)>();
@@ -279,21 +369,27 @@ async fn bare_gossip(
     let mut edges = Vec::new();
     let mut pick: u64 = 0x9e37_79b9_7f4a_7c15;
     for _ in 0..n {
-        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_other_transport(|key| net::transport(key, None).unwrap())
-            .unwrap()
-            .with_behaviour(|key| net::gossip(key).unwrap())
-            .unwrap()
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
-            .build();
-        swarm.behaviour_mut().subscribe(&topic).unwrap();
-        swarm
-            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
-            .unwrap();
-        let addr = loop {
-            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
-                break address;
+        let (tx, addr) = match full {
+            None => {
+                let swarm = libp2p::SwarmBuilder::with_new_identity()
+                    .with_tokio()
+                    .with_other_transport(|key| net::transport(key, None).unwrap())
+                    .unwrap()
+                    .with_behaviour(|key| net::gossip(key).unwrap())
+                    .unwrap()
+                    .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+                    .build();
+                start_bare(swarm, &topic, delivered_tx.clone()).await
+            }
+            Some(alliance) => {
+                let swarm = net::build_swarm(
+                    &Identity::generate(),
+                    &alliance.charter.id,
+                    &net::Options::default(),
+                )
+                .unwrap()
+                .swarm;
+                start_bare(swarm, &topic, delivered_tx.clone()).await
             }
         };
         let mut earlier: Vec<(usize, &Multiaddr)> = addrs.iter().enumerate().collect();
@@ -306,43 +402,10 @@ async fn bare_gossip(
             let i = k + (pick as usize) % (earlier.len() - k);
             earlier.swap(k, i);
             edges.push((earlier[k].0, addrs.len()));
-            swarm.dial(earlier[k].1.clone()).unwrap();
+            tx.send(Bare::Dial(earlier[k].1.clone())).unwrap();
         }
         addrs.push(addr);
-        let (tx, mut commands) = mpsc::unbounded_channel::<Bare>();
         swarms.push(tx);
-        let (delivered, topic) = (delivered_tx.clone(), topic.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    command = commands.recv() => match command {
-                        Some(Bare::Publish(data, done)) => {
-                            swarm.behaviour_mut().publish(topic.clone(), data).unwrap();
-                            let _ = done.send(Instant::now());
-                        }
-                        Some(Bare::Subscribed(answer)) => {
-                            let count = swarm.behaviour().all_peers().filter(|(_, t)| !t.is_empty()).count();
-                            let _ = answer.send((count, swarm.connected_peers().count()));
-                        }
-                        None => return,
-                    },
-                    event = swarm.select_next_some() => {
-                        if let SwarmEvent::Behaviour(gossipsub::Event::Message {
-                            propagation_source, message_id, message,
-                        }) = event {
-                            let at = Instant::now();
-                            let round = u64::from_le_bytes(message.data[..8].try_into().unwrap());
-                            let _ = delivered.send((round, at));
-                            swarm.behaviour_mut().report_message_validation_result(
-                                &message_id,
-                                &propagation_source,
-                                gossipsub::MessageAcceptance::Accept,
-                            );
-                        }
-                    }
-                }
-            }
-        });
     }
     // Every swarm knows each connected peer's subscription, and the mesh
     // is past its first heartbeats.
@@ -467,18 +530,51 @@ fn rss() -> u64 {
 async fn converge_all(nodes: &[InProcess], limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     let mut full = vec![false; nodes.len()];
+    let mut report = Duration::from_secs(60);
     while full.iter().any(|f| !f) {
         if start.elapsed() > limit {
             return None;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut held = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
             if !full[i] {
-                full[i] = n.client.gpus().await.unwrap().len() >= nodes.len();
+                let len = n.client.gpus().await.unwrap().len();
+                full[i] = len >= nodes.len();
+                held.push(len);
             }
+        }
+        if start.elapsed() > report {
+            report = start.elapsed() + Duration::from_secs(60);
+            let edges = member_edges(nodes).await;
+            println!(
+                "  ({:.0} s: {} tables short of {}, holding {:?}; the connection graph has {} parts)",
+                start.elapsed().as_secs_f64(),
+                held.iter().filter(|&&l| l < nodes.len()).count(),
+                nodes.len(),
+                &held[..held.len().min(8)],
+                parts(nodes.len(), &edges)
+            );
         }
     }
     Some(start.elapsed())
+}
+
+/// Connected components of the graph `edges` over `n` nodes.
+fn parts(n: usize, edges: &[(usize, usize)]) -> usize {
+    let mut root: Vec<usize> = (0..n).collect();
+    fn find(root: &mut [usize], mut i: usize) -> usize {
+        while root[i] != i {
+            root[i] = root[root[i]];
+            i = root[i];
+        }
+        i
+    }
+    for &(a, b) in edges {
+        let (ra, rb) = (find(&mut root, a), find(&mut root, b));
+        root[ra] = rb;
+    }
+    (0..n).filter(|&i| find(&mut root, i) == i).count()
 }
 
 /// The cost curve: per size, convergence and the steady-state cost per node.
@@ -673,8 +769,20 @@ fn main() {
             drop(nodes);
             tokio::time::sleep(Duration::from_secs(2)).await;
             let (mut bare, bare_cpu, bare_hops) =
-                bare_gossip(n, rounds, advert_size(&a), degree).await;
+                bare_gossip(n, rounds, advert_size(&a), degree, None).await;
             bare.sort_by(f64::total_cmp);
+            if std::env::var_os("ADVERT_BENCH_FULL").is_some() {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let (mut stack, cpu, _) =
+                    bare_gossip(n, rounds, advert_size(&a), degree, Some(&a)).await;
+                stack.sort_by(f64::total_cmp);
+                println!(
+                    "{n:>6}: swarms of the node's whole behaviour, no actor: p50 {:.2}ms, p99 {:.2}ms, CPU/publ. {}",
+                    percentile(&stack, 0.5) * 1e3,
+                    percentile(&stack, 0.99) * 1e3,
+                    cpu.map_or("-".into(), |c| format!("{:.1}ms", c * 1e3)),
+                );
+            }
             baselines.push((
                 n,
                 (degree, hops, bare_hops),

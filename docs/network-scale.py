@@ -6,10 +6,10 @@ lifetime reaches its hour.
 
     python3 docs/network-scale.py
 """
-DEGREE = 12.1         # connections a node held at steady state at 50 nodes (at most 16)
+DEGREE = 11.6         # connections a node held at steady state at 50 nodes (at most 16)
 PER_ADVERT = 0.79e-3  # CPU s per node for each advert it takes in (propagation benchmark:
                       # 38.6 ms of CPU per publish over 49 receivers)
-MEASURED = [(50, 0.155), (200, 0.210)]
+MEASURED = [(50, 0.156), (200, 0.218)]
 # CPU s per node per minute per connection: what the 50-node measurement
 # leaves once the adverts have their share.
 PER_CONNECTION = (MEASURED[0][1] - 50 / 30 * PER_ADVERT * 60) / DEGREE

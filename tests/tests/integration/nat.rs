@@ -85,6 +85,21 @@ fn assert_long_job_results(out: &std::path::Path, seed: u32) {
     assert_eq!(library::to_u32(&got.data), want);
 }
 
+/// What a lab's node said about hole punching and relays.
+fn punch_log(r: &alliance_tests::alliance::Running) -> String {
+    r.log()
+        .lines()
+        .filter(|l| {
+            [
+                "hole", "dcutr", "direct", "external", "observed", "relay", "punch",
+            ]
+            .iter()
+            .any(|w| l.to_lowercase().contains(w))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
 fn labs_behind_nats_punch_through_and_run_a_job_across() {
     let _scenario = alliance_tests::scenario(module_path!());
@@ -114,24 +129,12 @@ fn labs_behind_nats_punch_through_and_run_a_job_across() {
     });
     let deadline = Instant::now() + LIMIT;
     while !direct(&sub, &worker_dir.peer()) {
-        if Instant::now() > deadline {
-            let said = |r: &alliance_tests::alliance::Running| {
-                r.log()
-                    .lines()
-                    .filter(|l| {
-                        ["hole", "dcutr", "direct", "external", "observed", "relay"]
-                            .iter()
-                            .any(|w| l.to_lowercase().contains(w))
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            };
-            panic!(
-                "no direct connection within {LIMIT:?}\nlab A:\n{}\nlab B:\n{}",
-                said(&sub),
-                said(&worker)
-            );
-        }
+        assert!(
+            Instant::now() <= deadline,
+            "no direct connection within {LIMIT:?}\nlab A:\n{}\nlab B:\n{}",
+            punch_log(&sub),
+            punch_log(&worker)
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
     println!(
@@ -284,9 +287,16 @@ fn a_partition_between_institutions_goes_through_the_relay() {
     let sub = labs.run(0, &sub_dir);
     let worker = labs.run(1, &worker_dir);
     let peer = worker_dir.peer();
-    wait_for(LIMIT, "a direct connection between the labs", || {
-        direct(&sub, &peer) && sub.advertisers().contains(&peer)
-    });
+    let deadline = Instant::now() + LIMIT;
+    while !(direct(&sub, &peer) && sub.advertisers().contains(&peer)) {
+        assert!(
+            Instant::now() <= deadline,
+            "no direct connection between the labs within {LIMIT:?}\nlab A:\n{}\nlab B:\n{}",
+            punch_log(&sub),
+            punch_log(&worker)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     let id = start_long_job(&sub, 9);
 
     // The link between the campuses fails; both still reach the bootstrap

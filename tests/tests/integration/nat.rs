@@ -86,7 +86,7 @@ fn assert_long_job_results(out: &std::path::Path, seed: u32) {
 }
 
 /// What a lab's node said about hole punching and relays.
-fn punch_log(r: &alliance_tests::alliance::Running) -> String {
+fn punch_log(r: &Running) -> String {
     r.log()
         .lines()
         .filter(|l| {
@@ -98,6 +98,21 @@ fn punch_log(r: &alliance_tests::alliance::Running) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Polls `done` until it holds, or panics after [`LIMIT`] with what both
+/// labs said about hole punching.
+fn wait_punched(what: &str, sub: &Running, worker: &Running, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + LIMIT;
+    while !done() {
+        assert!(
+            Instant::now() <= deadline,
+            "no {what} within {LIMIT:?}\nlab A:\n{}\nlab B:\n{}",
+            punch_log(sub),
+            punch_log(worker)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 #[test]
@@ -127,16 +142,9 @@ fn labs_behind_nats_punch_through_and_run_a_job_across() {
     wait_for(LIMIT, "the labs to verify each other", || {
         sub.members().contains(&worker_dir.peer()) && worker.members().contains(&sub_dir.peer())
     });
-    let deadline = Instant::now() + LIMIT;
-    while !direct(&sub, &worker_dir.peer()) {
-        assert!(
-            Instant::now() <= deadline,
-            "no direct connection within {LIMIT:?}\nlab A:\n{}\nlab B:\n{}",
-            punch_log(&sub),
-            punch_log(&worker)
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_punched("direct connection", &sub, &worker, || {
+        direct(&sub, &worker_dir.peer())
+    });
     println!(
         "direct connection between the labs {:.1} s after they started",
         started.elapsed().as_secs_f64()
@@ -287,16 +295,9 @@ fn a_partition_between_institutions_goes_through_the_relay() {
     let sub = labs.run(0, &sub_dir);
     let worker = labs.run(1, &worker_dir);
     let peer = worker_dir.peer();
-    let deadline = Instant::now() + LIMIT;
-    while !(direct(&sub, &peer) && sub.advertisers().contains(&peer)) {
-        assert!(
-            Instant::now() <= deadline,
-            "no direct connection between the labs within {LIMIT:?}\nlab A:\n{}\nlab B:\n{}",
-            punch_log(&sub),
-            punch_log(&worker)
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_punched("direct connection between the labs", &sub, &worker, || {
+        direct(&sub, &peer) && sub.advertisers().contains(&peer)
+    });
     let id = start_long_job(&sub, 9);
 
     // The link between the campuses fails; both still reach the bootstrap

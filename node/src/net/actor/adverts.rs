@@ -28,6 +28,17 @@ const MAX_SYNCED_ADVERTS: usize = 65_536;
 /// past it, longer in proportion ([`EventLoop::advert_lifetime`]).
 pub(super) const FULL_RATE_ADVERTISERS: u64 = 50;
 
+/// Where an advert came from, and so what proves its publisher.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Came {
+    /// By gossip, with gossipsub's publisher, which must be the node its
+    /// chain names.
+    Gossiped(Option<PeerId>),
+    /// In a page of a member's table: the advert's own signature by the
+    /// chain's node key is the proof.
+    Fetched,
+}
+
 pub(super) struct Advert {
     pub(super) advert: GpuAdvert,
     /// The advert as its publisher signed it, to hand to a member that
@@ -67,7 +78,7 @@ impl EventLoop {
         data: &[u8],
     ) -> gossipsub::MessageAcceptance {
         match AdvertGossip::decode(data) {
-            Ok(g) => self.take_advert(g, Some(source)),
+            Ok(g) => self.take_advert(g, Came::Gossiped(source)),
             Err(e) => {
                 warn!(?source, reason = %e, "advert refused");
                 gossipsub::MessageAcceptance::Reject
@@ -76,14 +87,10 @@ impl EventLoop {
     }
 
     /// Checks an advert and keeps it when it is newer than the one held.
-    /// `gossiped_by` is gossipsub's publisher for a gossiped copy (which
-    /// must match the chain); none for one fetched from a member's table,
-    /// where the advert's own signature by the chain's node key is the
-    /// proof.
     pub(super) fn take_advert(
         &mut self,
         g: AdvertGossip,
-        gossiped_by: Option<Option<PeerId>>,
+        came: Came,
     ) -> gossipsub::MessageAcceptance {
         use gossipsub::MessageAcceptance as A;
         let now = Timestamp::now();
@@ -91,7 +98,7 @@ impl EventLoop {
             let member = self
                 .chain_member(&g.chain, Roles::WORK, now)
                 .map_err(|e| (A::Reject, e))?;
-            if let Some(source) = gossiped_by
+            if let Came::Gossiped(source) = came
                 && source != Some(member.peer_id)
             {
                 return Err((
@@ -137,7 +144,7 @@ impl EventLoop {
             }
             Err((acceptance, reason)) => {
                 if acceptance == A::Reject {
-                    warn!(?gossiped_by, %reason, "advert refused");
+                    warn!(?came, %reason, "advert refused");
                 }
                 acceptance
             }
@@ -264,7 +271,7 @@ impl EventLoop {
             } => {
                 let got = response.adverts.len();
                 for g in response.adverts {
-                    self.take_advert(g, None);
+                    self.take_advert(g, Came::Fetched);
                 }
                 self.advert_skip += got;
                 // A member that always says there is more is not followed
